@@ -1,0 +1,188 @@
+//! Command-line and environment configuration.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+use crate::store::{Durability, model::Strategy};
+
+/// Default listen address: loopback, so a newcomer's first run is not exposed.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Default store directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "./data/deltasync";
+/// Page size of a Pull with `limit = 0`.
+pub const DEFAULT_PULL_LIMIT: u32 = 1000;
+/// Room for a document's metadata and the message framing next to its body.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 4096;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// deltasync: versioned JSON documents in sled, kept in sync over gRPC.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "deltasync", version, about)]
+pub struct Config {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "DELTASYNC_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Directory of the sled store (created if missing).
+    #[arg(long, env = "DELTASYNC_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+
+    /// Default conflict strategy per collection, e.g.
+    /// `todos=client_wins,default=reject`. Strategies: reject, server_wins,
+    /// client_wins. A mutation's own `on_conflict` overrides it.
+    #[arg(long, env = "DELTASYNC_CONFLICT_STRATEGY", default_value = "default=reject", value_parser = ConflictPolicy::parse)]
+    pub conflict_strategy: ConflictPolicy,
+
+    /// When a Push is acknowledged: `fsync` (after its commit is on disk) or
+    /// `buffered` (before; up to one --flush-interval of acknowledged writes
+    /// may be lost on a crash or power loss).
+    #[arg(long, env = "DELTASYNC_DURABILITY", value_enum, default_value_t = Durability::Fsync)]
+    pub durability: Durability,
+
+    /// How often sled flushes in the background (what `buffered` may lose).
+    #[arg(long, env = "DELTASYNC_FLUSH_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub flush_interval: Duration,
+
+    /// Interval of Progress messages on an idle Subscribe stream.
+    #[arg(long, env = "DELTASYNC_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Most mutations in one Push.
+    #[arg(long, env = "DELTASYNC_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+
+    /// Largest body of one mutation, protobuf-encoded, in bytes.
+    #[arg(long, env = "DELTASYNC_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Largest gRPC message, in bytes, both ways. Responses are cut to fit;
+    /// bodies must fit with room to spare (see --max-body-bytes).
+    #[arg(long, env = "DELTASYNC_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Largest page a Pull may ask for.
+    #[arg(long, env = "DELTASYNC_PULL_MAX_LIMIT", default_value_t = 10_000)]
+    pub pull_max_limit: u32,
+
+    /// Log format; the level comes from RUST_LOG (default `info`).
+    #[arg(long, env = "DELTASYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+
+    /// How long shutdown waits for open calls before it stops anyway.
+    #[arg(long, env = "DELTASYNC_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Checks that the settings make sense together.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_batch == 0 {
+            return Err("--max-batch must be at least 1".into());
+        }
+        if self.pull_max_limit == 0 {
+            return Err("--pull-max-limit must be at least 1".into());
+        }
+        if self.heartbeat_interval.is_zero() {
+            return Err("--heartbeat-interval must be positive".into());
+        }
+        if self.max_body_bytes.saturating_add(MESSAGE_OVERHEAD_BYTES) > self.max_message_bytes {
+            return Err(format!(
+                "--max-body-bytes ({}) plus {MESSAGE_OVERHEAD_BYTES} bytes of overhead must fit in --max-message-bytes ({}), \
+                 so that every stored document can be served",
+                self.max_body_bytes, self.max_message_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// A configuration with every default, for tests and embedding.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let mut config = Self::parse_from(["deltasync"]);
+        config.data_dir = data_dir.into();
+        config
+    }
+}
+
+/// Default conflict strategies: per collection, else a global default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConflictPolicy {
+    default: Strategy,
+    collections: HashMap<String, Strategy>,
+}
+
+impl ConflictPolicy {
+    /// Parses `name=strategy,...`; the name `default` sets the fallback.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut policy = Self::default();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, strategy) = part
+                .split_once('=')
+                .ok_or_else(|| format!("`{part}` is not collection=strategy"))?;
+            let strategy = match strategy
+                .trim()
+                .to_ascii_lowercase()
+                .replace('-', "_")
+                .as_str()
+            {
+                "reject" => Strategy::Reject,
+                "server_wins" => Strategy::ServerWins,
+                "client_wins" => Strategy::ClientWins,
+                other => {
+                    return Err(format!(
+                        "unknown strategy `{other}` (reject, server_wins, client_wins)"
+                    ));
+                }
+            };
+            match name.trim() {
+                "default" => policy.default = strategy,
+                collection => {
+                    policy.collections.insert(collection.to_owned(), strategy);
+                }
+            }
+        }
+        Ok(policy)
+    }
+
+    /// The strategy for `collection` when a mutation does not name one.
+    pub fn for_collection(&self, collection: &str) -> Strategy {
+        self.collections
+            .get(collection)
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_parses_defaults_and_overrides() {
+        let p = ConflictPolicy::parse("todos=client_wins, default=server-wins").unwrap();
+        assert_eq!(p.for_collection("todos"), Strategy::ClientWins);
+        assert_eq!(p.for_collection("notes"), Strategy::ServerWins);
+        assert_eq!(
+            ConflictPolicy::parse("").unwrap().for_collection("x"),
+            Strategy::Reject
+        );
+        assert!(ConflictPolicy::parse("todos").is_err());
+        assert!(ConflictPolicy::parse("todos=maybe").is_err());
+    }
+
+    #[test]
+    fn defaults_are_valid_and_body_must_fit_a_message() {
+        let mut c = Config::for_data_dir("x");
+        assert_eq!(c.validate(), Ok(()));
+        c.max_body_bytes = c.max_message_bytes;
+        assert!(c.validate().is_err());
+    }
+}

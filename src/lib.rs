@@ -1,0 +1,34 @@
+//! deltasync: a gRPC service that keeps versioned JSON documents in an
+//! embedded sled store and keeps other services in sync with them.
+//!
+//! - **Push** applies batches of mutations with per-document optimistic
+//!   concurrency and field-level conflict detection against a delta log,
+//!   deduplicating retries by client id + mutation id.
+//! - **Pull** catches up from a checkpoint, page by page.
+//! - **Subscribe** follows changes live from a checkpoint, with no gap and no
+//!   duplicate.
+//!
+//! # Layout
+//! Data flows one way: handler → store → feed → stream.
+//! - [`config`]: flags and `DELTASYNC_*` environment variables.
+//! - [`server`]: `serve()`, which wires the gRPC services, health and
+//!   reflection, drains on shutdown and closes the store.
+//! - [`service`]: one file per RPC; `service::convert` holds every proto ↔
+//!   domain conversion.
+//! - [`store`]: the typed sled store: keys, codec, the pure conflict check,
+//!   the push transaction, the group-commit writer, reads and the feed.
+//! - [`error`]: the service-boundary error and its one mapping to `Status`.
+//! - [`telemetry`], [`shutdown`]: logging and signals.
+//! - [`pb`]: generated code.
+
+pub mod config;
+pub mod error;
+pub mod pb;
+pub mod server;
+pub mod service;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+pub use config::Config;
+pub use server::{ServeError, serve, serve_with};

@@ -1,0 +1,30 @@
+//! The `deltasync` binary: parse the configuration, bind, serve.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use deltasync::{Config, shutdown, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    telemetry::init(config.log_format);
+    if let Err(e) = config.validate() {
+        tracing::error!("invalid configuration: {e}");
+        return ExitCode::FAILURE;
+    }
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(addr = %config.listen, cause = %e, "cannot bind");
+            return ExitCode::FAILURE;
+        }
+    };
+    match deltasync::serve(config, listener, shutdown::signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! `serve()`: builds the services (sync, health, reflection), serves until
+//! shutdown, drains, and closes the store.
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::{
+    config::Config,
+    pb::{self, sync_service_server::SyncServiceServer},
+    service::{Settings, SyncApi},
+    shutdown::CancellationToken,
+    store::{self, Store},
+};
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The store could not be opened.
+    #[error("cannot open the store: {0}")]
+    Store(#[from] store::StoreError),
+    /// Reflection descriptors did not load.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Opens the store described by `config` and serves on `listener` until
+/// `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    serve_with(config, store::Options::default(), listener, shutdown).await
+}
+
+/// As [`serve`], with store options (e.g. an injected clock) chosen by the
+/// caller; durability settings still come from `config`.
+pub async fn serve_with(
+    config: Config,
+    options: store::Options,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    config.validate().map_err(ServeError::Config)?;
+    let options = store::Options {
+        durability: config.durability,
+        flush_interval: config.flush_interval,
+        ..options
+    };
+    let store = Store::open(&config.data_dir, options)?;
+    let result = run(&config, store.clone(), listener, shutdown).await;
+    store.close().await;
+    tracing::info!("store closed");
+    result
+}
+
+async fn run(
+    config: &Config,
+    store: Store,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let streams = CancellationToken::new();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SyncServiceServer<SyncApi>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let api = SyncApi::new(store, Settings::from_config(config), streams.clone());
+    let sync = SyncServiceServer::new(api)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+
+    let local = listener.local_addr().ok();
+    tracing::info!(addr = ?local, "serving gRPC");
+    let draining = streams.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: ending streams, finishing in-flight calls");
+        health.set_not_serving::<SyncServiceServer<SyncApi>>().await;
+        draining.cancel();
+    };
+    let server = Server::builder()
+        .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .add_service(sync)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        result = server => result?,
+        () = async { streams.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "calls still open after the grace period; stopping anyway");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! The gRPC `SyncService`: one file per RPC, conversions in [`convert`].
+//!
+//! Handlers are short: decode, validate, call the store, encode.
+
+pub mod convert;
+pub mod get;
+pub mod pull;
+pub mod push;
+pub mod subscribe;
+pub mod validate;
+
+use std::{sync::Arc, time::Duration};
+
+use tonic::{Request, Response, Status};
+
+use crate::{
+    config::{Config, ConflictPolicy, MESSAGE_OVERHEAD_BYTES},
+    error::Error,
+    pb::{self, sync_service_server::SyncService},
+    shutdown::CancellationToken,
+    store::Store,
+};
+
+/// Limits and defaults the handlers enforce, taken from [`Config`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Default strategies per collection.
+    pub policy: ConflictPolicy,
+    /// Most mutations per Push.
+    pub max_batch: usize,
+    /// Largest encoded body.
+    pub max_body_bytes: usize,
+    /// Byte budget for the documents of one response message.
+    pub message_budget: usize,
+    /// Largest Pull page.
+    pub pull_max_limit: u32,
+    /// Progress interval on idle streams.
+    pub heartbeat_interval: Duration,
+}
+
+impl Settings {
+    /// The handler settings of a configuration.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            policy: config.conflict_strategy.clone(),
+            max_batch: config.max_batch,
+            max_body_bytes: config.max_body_bytes,
+            message_budget: config
+                .max_message_bytes
+                .saturating_sub(MESSAGE_OVERHEAD_BYTES),
+            pull_max_limit: config.pull_max_limit,
+            heartbeat_interval: config.heartbeat_interval,
+        }
+    }
+}
+
+/// The service: cheap to clone, shared by every connection.
+#[derive(Clone)]
+pub struct SyncApi {
+    /// The store every handler reads and writes.
+    store: Store,
+    /// Limits and defaults.
+    settings: Arc<Settings>,
+    /// Cancelled on shutdown, so open Subscribe streams end cleanly.
+    shutdown: CancellationToken,
+}
+
+impl SyncApi {
+    /// A service over `store`.
+    pub fn new(store: Store, settings: Settings, shutdown: CancellationToken) -> Self {
+        Self {
+            store,
+            settings: Arc::new(settings),
+            shutdown,
+        }
+    }
+
+    /// Fails if the caller's checkpoint comes from another store, or from
+    /// further than this store has reached.
+    fn check_checkpoint(&self, store_id: &str, since: u64) -> Result<(), Error> {
+        if !store_id.is_empty() && store_id != self.store.store_id() {
+            return Err(Error::WrongStore {
+                current: self.store.store_id().to_owned(),
+            });
+        }
+        let head = self.store.head().0;
+        if since > head {
+            return Err(Error::CheckpointAhead { since, head });
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl SyncService for SyncApi {
+    async fn push(
+        &self,
+        request: Request<pb::PushRequest>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
+        Ok(Response::new(
+            push::handle(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::PullResponse>, Status> {
+        Ok(Response::new(
+            pull::handle(self, request.into_inner()).await?,
+        ))
+    }
+
+    type SubscribeStream = subscribe::SubscribeStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        Ok(Response::new(subscribe::handle(
+            self,
+            request.into_inner(),
+        )?))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        Ok(Response::new(
+            get::handle(self, request.into_inner()).await?,
+        ))
+    }
+}

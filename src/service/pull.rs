@@ -1,0 +1,52 @@
+//! Pull: one page of changes after a checkpoint.
+
+use super::{SyncApi, convert, validate};
+use crate::{
+    config::DEFAULT_PULL_LIMIT,
+    error::Error,
+    pb,
+    store::{CollectionFilter, model::Seq},
+};
+
+/// Handles one Pull.
+pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullResponse, Error> {
+    validate::collections(&req.collections)?;
+    validate::client_id(&req.client_id)?;
+    api.check_checkpoint(&req.store_id, req.since)?;
+    let limit = match req.limit {
+        0 => DEFAULT_PULL_LIMIT,
+        n => n.min(api.settings.pull_max_limit),
+    };
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let page = api
+        .store
+        .pull(
+            Seq(req.since),
+            CollectionFilter::new(req.collections),
+            limit,
+        )
+        .await?;
+    // Keep the response under the message cap: cut after the last document
+    // that fits, and resume from its seq.
+    let mut runs = convert::fit(
+        page.documents.iter().map(convert::document),
+        api.settings.message_budget,
+    )
+    .into_iter();
+    let documents = runs.next().unwrap_or_default();
+    let (checkpoint, has_more) = match (runs.next(), documents.last()) {
+        (Some(_), Some(last)) => (last.seq, true),
+        _ => (page.checkpoint.0, page.has_more),
+    };
+    let last_mutation_id = match req.client_id.as_str() {
+        "" => 0,
+        client => api.store.last_mutation_id(client)?,
+    };
+    Ok(pb::PullResponse {
+        documents,
+        checkpoint,
+        has_more,
+        last_mutation_id,
+        store_id: api.store.store_id().to_owned(),
+    })
+}

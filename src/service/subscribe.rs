@@ -1,0 +1,129 @@
+//! Subscribe: the backlog, a `Progress{caught_up}`, then live changes, with
+//! heartbeats, until the client leaves or the server shuts down.
+
+use std::{collections::VecDeque, pin::Pin};
+
+use futures_util::Stream;
+use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at};
+use tonic::Status;
+
+use super::{SyncApi, convert, validate};
+use crate::{
+    config::DEFAULT_PULL_LIMIT,
+    error::Error,
+    pb::{self, subscribe_response::Event},
+    shutdown::CancellationToken,
+    store::{CollectionFilter, FeedEvent, Subscription, model::Seq},
+};
+
+/// The response stream of one subscriber.
+pub type SubscribeStream =
+    Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+/// Opens a subscription (checks happen before the stream starts, so a bad
+/// request fails the call itself).
+pub fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<SubscribeStream, Error> {
+    validate::collections(&req.collections)?;
+    api.check_checkpoint(&req.store_id, req.since)?;
+    let page = usize::try_from(DEFAULT_PULL_LIMIT).unwrap_or(1000);
+    let subscription =
+        api.store
+            .subscribe(Seq(req.since), CollectionFilter::new(req.collections), page);
+    let period = api.settings.heartbeat_interval;
+    let mut heartbeat = interval_at(Instant::now() + period, period);
+    heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let state = Feed {
+        subscription,
+        pending: VecDeque::new(),
+        heartbeat,
+        shutdown: api.shutdown.clone(),
+        budget: api.settings.message_budget,
+        failed: false,
+    };
+    Ok(Box::pin(futures_util::stream::unfold(
+        state,
+        |mut feed| async move {
+            let item = feed.next().await?;
+            Some((item, feed))
+        },
+    )))
+}
+
+/// One stream's state.
+struct Feed {
+    /// The store-side cursor.
+    subscription: Subscription,
+    /// Messages ready to send (a large event is split by size).
+    pending: VecDeque<pb::SubscribeResponse>,
+    /// Progress timer, reset by every message sent.
+    heartbeat: Interval,
+    /// Ends the stream on server shutdown.
+    shutdown: CancellationToken,
+    /// Byte budget for one message's documents.
+    budget: usize,
+    /// An error was sent; the stream ends.
+    failed: bool,
+}
+
+impl Feed {
+    async fn next(&mut self) -> Option<Result<pb::SubscribeResponse, Status>> {
+        loop {
+            if let Some(message) = self.pending.pop_front() {
+                self.heartbeat.reset();
+                return Some(Ok(message));
+            }
+            if self.failed {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return None,
+                event = self.subscription.next() => match event {
+                    Ok(FeedEvent::Changes { docs, checkpoint }) => self.queue_changes(&docs, checkpoint),
+                    Ok(FeedEvent::CaughtUp { checkpoint }) => self.queue_progress(checkpoint, true),
+                    Err(e) => {
+                        self.failed = true;
+                        return Some(Err(Error::from(e).into()));
+                    }
+                },
+                _ = self.heartbeat.tick() => {
+                    let (checkpoint, live) = (self.subscription.checkpoint(), self.subscription.is_live());
+                    self.queue_progress(checkpoint, live);
+                }
+            }
+        }
+    }
+
+    /// Queues changes as one message, or several if they exceed the budget;
+    /// each message's checkpoint is its last seq, the last one's the event's.
+    fn queue_changes(
+        &mut self,
+        docs: &[std::sync::Arc<crate::store::model::Document>],
+        checkpoint: Seq,
+    ) {
+        let runs = convert::fit(docs.iter().map(|d| convert::document(d)), self.budget);
+        let last = runs.len().saturating_sub(1);
+        for (i, documents) in runs.into_iter().enumerate() {
+            let checkpoint = if i == last {
+                checkpoint.0
+            } else {
+                documents.last().map_or(checkpoint.0, |d| d.seq)
+            };
+            self.pending.push_back(pb::SubscribeResponse {
+                event: Some(Event::Changes(pb::ChangeBatch {
+                    documents,
+                    checkpoint,
+                })),
+            });
+        }
+    }
+
+    fn queue_progress(&mut self, checkpoint: Seq, caught_up: bool) {
+        self.pending.push_back(pb::SubscribeResponse {
+            event: Some(Event::Progress(pb::Progress {
+                checkpoint: checkpoint.0,
+                caught_up,
+            })),
+        });
+    }
+}

@@ -1,0 +1,210 @@
+//! Post-commit fan-out to subscribers, with catch-up and lag recovery.
+//!
+//! The writer publishes each group commit once, after it is durable, into a
+//! bounded broadcast ring shared by all subscribers. A subscriber holds only
+//! a cursor into it, so memory does not grow with the number of subscribers,
+//! and a slow one never blocks the writer: when the ring overtakes it, it
+//! falls back to reading the change index from its last delivered seq, then
+//! rejoins the ring. The ring is subscribed *before* the head is read, so the
+//! switch from index to ring can neither lose nor repeat a change.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use super::{
+    Store,
+    error::StoreError,
+    model::{Document, Seq},
+    pull::CollectionFilter,
+};
+
+/// One group commit as subscribers see it.
+#[derive(Debug)]
+pub struct Commit {
+    /// Head before the commit: the commit holds seqs `prev_head + 1 ..= head`.
+    pub prev_head: Seq,
+    /// Head after the commit.
+    pub head: Seq,
+    /// New document states in seq order.
+    pub docs: Vec<Arc<Document>>,
+}
+
+/// The broadcast point: a cheap `Clone` handle.
+#[derive(Clone)]
+pub struct Feed {
+    shared: Arc<FeedShared>,
+}
+
+struct FeedShared {
+    /// Highest seq published (durable and visible to readers).
+    head: AtomicU64,
+    /// The ring all subscribers read from.
+    tx: broadcast::Sender<Arc<Commit>>,
+}
+
+impl Feed {
+    /// A feed whose head is `head`, keeping the last `capacity` commits.
+    pub fn new(head: Seq, capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(capacity.max(1));
+        Self {
+            shared: Arc::new(FeedShared {
+                head: AtomicU64::new(head.0),
+                tx,
+            }),
+        }
+    }
+
+    /// Highest published seq.
+    pub fn head(&self) -> Seq {
+        Seq(self.shared.head.load(Ordering::Acquire))
+    }
+
+    /// Publishes a commit: the head moves first, so anyone who reads the head
+    /// after subscribing either sees the commit in the ring or below the head.
+    pub fn publish(&self, commit: Commit) {
+        self.shared.head.store(commit.head.0, Ordering::Release);
+        // No receivers is not an error: nobody is listening.
+        let _ = self.shared.tx.send(Arc::new(commit));
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<Commit>> {
+        self.shared.tx.subscribe()
+    }
+}
+
+/// What a subscription yields next.
+#[derive(Debug)]
+pub enum FeedEvent {
+    /// Matching changes, in seq order; everything up to `checkpoint` is done.
+    Changes {
+        /// The documents.
+        docs: Vec<Arc<Document>>,
+        /// Checkpoint after them.
+        checkpoint: Seq,
+    },
+    /// The backlog is done; live changes follow.
+    CaughtUp {
+        /// Checkpoint at the switch.
+        checkpoint: Seq,
+    },
+}
+
+enum Mode {
+    /// Reading the change index up to `upto`; `announce` the switch to live.
+    CatchUp { upto: Seq, announce: bool },
+    /// Following the ring.
+    Live,
+}
+
+/// One subscriber's cursor.
+pub struct Subscription {
+    store: Store,
+    rx: broadcast::Receiver<Arc<Commit>>,
+    filter: CollectionFilter,
+    /// Every matching change with seq <= this has been yielded.
+    delivered: Seq,
+    mode: Mode,
+    page: usize,
+}
+
+impl Subscription {
+    pub(super) fn new(store: Store, since: Seq, filter: CollectionFilter, page: usize) -> Self {
+        let rx = store.feed().subscribe();
+        let upto = store.feed().head();
+        Self {
+            store,
+            rx,
+            filter,
+            delivered: since,
+            mode: Mode::CatchUp {
+                upto,
+                announce: true,
+            },
+            page: page.max(1),
+        }
+    }
+
+    /// Checkpoint reached so far.
+    pub fn checkpoint(&self) -> Seq {
+        self.delivered
+    }
+
+    /// Whether the backlog is done.
+    pub fn is_live(&self) -> bool {
+        matches!(self.mode, Mode::Live)
+    }
+
+    /// The next event. Cancel-safe: state changes only after each await.
+    pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
+        loop {
+            match self.mode {
+                Mode::CatchUp { upto, announce } => {
+                    if self.delivered >= upto {
+                        self.mode = Mode::Live;
+                        if announce {
+                            return Ok(FeedEvent::CaughtUp {
+                                checkpoint: self.delivered,
+                            });
+                        }
+                        continue;
+                    }
+                    let page = self
+                        .store
+                        .read_changes(self.delivered, upto, self.filter.clone(), self.page)
+                        .await?;
+                    self.delivered = page.checkpoint;
+                    if !page.documents.is_empty() {
+                        let docs = page.documents.into_iter().map(Arc::new).collect();
+                        return Ok(FeedEvent::Changes {
+                            docs,
+                            checkpoint: page.checkpoint,
+                        });
+                    }
+                }
+                Mode::Live => match self.rx.recv().await {
+                    Ok(commit) => {
+                        if commit.head <= self.delivered {
+                            continue;
+                        }
+                        if commit.prev_head > self.delivered {
+                            // Never expected; if it happens, the index fills the hole.
+                            self.mode = Mode::CatchUp {
+                                upto: commit.prev_head,
+                                announce: false,
+                            };
+                            continue;
+                        }
+                        let docs: Vec<Arc<Document>> = commit
+                            .docs
+                            .iter()
+                            .filter(|d| {
+                                d.seq > self.delivered
+                                    && self.filter.matches(d.collection.as_bytes())
+                            })
+                            .cloned()
+                            .collect();
+                        self.delivered = commit.head;
+                        if !docs.is_empty() {
+                            return Ok(FeedEvent::Changes {
+                                docs,
+                                checkpoint: commit.head,
+                            });
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        tracing::debug!(missed, delivered = %self.delivered, "subscriber lagged; catching up from the index");
+                        self.mode = Mode::CatchUp {
+                            upto: self.store.feed().head(),
+                            announce: false,
+                        };
+                    }
+                    Err(RecvError::Closed) => return Err(StoreError::Closed),
+                },
+            }
+        }
+    }
+}

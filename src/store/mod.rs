@@ -1,0 +1,312 @@
+//! The typed store over sled.
+//!
+//! Trees (see [`keys`]): current documents, the change index (one entry per
+//! document), the delta log, per-client mutation ids and metadata. Writes go
+//! through the single group-commit [`writer`]; reads go straight to sled.
+//! Callers only see domain types from [`model`].
+
+pub mod codec;
+pub mod conflict;
+pub mod error;
+pub mod feed;
+pub mod keys;
+pub mod model;
+pub mod pull;
+pub mod push;
+pub mod writer;
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use self::{
+    error::StoreError,
+    feed::{FeedEvent, Subscription},
+    pull::CollectionFilter,
+};
+use self::{
+    feed::Feed,
+    model::{Document, PullPage, PushBatch, PushOutcome, Seq},
+    writer::{Command, Job, Writer},
+};
+
+/// The on-disk layout this build reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Source of the time stamped on changes; injectable for tests.
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// When a push is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Durability {
+    /// After its commit is flushed to disk.
+    #[default]
+    Fsync,
+    /// After its commit is in memory; sled flushes in the background.
+    Buffered,
+}
+
+/// How to open a store.
+#[derive(Clone)]
+pub struct Options {
+    /// fsync before acknowledging, or not.
+    pub durability: Durability,
+    /// Background flush period (what `buffered` may lose).
+    pub flush_interval: Duration,
+    /// Source of `updated_at`.
+    pub clock: Clock,
+    /// Commits kept in the broadcast ring before a subscriber counts as lagging.
+    pub feed_capacity: usize,
+    /// Most mutations gathered into one group commit.
+    pub max_group_mutations: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Fsync,
+            flush_interval: Duration::from_millis(500),
+            clock: Arc::new(SystemTime::now),
+            feed_capacity: 1024,
+            max_group_mutations: 10_000,
+        }
+    }
+}
+
+/// Handles to every tree.
+#[derive(Clone)]
+pub struct Trees {
+    /// Current documents.
+    pub docs: sled::Tree,
+    /// The change index.
+    pub changes: sled::Tree,
+    /// The delta log.
+    pub history: sled::Tree,
+    /// Per-client last mutation ids.
+    pub clients: sled::Tree,
+    /// Metadata.
+    pub meta: sled::Tree,
+}
+
+/// A cheap `Clone` handle to the store.
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The database, for flushes.
+    db: sled::Db,
+    /// Read handles.
+    trees: Trees,
+    /// The store's identity, made at creation.
+    store_id: String,
+    /// Post-commit broadcast point.
+    feed: Feed,
+    /// Queue to the writer thread.
+    writer: mpsc::Sender<Command>,
+    /// The writer thread, joined on close.
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and starts its writer.
+    pub fn open(dir: &Path, options: Options) -> Result<Self, StoreError> {
+        let flush_ms = u64::try_from(options.flush_interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(flush_ms))
+            .open()?;
+        let trees = Trees {
+            docs: db.open_tree(keys::DOCS)?,
+            changes: db.open_tree(keys::CHANGES)?,
+            history: db.open_tree(keys::HISTORY)?,
+            clients: db.open_tree(keys::CLIENTS)?,
+            meta: db.open_tree(keys::META)?,
+        };
+        let store_id = init_meta(&trees.meta)?;
+        let head = recover_head(&trees)?;
+        let feed = Feed::new(head, options.feed_capacity);
+        let (tx, rx) = mpsc::channel(1024);
+        let writer = Writer {
+            db: db.clone(),
+            trees: trees.clone(),
+            feed: feed.clone(),
+            durability: options.durability,
+            clock: options.clock,
+            max_group_mutations: options.max_group_mutations,
+        };
+        let thread = std::thread::Builder::new()
+            .name("deltasync-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Storage(sled::Error::Io(e)))?;
+        tracing::info!(dir = %dir.display(), %store_id, head = %head, "store opened");
+        Ok(Self {
+            shared: Arc::new(Shared {
+                db,
+                trees,
+                store_id,
+                feed,
+                writer: tx,
+                writer_thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// The store's identity.
+    pub fn store_id(&self) -> &str {
+        &self.shared.store_id
+    }
+
+    /// Highest committed (and published) seq.
+    pub fn head(&self) -> Seq {
+        self.shared.feed.head()
+    }
+
+    pub(crate) fn feed(&self) -> &Feed {
+        &self.shared.feed
+    }
+
+    /// Applies a validated batch through the group-commit writer.
+    pub async fn push(&self, batch: PushBatch) -> Result<PushOutcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .writer
+            .send(Command::Push(Job { batch, reply }))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// One page of documents changed after `since`, up to the current head.
+    pub async fn pull(
+        &self,
+        since: Seq,
+        filter: CollectionFilter,
+        limit: usize,
+    ) -> Result<PullPage, StoreError> {
+        let upto = self.head();
+        self.read_changes(since, upto, filter, limit).await
+    }
+
+    pub(crate) async fn read_changes(
+        &self,
+        since: Seq,
+        upto: Seq,
+        filter: CollectionFilter,
+        limit: usize,
+    ) -> Result<PullPage, StoreError> {
+        let trees = self.shared.trees.clone();
+        blocking(move || pull::read_changes(&trees, since, upto, &filter, limit)).await
+    }
+
+    /// Current documents by id; unknown ids are omitted.
+    pub async fn get(
+        &self,
+        collection: String,
+        ids: Vec<String>,
+    ) -> Result<Vec<Document>, StoreError> {
+        let trees = self.shared.trees.clone();
+        blocking(move || pull::get(&trees, &collection, &ids)).await
+    }
+
+    /// The highest applied mutation id of a client.
+    pub fn last_mutation_id(&self, client_id: &str) -> Result<u64, StoreError> {
+        pull::last_mutation_id(&self.shared.trees, client_id)
+    }
+
+    /// A live feed of changes after `since`: backlog first, then live.
+    pub fn subscribe(&self, since: Seq, filter: CollectionFilter, page: usize) -> Subscription {
+        Subscription::new(self.clone(), since, filter, page)
+    }
+
+    /// Finishes queued pushes, flushes and stops the writer. Pushes after
+    /// this fail with [`StoreError::Closed`].
+    pub async fn close(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.shared.writer.send(Command::Close(ack)).await.is_ok() {
+            let _ = done.await;
+        }
+        let thread = self
+            .shared
+            .writer_thread
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        if let Err(e) = self.shared.db.flush_async().await {
+            tracing::error!(cause = %e, "flush on close failed");
+        }
+    }
+}
+
+/// Runs a blocking sled read off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        tracing::error!(cause = %e, "blocking read task failed");
+        Err(StoreError::CommitFailed)
+    })
+}
+
+/// Makes or checks the store's identity and layout version.
+fn init_meta(meta: &sled::Tree) -> Result<String, StoreError> {
+    match meta.get(keys::META_SCHEMA)? {
+        Some(v) => {
+            let found = keys::parse_u64(&v)
+                .ok_or_else(|| StoreError::corrupt(keys::META, "bad schema version"))?;
+            if found != SCHEMA_VERSION {
+                return Err(StoreError::Schema {
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+        }
+        None => {
+            meta.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+        }
+    }
+    let fresh = uuid::Uuid::new_v4().to_string();
+    // Only the first open's id sticks.
+    let _ = meta.compare_and_swap(
+        keys::META_STORE_ID,
+        None as Option<&[u8]>,
+        Some(fresh.as_bytes()),
+    )?;
+    let id = meta
+        .get(keys::META_STORE_ID)?
+        .ok_or_else(|| StoreError::corrupt(keys::META, "store_id missing"))?;
+    String::from_utf8(id.to_vec())
+        .map_err(|_| StoreError::corrupt(keys::META, "store_id is not UTF-8"))
+}
+
+/// Reads the head seq and checks it against the change index: every push
+/// commits both in one transaction, so they must agree.
+fn recover_head(trees: &Trees) -> Result<Seq, StoreError> {
+    let head = trees
+        .meta
+        .get(keys::META_HEAD)?
+        .map_or(Some(0), |v| keys::parse_u64(&v));
+    let head = Seq(head.ok_or_else(|| StoreError::corrupt(keys::META, "bad head seq"))?);
+    if let Some((last, _)) = trees.changes.last()? {
+        let last = keys::parse_u64(&last)
+            .ok_or_else(|| StoreError::corrupt(keys::CHANGES, "bad seq key"))?;
+        if last > head.0 {
+            return Err(StoreError::corrupt(
+                keys::CHANGES,
+                format!("change index at {last} is past head {head}"),
+            ));
+        }
+    }
+    Ok(head)
+}

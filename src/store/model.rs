@@ -1,0 +1,152 @@
+//! Domain types of the store. No proto types here: conversions live in
+//! `service::convert`.
+
+use std::{fmt, time::SystemTime};
+
+/// A JSON object: the body of a document.
+pub type Body = serde_json::Map<String, serde_json::Value>;
+
+/// Position in the global, gap-free commit sequence. Checkpoint `N` means
+/// "every change with seq <= N".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Seq(pub u64);
+
+/// Per-document version: 1 on create, +1 on every accepted change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Version(pub u64);
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A document at one version, as stored and as served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    /// Collection the document belongs to.
+    pub collection: String,
+    /// Identifier within the collection.
+    pub id: String,
+    /// Version of this state.
+    pub version: Version,
+    /// The body; empty for a tombstone.
+    pub body: Body,
+    /// True for a tombstone.
+    pub deleted: bool,
+    /// Seq of the change that produced this state.
+    pub seq: Seq,
+    /// Server time of that change.
+    pub updated_at: SystemTime,
+    /// `client_id` of the push that made the change ("" if anonymous).
+    pub updated_by: String,
+}
+
+/// What a mutation does to its document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Replace the body.
+    Put(Body),
+    /// Merge top-level fields; a `null` value removes the field.
+    Patch(Body),
+    /// Make the document a tombstone.
+    Delete,
+}
+
+/// How an overlapping conflict is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Write nothing and report the conflict.
+    #[default]
+    Reject,
+    /// Apply only the client's non-overlapping changes.
+    ServerWins,
+    /// Apply all of the client's changes.
+    ClientWins,
+}
+
+/// One validated mutation, with its conflict strategy already resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mutation {
+    /// Client-chosen id; 0 = untracked.
+    pub mutation_id: u64,
+    /// Collection of the document.
+    pub collection: String,
+    /// Id of the document.
+    pub id: String,
+    /// Version the client last saw; `None` = unconditional.
+    pub base_version: Option<Version>,
+    /// The change.
+    pub op: Op,
+    /// How to settle an overlapping conflict.
+    pub strategy: Strategy,
+}
+
+/// A validated batch from one client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushBatch {
+    /// Client identity for deduplication ("" = anonymous).
+    pub client_id: String,
+    /// Mutations in request order.
+    pub mutations: Vec<Mutation>,
+    /// All or nothing.
+    pub atomic: bool,
+}
+
+/// What happened to one mutation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Written as asked.
+    Applied,
+    /// Stale base, disjoint changes: applied on top of the current document.
+    Merged,
+    /// Overlap settled by SERVER_WINS or CLIENT_WINS.
+    Resolved,
+    /// Nothing written; the caller must reconcile.
+    Conflict,
+    /// Already applied earlier; nothing written again.
+    Duplicate,
+    /// Not written because its atomic batch had a conflict.
+    NotApplied,
+}
+
+/// The result of one mutation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MutationResult {
+    /// The mutation's id.
+    pub mutation_id: u64,
+    /// What happened.
+    pub outcome: Outcome,
+    /// The document after the mutation, or the server's current one.
+    pub document: Option<Document>,
+    /// Fields changed by both sides, sorted.
+    pub conflicting_fields: Vec<String>,
+}
+
+/// The result of a whole push.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushOutcome {
+    /// One result per mutation, in request order.
+    pub results: Vec<MutationResult>,
+    /// Highest applied mutation id of the client.
+    pub last_mutation_id: u64,
+    /// Head seq after the commit.
+    pub checkpoint: Seq,
+}
+
+/// One page of a pull.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PullPage {
+    /// Changed documents in seq order.
+    pub documents: Vec<Document>,
+    /// Seq of the last change examined.
+    pub checkpoint: Seq,
+    /// Whether changes remain after `checkpoint`.
+    pub has_more: bool,
+}

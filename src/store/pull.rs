@@ -1,0 +1,114 @@
+//! Reads over the change index: Pull pages and subscriber catch-up.
+
+use std::{collections::HashSet, sync::Arc};
+
+use super::{
+    Trees, codec,
+    error::StoreError,
+    keys::{self, DocKey},
+    model::{Document, PullPage, Seq},
+};
+
+/// Which collections a reader wants; empty = all.
+#[derive(Debug, Clone, Default)]
+pub struct CollectionFilter(Option<Arc<HashSet<Vec<u8>>>>);
+
+impl CollectionFilter {
+    /// A filter for these collections (empty = all).
+    pub fn new<I: IntoIterator<Item = String>>(collections: I) -> Self {
+        let set: HashSet<Vec<u8>> = collections.into_iter().map(String::into_bytes).collect();
+        Self((!set.is_empty()).then(|| Arc::new(set)))
+    }
+
+    /// Whether a document of `collection` passes.
+    pub fn matches(&self, collection: &[u8]) -> bool {
+        self.0.as_ref().is_none_or(|set| set.contains(collection))
+    }
+}
+
+/// Reads documents changed in `(since, upto]`, in seq order, at most `limit`
+/// of them, each at its latest state.
+///
+/// The checkpoint is the seq of the last change examined; when every change
+/// up to `upto` has been examined it is `upto` itself, so filtered readers and
+/// readers of documents that changed again meanwhile still move forward. A
+/// document whose latest change is now past the entry read is skipped here:
+/// its newer entry comes later.
+pub fn read_changes(
+    trees: &Trees,
+    since: Seq,
+    upto: Seq,
+    filter: &CollectionFilter,
+    limit: usize,
+) -> Result<PullPage, StoreError> {
+    let mut documents = Vec::new();
+    let mut checkpoint = since;
+    if since >= upto {
+        return Ok(PullPage {
+            documents,
+            checkpoint: since.max(upto),
+            has_more: false,
+        });
+    }
+    let range = keys::seq_key(Seq(since.0 + 1))..=keys::seq_key(upto);
+    for entry in trees.changes.range(range) {
+        let (seq_bytes, key_bytes) = entry?;
+        let seq = keys::parse_u64(&seq_bytes)
+            .map(Seq)
+            .ok_or_else(|| StoreError::corrupt(keys::CHANGES, "bad seq key"))?;
+        if documents.len() >= limit {
+            return Ok(PullPage {
+                documents,
+                checkpoint,
+                has_more: true,
+            });
+        }
+        checkpoint = seq;
+        let collection = keys::collection_of(&key_bytes)
+            .ok_or_else(|| StoreError::corrupt(keys::CHANGES, "bad document key"))?;
+        if !filter.matches(collection) {
+            continue;
+        }
+        let key = DocKey::from_stored(&key_bytes);
+        if let Some(doc) = read_if_at(trees, &key, seq)? {
+            documents.push(doc);
+        }
+    }
+    Ok(PullPage {
+        documents,
+        checkpoint: upto,
+        has_more: false,
+    })
+}
+
+/// The document under `key` if its latest change is still `seq`.
+fn read_if_at(trees: &Trees, key: &DocKey, seq: Seq) -> Result<Option<Document>, StoreError> {
+    let Some(bytes) = trees.docs.get(key.as_bytes())? else {
+        return Ok(None);
+    };
+    if codec::decode_header(keys::DOCS, &bytes)?.seq != seq {
+        return Ok(None);
+    }
+    codec::decode(keys::DOCS, key, &bytes).map(Some)
+}
+
+/// Current documents by id, in the order asked; unknown ids are omitted.
+pub fn get(trees: &Trees, collection: &str, ids: &[String]) -> Result<Vec<Document>, StoreError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let key = DocKey::new(collection, id)?;
+        if let Some(bytes) = trees.docs.get(key.as_bytes())? {
+            out.push(codec::decode(keys::DOCS, &key, &bytes)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The highest applied mutation id of a client (0 if none).
+pub fn last_mutation_id(trees: &Trees, client_id: &str) -> Result<u64, StoreError> {
+    match trees.clients.get(client_id.as_bytes())? {
+        Some(bytes) => keys::parse_u64(&bytes)
+            .ok_or_else(|| StoreError::corrupt(keys::CLIENTS, "expected a u64")),
+        None => Ok(0),
+    }
+}

@@ -1,0 +1,148 @@
+//! The single writer: group commit.
+//!
+//! Every push goes through one thread. It takes the first waiting push, then
+//! every other push already queued (up to a cap), applies them all in one
+//! sled transaction, makes that durable with one flush (in `fsync` mode),
+//! publishes the commit to the feed and only then answers each caller. One
+//! writer also means seqs are assigned without contention and transactions
+//! never conflict with each other.
+
+use std::{sync::Arc, time::Instant};
+
+use sled::Transactional;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Clock, Durability, Trees,
+    error::StoreError,
+    feed::{Commit, Feed},
+    model::{PushBatch, PushOutcome},
+    push::{self, Tx},
+};
+
+/// A push waiting for the writer.
+pub struct Job {
+    /// The validated batch.
+    pub batch: PushBatch,
+    /// Where its outcome goes.
+    pub reply: oneshot::Sender<Result<PushOutcome, StoreError>>,
+}
+
+/// What the writer is asked to do.
+pub enum Command {
+    /// Apply a push.
+    Push(Job),
+    /// Finish queued work, flush, and stop.
+    Close(oneshot::Sender<()>),
+}
+
+/// The writer's state; runs on its own thread.
+pub struct Writer {
+    /// The database, for flushes.
+    pub db: sled::Db,
+    /// The trees a push touches.
+    pub trees: Trees,
+    /// Where commits are published.
+    pub feed: Feed,
+    /// fsync before acknowledging, or not.
+    pub durability: Durability,
+    /// Source of `updated_at`.
+    pub clock: Clock,
+    /// Most mutations gathered into one group commit.
+    pub max_group_mutations: usize,
+}
+
+impl Writer {
+    /// Serves commands until closed.
+    pub fn run(self, mut rx: mpsc::Receiver<Command>) {
+        let mut jobs = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut close = None;
+            let mut mutations = 0;
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Command::Push(job) => {
+                        mutations += job.batch.mutations.len();
+                        jobs.push(job);
+                    }
+                    Command::Close(ack) => {
+                        close = Some(ack);
+                        break;
+                    }
+                }
+                if mutations < self.max_group_mutations {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !jobs.is_empty() {
+                self.commit(std::mem::take(&mut jobs));
+            }
+            if let Some(ack) = close {
+                self.flush();
+                let _ = ack.send(());
+                return;
+            }
+        }
+        self.flush();
+    }
+
+    fn commit(&self, jobs: Vec<Job>) {
+        let started = Instant::now();
+        let now = (self.clock)();
+        let batches: Vec<&PushBatch> = jobs.iter().map(|j| &j.batch).collect();
+        let t = &self.trees;
+        let result = (&t.docs, &t.changes, &t.history, &t.clients, &t.meta).transaction(
+            |(docs, changes, history, clients, meta)| {
+                let tx = Tx {
+                    docs,
+                    changes,
+                    history,
+                    clients,
+                    meta,
+                };
+                push::apply_group(&tx, &batches, now)
+            },
+        );
+        let group = match result {
+            Ok(group) => group,
+            Err(e) => {
+                tracing::error!(cause = %e, pushes = jobs.len(), "group commit failed");
+                return fail_all(jobs);
+            }
+        };
+        if self.durability == Durability::Fsync
+            && group.head != group.prev_head
+            && let Err(e) = self.db.flush()
+        {
+            // The transaction may or may not survive a crash now; callers
+            // retry with the same mutation ids and get APPLIED or DUPLICATE.
+            tracing::error!(cause = %e, "flush after commit failed");
+            return fail_all(jobs);
+        }
+        tracing::trace!(pushes = jobs.len(), changes = group.changes.len(), head = %group.head, elapsed = ?started.elapsed(), "group committed");
+        if group.head != group.prev_head {
+            self.feed.publish(Commit {
+                prev_head: group.prev_head,
+                head: group.head,
+                docs: group.changes.into_iter().map(Arc::new).collect(),
+            });
+        }
+        for (job, outcome) in jobs.into_iter().zip(group.outcomes) {
+            let _ = job.reply.send(Ok(outcome));
+        }
+    }
+
+    fn flush(&self) {
+        if let Err(e) = self.db.flush() {
+            tracing::error!(cause = %e, "final flush failed");
+        }
+    }
+}
+
+/// Answers every job of a failed group; the cause is already logged.
+fn fail_all(jobs: Vec<Job>) {
+    for job in jobs {
+        let _ = job.reply.send(Err(StoreError::CommitFailed));
+    }
+}

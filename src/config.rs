@@ -64,10 +64,15 @@ pub struct Config {
     #[arg(long, env = "DELTASYNC_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
 
-    /// Largest gRPC message, in bytes, both ways. Responses are cut to fit;
-    /// bodies must fit with room to spare (see --max-body-bytes).
+    /// Largest gRPC message the server sends, in bytes (gRPC clients
+    /// receive at most 4 MiB by default). Pull pages and Subscribe batches
+    /// are cut to fit; a body must fit alone (see --max-body-bytes).
     #[arg(long, env = "DELTASYNC_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
     pub max_message_bytes: usize,
+
+    /// Largest request the server accepts, in bytes (a Push batch).
+    #[arg(long, env = "DELTASYNC_MAX_REQUEST_BYTES", default_value_t = 16 << 20)]
+    pub max_request_bytes: usize,
 
     /// Largest page a Pull may ask for.
     #[arg(long, env = "DELTASYNC_PULL_MAX_LIMIT", default_value_t = 10_000)]

@@ -79,7 +79,7 @@ async fn run(
     };
     let api = SyncApi::new(store, Settings::from_config(config), streams.clone());
     let sync = SyncServiceServer::new(api)
-        .max_decoding_message_size(config.max_message_bytes)
+        .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(config.max_message_bytes);
 
     let local = listener.local_addr().ok();

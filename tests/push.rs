@@ -396,3 +396,41 @@ async fn non_atomic_batch_is_per_mutation() {
     assert_eq!(resp.checkpoint, doc.seq);
     assert!(!resp.store_id.is_empty());
 }
+
+/// Rule: a Push response never exceeds the message cap: once the echoed
+/// bodies would not fit, results carry document metadata without the body.
+#[tokio::test]
+async fn push_response_fits_the_message_cap() {
+    let s = TestServer::start_with(|c| {
+        c.max_message_bytes = 64 * 1024;
+        c.max_body_bytes = 40 * 1024;
+    })
+    .await;
+    let mut c = s.client.clone();
+    let big = "z".repeat(30 * 1024);
+    let resp = push(
+        &mut c,
+        "",
+        (0..6)
+            .map(|i| put("blobs", &format!("{i}"), json!({"d": big})))
+            .collect(),
+    )
+    .await;
+    assert_eq!(resp.results.len(), 6);
+    let with_body = resp
+        .results
+        .iter()
+        .filter(|r| r.document.as_ref().unwrap().body.is_some())
+        .count();
+    assert!(
+        (1..6).contains(&with_body),
+        "some bodies echo, not all: {with_body}"
+    );
+    for (i, r) in resp.results.iter().enumerate() {
+        let doc = r.document.as_ref().unwrap();
+        assert_eq!(
+            (outcome(r), doc.version, doc.seq, doc.deleted),
+            (Outcome::Applied, 1, i as u64 + 1, false)
+        );
+    }
+}

@@ -15,8 +15,9 @@ pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullRespo
     api.check_checkpoint(&req.store_id, req.since)?;
     let limit = match req.limit {
         0 => DEFAULT_PULL_LIMIT,
-        n => n.min(api.settings.pull_max_limit),
-    };
+        n => n,
+    }
+    .min(api.settings.pull_max_limit);
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let page = api
         .store

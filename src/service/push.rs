@@ -15,17 +15,33 @@ pub async fn handle(api: &SyncApi, req: pb::PushRequest) -> Result<pb::PushRespo
     let count = batch.mutations.len();
     let outcome = api.store.push(batch).await?;
     tracing::debug!(mutations = count, checkpoint = %outcome.checkpoint, "push committed");
-    Ok(pb::PushResponse {
-        results: outcome
-            .results
-            .iter()
-            .map(|r| pb::MutationResult {
+    // Bodies echo back while they fit the message cap; past it, documents
+    // carry their metadata only (the caller can Get the rest).
+    let mut budget = api.settings.message_budget;
+    let results = outcome
+        .results
+        .iter()
+        .map(|r| {
+            let mut document = r.document.as_ref().map(convert::document);
+            if let Some(doc) = &mut document {
+                let len = doc.encoded_len();
+                if len > budget {
+                    doc.body = None;
+                    budget = budget.saturating_sub(doc.encoded_len());
+                } else {
+                    budget -= len;
+                }
+            }
+            pb::MutationResult {
                 mutation_id: r.mutation_id,
                 outcome: convert::outcome(r.outcome).into(),
-                document: r.document.as_ref().map(convert::document),
+                document,
                 conflicting_fields: r.conflicting_fields.clone(),
-            })
-            .collect(),
+            }
+        })
+        .collect();
+    Ok(pb::PushResponse {
+        results,
         last_mutation_id: outcome.last_mutation_id,
         checkpoint: outcome.checkpoint.0,
         store_id: api.store.store_id().to_owned(),

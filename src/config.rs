@@ -78,6 +78,55 @@ pub struct Config {
     #[arg(long, env = "DELTASYNC_PULL_MAX_LIMIT", default_value_t = 10_000)]
     pub pull_max_limit: u32,
 
+    /// Delta-log entries superseded longer ago than this are pruned; a stale
+    /// push whose base was pruned counts every field as changed by the server.
+    #[arg(long, env = "DELTASYNC_HISTORY_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub history_retention: Duration,
+
+    /// Most delta-log versions kept per document.
+    #[arg(long, env = "DELTASYNC_HISTORY_MAX_VERSIONS", default_value_t = 100)]
+    pub history_max_versions: usize,
+
+    /// Tombstones older than this are purged (must be >= --history-retention).
+    /// Checkpoints below the newest purged tombstone's seq then get
+    /// OUT_OF_RANGE: the client must resync from 0.
+    #[arg(long, env = "DELTASYNC_TOMBSTONE_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub tombstone_retention: Duration,
+
+    /// How often retention runs.
+    #[arg(long, env = "DELTASYNC_COMPACTION_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub compaction_interval: Duration,
+
+    /// Most keys one compaction batch deletes (bounds how long it holds the writer).
+    #[arg(long, env = "DELTASYNC_COMPACTION_BATCH", default_value_t = 1000)]
+    pub compaction_batch: usize,
+
+    /// Most open Subscribe streams in total; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DELTASYNC_MAX_SUBSCRIBERS", default_value_t = 20_000)]
+    pub max_subscribers: usize,
+
+    /// Most concurrent streams (calls) on one HTTP/2 connection.
+    #[arg(
+        long,
+        env = "DELTASYNC_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 1024
+    )]
+    pub max_streams_per_connection: u32,
+
+    /// Commits kept in the shared live ring; a subscriber further behind
+    /// catches up from the change index instead.
+    #[arg(long, env = "DELTASYNC_FEED_CAPACITY", default_value_t = 1024)]
+    pub feed_capacity: usize,
+
+    /// HTTP/2 keepalive ping interval: detects dead peers and keeps proxies
+    /// from cutting idle streams.
+    #[arg(long, env = "DELTASYNC_KEEPALIVE_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "DELTASYNC_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
     /// Log format; the level comes from RUST_LOG (default `info`).
     #[arg(long, env = "DELTASYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
@@ -96,6 +145,25 @@ impl Config {
         if self.pull_max_limit == 0 {
             return Err("--pull-max-limit must be at least 1".into());
         }
+        if self.tombstone_retention < self.history_retention {
+            return Err(format!(
+                "--tombstone-retention ({}) must be at least --history-retention ({})",
+                humantime::format_duration(self.tombstone_retention),
+                humantime::format_duration(self.history_retention)
+            ));
+        }
+        if self.history_max_versions == 0 || self.compaction_batch == 0 || self.feed_capacity == 0 {
+            return Err(
+                "--history-max-versions, --compaction-batch and --feed-capacity must be at least 1"
+                    .into(),
+            );
+        }
+        if self.compaction_interval.is_zero()
+            || self.keepalive_interval.is_zero()
+            || self.keepalive_timeout.is_zero()
+        {
+            return Err("--compaction-interval, --keepalive-interval and --keepalive-timeout must be positive".into());
+        }
         if self.heartbeat_interval.is_zero() {
             return Err("--heartbeat-interval must be positive".into());
         }
@@ -107,6 +175,16 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// What retention keeps.
+    pub fn retention(&self) -> crate::store::compaction::Retention {
+        crate::store::compaction::Retention {
+            history: self.history_retention,
+            max_versions: self.history_max_versions,
+            tombstones: self.tombstone_retention,
+            batch: self.compaction_batch,
+        }
     }
 
     /// A configuration with every default, for tests and embedding.
@@ -181,6 +259,17 @@ mod tests {
         );
         assert!(ConflictPolicy::parse("todos").is_err());
         assert!(ConflictPolicy::parse("todos=maybe").is_err());
+    }
+
+    #[test]
+    fn tombstones_must_outlive_history() {
+        let mut c = Config::for_data_dir("x");
+        c.tombstone_retention = Duration::from_secs(60);
+        let err = c.validate().unwrap_err();
+        assert!(
+            err.contains("--tombstone-retention (1m) must be at least --history-retention (7days)"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The service-boundary error and its one mapping to `tonic::Status`.
 
-use tonic::Status;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::store::StoreError;
 
@@ -48,6 +49,21 @@ impl From<Error> for Status {
             e @ Error::WrongStore { .. } => Status::failed_precondition(e.to_string()),
             e @ Error::CheckpointAhead { .. } => Status::out_of_range(e.to_string()),
             Error::ResourceExhausted(msg) => Status::resource_exhausted(msg),
+            Error::Store(StoreError::Compacted { since, horizon }) => Status::with_error_details(
+                Code::OutOfRange,
+                format!(
+                    "checkpoint {since} is older than the purge horizon {horizon}: deletions it never saw were purged; \
+                     discard local state and resync from 0"
+                ),
+                ErrorDetails::with_error_info(
+                    "CHECKPOINT_COMPACTED",
+                    "deltasync",
+                    [
+                        ("purge_horizon".to_owned(), horizon.to_string()),
+                        ("checkpoint".to_owned(), since.to_string()),
+                    ],
+                ),
+            ),
             Error::Store(StoreError::Closed) => {
                 Status::unavailable("server is shutting down; retry")
             }

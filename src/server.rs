@@ -54,6 +54,7 @@ pub async fn serve_with(
     let options = store::Options {
         durability: config.durability,
         flush_interval: config.flush_interval,
+        feed_capacity: config.feed_capacity,
         ..options
     };
     let store = Store::open(&config.data_dir, options)?;
@@ -77,6 +78,12 @@ async fn run(
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
+    let compaction = tokio::spawn(store::compaction::run(
+        store.clone(),
+        config.retention(),
+        config.compaction_interval,
+        streams.clone(),
+    ));
     let api = SyncApi::new(store, Settings::from_config(config), streams.clone());
     let sync = SyncServiceServer::new(api)
         .max_decoding_message_size(config.max_request_bytes)
@@ -93,6 +100,9 @@ async fn run(
     };
     let server = Server::builder()
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .max_concurrent_streams(Some(config.max_streams_per_connection))
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
@@ -105,5 +115,7 @@ async fn run(
             tracing::warn!(?grace, "calls still open after the grace period; stopping anyway");
         }
     }
+    streams.cancel();
+    let _ = compaction.await;
     Ok(())
 }

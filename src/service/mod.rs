@@ -11,6 +11,7 @@ pub mod validate;
 
 use std::{sync::Arc, time::Duration};
 
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -36,6 +37,8 @@ pub struct Settings {
     pub pull_max_limit: u32,
     /// Progress interval on idle streams.
     pub heartbeat_interval: Duration,
+    /// Most open Subscribe streams.
+    pub max_subscribers: usize,
 }
 
 impl Settings {
@@ -50,6 +53,7 @@ impl Settings {
                 .saturating_sub(MESSAGE_OVERHEAD_BYTES),
             pull_max_limit: config.pull_max_limit,
             heartbeat_interval: config.heartbeat_interval,
+            max_subscribers: config.max_subscribers,
         }
     }
 }
@@ -63,15 +67,19 @@ pub struct SyncApi {
     settings: Arc<Settings>,
     /// Cancelled on shutdown, so open Subscribe streams end cleanly.
     shutdown: CancellationToken,
+    /// One permit per open Subscribe stream.
+    subscribers: Arc<Semaphore>,
 }
 
 impl SyncApi {
     /// A service over `store`.
     pub fn new(store: Store, settings: Settings, shutdown: CancellationToken) -> Self {
+        let subscribers = Arc::new(Semaphore::new(settings.max_subscribers));
         Self {
             store,
             settings: Arc::new(settings),
             shutdown,
+            subscribers,
         }
     }
 
@@ -87,7 +95,9 @@ impl SyncApi {
         if since > head {
             return Err(Error::CheckpointAhead { since, head });
         }
-        Ok(())
+        Ok(self
+            .store
+            .check_checkpoint(crate::store::model::Seq(since))?)
     }
 }
 

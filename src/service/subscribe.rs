@@ -4,6 +4,7 @@
 use std::{collections::VecDeque, pin::Pin};
 
 use futures_util::Stream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at};
 use tonic::Status;
 
@@ -25,6 +26,12 @@ pub type SubscribeStream =
 pub fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<SubscribeStream, Error> {
     validate::collections(&req.collections)?;
     api.check_checkpoint(&req.store_id, req.since)?;
+    let permit = api.subscribers.clone().try_acquire_owned().map_err(|_| {
+        Error::ResourceExhausted(format!(
+            "too many subscribers: this server allows {} open Subscribe streams; retry later or use another replica",
+            api.settings.max_subscribers
+        ))
+    })?;
     let page = usize::try_from(DEFAULT_PULL_LIMIT).unwrap_or(1000);
     let subscription =
         api.store
@@ -39,6 +46,7 @@ pub fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<SubscribeStrea
         shutdown: api.shutdown.clone(),
         budget: api.settings.message_budget,
         failed: false,
+        _permit: permit,
     };
     Ok(Box::pin(futures_util::stream::unfold(
         state,
@@ -63,6 +71,8 @@ struct Feed {
     budget: usize,
     /// An error was sent; the stream ends.
     failed: bool,
+    /// This stream's place under --max-subscribers, released on drop.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Feed {

@@ -7,6 +7,15 @@ pub enum StoreError {
     /// sled failed (I/O, corruption it detected, ...).
     #[error("storage failure: {0}")]
     Storage(#[from] sled::Error),
+    /// The caller's checkpoint is older than the purge horizon: tombstones it
+    /// never saw are gone, so continuing would silently miss deletions.
+    #[error("checkpoint {since} is older than the purge horizon {horizon}")]
+    Compacted {
+        /// The caller's checkpoint.
+        since: u64,
+        /// The store's purge horizon.
+        horizon: u64,
+    },
     /// A stored record did not decode.
     #[error("corrupt record in tree {tree}: {detail}")]
     Corrupt {

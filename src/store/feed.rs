@@ -42,25 +42,52 @@ pub struct Feed {
 struct FeedShared {
     /// Highest seq published (durable and visible to readers).
     head: AtomicU64,
+    /// Purge horizon: raised *before* a purge commits, so a reader that
+    /// re-checks it after reading cannot miss a purge that hid something.
+    horizon: AtomicU64,
     /// The ring all subscribers read from.
     tx: broadcast::Sender<Arc<Commit>>,
 }
 
 impl Feed {
     /// A feed whose head is `head`, keeping the last `capacity` commits.
-    pub fn new(head: Seq, capacity: usize) -> Self {
+    pub fn new(head: Seq, horizon: Seq, capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(capacity.max(1));
+        let shared = FeedShared {
+            head: AtomicU64::new(head.0),
+            horizon: AtomicU64::new(horizon.0),
+            tx,
+        };
         Self {
-            shared: Arc::new(FeedShared {
-                head: AtomicU64::new(head.0),
-                tx,
-            }),
+            shared: Arc::new(shared),
         }
     }
 
     /// Highest published seq.
     pub fn head(&self) -> Seq {
         Seq(self.shared.head.load(Ordering::Acquire))
+    }
+
+    /// The purge horizon.
+    pub fn horizon(&self) -> Seq {
+        Seq(self.shared.horizon.load(Ordering::Acquire))
+    }
+
+    /// Raises the purge horizon (never lowers it).
+    pub fn raise_horizon(&self, seq: Seq) {
+        self.shared.horizon.fetch_max(seq.0, Ordering::AcqRel);
+    }
+
+    /// Fails if checkpoint `since` (not 0) is below the purge horizon.
+    pub fn check_horizon(&self, since: Seq) -> Result<(), StoreError> {
+        let horizon = self.horizon();
+        if since.0 > 0 && since < horizon {
+            return Err(StoreError::Compacted {
+                since: since.0,
+                horizon: horizon.0,
+            });
+        }
+        Ok(())
     }
 
     /// Publishes a commit: the head moves first, so anyone who reads the head

@@ -26,6 +26,9 @@ pub const META: &str = "meta";
 pub const META_STORE_ID: &[u8] = b"store_id";
 /// Meta key: the highest committed seq.
 pub const META_HEAD: &[u8] = b"head_seq";
+/// Meta key: the highest seq any purged tombstone had. Checkpoints below it
+/// (other than 0) can no longer be served without a silent gap.
+pub const META_PURGE_HORIZON: &[u8] = b"purge_horizon";
 /// Meta key: the on-disk layout version.
 pub const META_SCHEMA: &[u8] = b"schema_version";
 
@@ -85,6 +88,18 @@ pub fn parse_doc_key(bytes: &[u8]) -> Option<(&str, &str)> {
     ))
 }
 
+/// The prefix shared by every delta-log key of a document.
+pub fn history_prefix(key: &DocKey) -> &[u8] {
+    key.as_bytes()
+}
+
+/// Splits a delta-log key into the document key and the version.
+pub fn split_history_key(bytes: &[u8]) -> Option<(&[u8], Version)> {
+    let (doc, version) = bytes.split_last_chunk::<8>()?;
+    parse_doc_key(doc)?;
+    Some((doc, Version(u64::from_be_bytes(*version))))
+}
+
 /// The collection of a document key, without decoding the id.
 pub fn collection_of(bytes: &[u8]) -> Option<&[u8]> {
     let (&coll_len, rest) = bytes.split_first()?;
@@ -116,6 +131,15 @@ mod tests {
                 .starts_with(&a.history(Version(1))[..a.as_bytes().len() + 1])
         );
         assert!(parse_doc_key(b"\x05todo").is_none());
+    }
+
+    #[test]
+    fn history_keys_split_back() {
+        let key = DocKey::new("c", "id").unwrap();
+        let h = key.history(Version(7));
+        assert_eq!(split_history_key(&h), Some((key.as_bytes(), Version(7))));
+        assert!(h.starts_with(history_prefix(&key)));
+        assert!(split_history_key(b"short").is_none());
     }
 
     #[test]

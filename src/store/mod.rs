@@ -6,6 +6,7 @@
 //! Callers only see domain types from [`model`].
 
 pub mod codec;
+pub mod compaction;
 pub mod conflict;
 pub mod error;
 pub mod feed;
@@ -38,8 +39,17 @@ use self::{
 /// The on-disk layout this build reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
 
-/// Source of the time stamped on changes; injectable for tests.
+/// Source of the time stamped on changes and used for retention; injectable
+/// so tests can age data without waiting.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// A clock running `ahead` seconds ahead of the system clock; tests move it
+/// forward to make data old.
+pub fn offset_clock(ahead: Arc<std::sync::atomic::AtomicU64>) -> Clock {
+    Arc::new(move || {
+        SystemTime::now() + Duration::from_secs(ahead.load(std::sync::atomic::Ordering::Relaxed))
+    })
+}
 
 /// When a push is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -108,6 +118,8 @@ struct Shared {
     store_id: String,
     /// Post-commit broadcast point.
     feed: Feed,
+    /// Time source for retention.
+    clock: Clock,
     /// Queue to the writer thread.
     writer: mpsc::Sender<Command>,
     /// The writer thread, joined on close.
@@ -133,14 +145,15 @@ impl Store {
         };
         let store_id = init_meta(&trees.meta)?;
         let head = recover_head(&trees)?;
-        let feed = Feed::new(head, options.feed_capacity);
+        let horizon = read_meta_u64(&trees.meta, keys::META_PURGE_HORIZON)?;
+        let feed = Feed::new(head, Seq(horizon), options.feed_capacity);
         let (tx, rx) = mpsc::channel(1024);
         let writer = Writer {
             db: db.clone(),
             trees: trees.clone(),
             feed: feed.clone(),
             durability: options.durability,
-            clock: options.clock,
+            clock: options.clock.clone(),
             max_group_mutations: options.max_group_mutations,
         };
         let thread = std::thread::Builder::new()
@@ -154,6 +167,7 @@ impl Store {
                 trees,
                 store_id,
                 feed,
+                clock: options.clock,
                 writer: tx,
                 writer_thread: Mutex::new(Some(thread)),
             }),
@@ -196,6 +210,9 @@ impl Store {
         self.read_changes(since, upto, filter, limit).await
     }
 
+    /// Reads changes in `(since, upto]`. Fails with [`StoreError::Compacted`]
+    /// if `since` is below the purge horizon, checked again after the read
+    /// so that a purge racing with it cannot go unnoticed.
     pub(crate) async fn read_changes(
         &self,
         since: Seq,
@@ -203,8 +220,23 @@ impl Store {
         filter: CollectionFilter,
         limit: usize,
     ) -> Result<PullPage, StoreError> {
+        self.feed().check_horizon(since)?;
         let trees = self.shared.trees.clone();
-        blocking(move || pull::read_changes(&trees, since, upto, &filter, limit)).await
+        let page =
+            blocking(move || pull::read_changes(&trees, since, upto, &filter, limit)).await?;
+        self.feed().check_horizon(since)?;
+        Ok(page)
+    }
+
+    /// Fails with [`StoreError::Compacted`] if `since` (not 0) is below the
+    /// purge horizon.
+    pub fn check_checkpoint(&self, since: Seq) -> Result<(), StoreError> {
+        self.feed().check_horizon(since)
+    }
+
+    /// The purge horizon: checkpoints below it (other than 0) are refused.
+    pub fn purge_horizon(&self) -> Seq {
+        self.feed().horizon()
     }
 
     /// Current documents by id; unknown ids are omitted.
@@ -290,14 +322,14 @@ fn init_meta(meta: &sled::Tree) -> Result<String, StoreError> {
         .map_err(|_| StoreError::corrupt(keys::META, "store_id is not UTF-8"))
 }
 
+fn read_meta_u64(meta: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
+    pull::read_u64(meta, keys::META, key)
+}
+
 /// Reads the head seq and checks it against the change index: every push
 /// commits both in one transaction, so they must agree.
 fn recover_head(trees: &Trees) -> Result<Seq, StoreError> {
-    let head = trees
-        .meta
-        .get(keys::META_HEAD)?
-        .map_or(Some(0), |v| keys::parse_u64(&v));
-    let head = Seq(head.ok_or_else(|| StoreError::corrupt(keys::META, "bad head seq"))?);
+    let head = Seq(read_meta_u64(&trees.meta, keys::META_HEAD)?);
     if let Some((last, _)) = trees.changes.last()? {
         let last = keys::parse_u64(&last)
             .ok_or_else(|| StoreError::corrupt(keys::CHANGES, "bad seq key"))?;

@@ -106,9 +106,15 @@ pub fn get(trees: &Trees, collection: &str, ids: &[String]) -> Result<Vec<Docume
 
 /// The highest applied mutation id of a client (0 if none).
 pub fn last_mutation_id(trees: &Trees, client_id: &str) -> Result<u64, StoreError> {
-    match trees.clients.get(client_id.as_bytes())? {
-        Some(bytes) => keys::parse_u64(&bytes)
-            .ok_or_else(|| StoreError::corrupt(keys::CLIENTS, "expected a u64")),
+    read_u64(&trees.clients, keys::CLIENTS, client_id.as_bytes())
+}
+
+/// A big-endian u64 value of `tree` (named for errors), 0 if absent.
+pub fn read_u64(tree: &sled::Tree, name: &'static str, key: &[u8]) -> Result<u64, StoreError> {
+    match tree.get(key)? {
+        Some(bytes) => {
+            keys::parse_u64(&bytes).ok_or_else(|| StoreError::corrupt(name, "expected a u64"))
+        }
         None => Ok(0),
     }
 }

@@ -9,13 +9,15 @@
 
 use std::{sync::Arc, time::Instant};
 
-use sled::Transactional;
+use sled::{Transactional, transaction::ConflictableTransactionError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Clock, Durability, Trees,
+    Clock, Durability, Trees, codec,
+    compaction::{Purge, Removed},
     error::StoreError,
     feed::{Commit, Feed},
+    keys,
     model::{PushBatch, PushOutcome},
     push::{self, Tx},
 };
@@ -32,6 +34,8 @@ pub struct Job {
 pub enum Command {
     /// Apply a push.
     Push(Job),
+    /// Apply one batch of retention deletions.
+    Compact(Purge, oneshot::Sender<Result<Removed, StoreError>>),
     /// Finish queued work, flush, and stop.
     Close(oneshot::Sender<()>),
 }
@@ -66,6 +70,11 @@ impl Writer {
                         mutations += job.batch.mutations.len();
                         jobs.push(job);
                     }
+                    Command::Compact(purge, reply) => {
+                        // Pushes gathered so far commit first, keeping queue order.
+                        self.commit(std::mem::take(&mut jobs));
+                        let _ = reply.send(self.purge(&purge));
+                    }
                     Command::Close(ack) => {
                         close = Some(ack);
                         break;
@@ -75,9 +84,7 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
-            if !jobs.is_empty() {
-                self.commit(std::mem::take(&mut jobs));
-            }
+            self.commit(std::mem::take(&mut jobs));
             if let Some(ack) = close {
                 self.flush();
                 let _ = ack.send(());
@@ -88,6 +95,9 @@ impl Writer {
     }
 
     fn commit(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
         let started = Instant::now();
         let now = (self.clock)();
         let batches: Vec<&PushBatch> = jobs.iter().map(|j| &j.batch).collect();
@@ -131,6 +141,55 @@ impl Writer {
         for (job, outcome) in jobs.into_iter().zip(group.outcomes) {
             let _ = job.reply.send(Ok(outcome));
         }
+    }
+
+    /// Removes delta-log entries and purges tombstones that are still the
+    /// tombstone planned (a rewritten document is left alone). The horizon
+    /// is raised in memory before the commit, so readers re-checking it after
+    /// a read cannot miss a purge.
+    fn purge(&self, purge: &Purge) -> Result<Removed, StoreError> {
+        if let Some(max) = purge.tombstones.iter().map(|t| t.seq).max() {
+            self.feed.raise_horizon(max);
+        }
+        let t = &self.trees;
+        let result = (&t.docs, &t.changes, &t.history, &t.meta).transaction(
+            |(docs, changes, history, meta)| {
+                let mut removed = Removed::default();
+                for key in &purge.history {
+                    removed.history += usize::from(history.remove(key.as_slice())?.is_some());
+                }
+                let stored = meta
+                    .get(keys::META_PURGE_HORIZON)?
+                    .and_then(|v| keys::parse_u64(&v))
+                    .unwrap_or(0);
+                let mut horizon = stored;
+                for tomb in &purge.tombstones {
+                    let Some(bytes) = docs.get(tomb.key.as_bytes())? else {
+                        continue;
+                    };
+                    let header = codec::decode_header(keys::DOCS, &bytes)
+                        .map_err(ConflictableTransactionError::Abort)?;
+                    if !header.deleted || header.seq != tomb.seq {
+                        continue;
+                    }
+                    docs.remove(tomb.key.as_bytes())?;
+                    changes.remove(&keys::seq_key(tomb.seq))?;
+                    for key in &tomb.history {
+                        removed.history += usize::from(history.remove(key.as_slice())?.is_some());
+                    }
+                    removed.tombstones += 1;
+                    horizon = horizon.max(tomb.seq.0);
+                }
+                if horizon != stored {
+                    meta.insert(keys::META_PURGE_HORIZON, &horizon.to_be_bytes())?;
+                }
+                Ok(removed)
+            },
+        );
+        result.map_err(|e| {
+            tracing::error!(cause = %e, "compaction batch failed");
+            StoreError::CommitFailed
+        })
     }
 
     fn flush(&self) {

@@ -1,0 +1,359 @@
+//! Retention: delta-log pruning, tombstone purge, the purge horizon and
+//! "checkpoint too old". Time is moved with an injected clock, not slept.
+
+mod common;
+
+use std::{
+    sync::{Arc, atomic::AtomicU64, atomic::Ordering},
+    time::Duration,
+};
+
+use common::*;
+use deltasync::{
+    pb::{self, Outcome, PullRequest, SubscribeRequest, subscribe_response::Event},
+    store,
+};
+use serde_json::json;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+
+const HOUR: u64 = 3600;
+
+async fn server(
+    ahead: &Arc<AtomicU64>,
+    configure: impl FnOnce(&mut deltasync::Config),
+) -> TestServer {
+    let options = store::Options {
+        clock: store::offset_clock(ahead.clone()),
+        ..Default::default()
+    };
+    TestServer::start_with_options(
+        |c| {
+            c.history_retention = Duration::from_secs(HOUR);
+            c.tombstone_retention = Duration::from_secs(2 * HOUR);
+            c.history_max_versions = 3;
+            c.compaction_interval = Duration::from_millis(20);
+            configure(c);
+        },
+        options,
+    )
+    .await
+}
+
+/// Waits (bounded) until `done` holds; compaction runs every 20 ms.
+async fn eventually<F: std::future::Future<Output = bool>>(mut done: impl FnMut() -> F) {
+    for _ in 0..500 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached in 5 s");
+}
+
+fn assert_compacted(status: &Status, horizon: u64) {
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("resync from 0"),
+        "{}",
+        status.message()
+    );
+    let info = status
+        .get_details_error_info()
+        .expect("an ErrorInfo detail");
+    assert_eq!(info.reason, "CHECKPOINT_COMPACTED");
+    assert_eq!(
+        info.metadata.get("purge_horizon"),
+        Some(&horizon.to_string())
+    );
+}
+
+/// Whether `base` of todos/t is gone from the delta log, asked without
+/// writing: an atomic batch with a mutation that always conflicts. A patch of
+/// a field nobody touched merges if the base is known (so it is NOT_APPLIED
+/// here) and conflicts if the base was pruned (every field counts as changed).
+async fn base_pruned(c: &mut Client, base: u64) -> bool {
+    let req = pb::PushRequest {
+        atomic: true,
+        mutations: vec![
+            patch("todos", "t", json!({"probe": 1})).base(base),
+            put("todos", "t", json!({})).base(1_000),
+        ],
+        ..Default::default()
+    };
+    let resp = push_req(c, req).await;
+    assert_eq!(outcome(&resp.results[1]), Outcome::Conflict);
+    outcome(&resp.results[0]) == Outcome::Conflict
+}
+
+/// Rule: the delta log keeps at most --history-max-versions per document and
+/// nothing superseded longer ago than --history-retention; a stale push whose
+/// base was pruned counts every field as changed by the server.
+#[tokio::test]
+async fn history_is_pruned_by_count_and_age() {
+    let ahead = Arc::new(AtomicU64::new(0));
+    let s = server(&ahead, |_| {}).await;
+    let mut c = s.client.clone();
+    push_one(
+        &mut c,
+        "",
+        put("todos", "t", json!({"title": "v1", "n": 0})),
+    )
+    .await;
+    for v in 1..=5 {
+        push_one(&mut c, "", patch("todos", "t", json!({"n": v}))).await; // versions 2..=6
+    }
+    // Versions 1 and 2 fall out by count (3 kept: 3, 4, 5).
+    eventually(|| {
+        let mut c = c.clone();
+        async move { base_pruned(&mut c, 2).await }
+    })
+    .await;
+    assert!(base_pruned(&mut c, 1).await);
+    assert!(
+        !base_pruned(&mut c, 3).await,
+        "the newest versions are kept"
+    );
+    let merged = push_one(
+        &mut c,
+        "",
+        patch("todos", "t", json!({"title": "merged"})).base(5),
+    )
+    .await;
+    assert_eq!(outcome(&merged), Outcome::Merged);
+
+    // An hour later every superseded version is gone.
+    assert!(!base_pruned(&mut c, 6).await);
+    ahead.store(HOUR + 60, Ordering::Relaxed);
+    eventually(|| {
+        let mut c = c.clone();
+        async move { base_pruned(&mut c, 6).await }
+    })
+    .await;
+    let late = push_one(
+        &mut c,
+        "",
+        patch("todos", "t", json!({"other": "x"})).base(6),
+    )
+    .await;
+    assert_eq!(
+        (outcome(&late), late.conflicting_fields),
+        (Outcome::Conflict, vec!["other".to_string()])
+    );
+    assert_eq!(
+        json(&get(&mut c, "todos", "t").await.unwrap())["title"],
+        "merged"
+    );
+}
+
+/// Rule: expired tombstones are purged from documents, change index and
+/// delta log; the purge horizon moves to the newest purged tombstone's seq;
+/// checkpoints below it get OUT_OF_RANGE with CHECKPOINT_COMPACTED (Pull
+/// and Subscribe), while 0 and newer checkpoints still work.
+#[tokio::test]
+async fn tombstones_are_purged_and_old_checkpoints_refused() {
+    let ahead = Arc::new(AtomicU64::new(0));
+    let s = server(&ahead, |_| {}).await;
+    let mut c = s.client.clone();
+    push_one(&mut c, "", put("todos", "gone", json!({"a": 1}))).await; // seq 1
+    push_one(&mut c, "", put("todos", "kept", json!({"b": 1}))).await; // seq 2
+    let tomb = push_one(&mut c, "", delete("todos", "gone"))
+        .await
+        .document
+        .unwrap();
+    assert_eq!(tomb.seq, 3);
+    let old_checkpoint = 2;
+
+    // Past history retention but not tombstone retention: still served.
+    ahead.store(HOUR + 60, Ordering::Relaxed);
+    let page = c
+        .pull(PullRequest {
+            since: old_checkpoint,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.documents.len(), 1);
+
+    ahead.store(2 * HOUR + 60, Ordering::Relaxed);
+    eventually(|| {
+        let mut c = c.clone();
+        async move { get(&mut c, "todos", "gone").await.is_none() }
+    })
+    .await;
+
+    let err = c
+        .pull(PullRequest {
+            since: old_checkpoint,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_compacted(&err, 3);
+    let err = c
+        .subscribe(SubscribeRequest {
+            since: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_compacted(&err, 3);
+
+    // At or past the horizon, and from 0, everything still works.
+    let page = c
+        .pull(PullRequest {
+            since: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((page.documents.len(), page.checkpoint), (0, 3));
+    let page = c.pull(PullRequest::default()).await.unwrap().into_inner();
+    let ids: Vec<_> = page.documents.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec!["kept"],
+        "the purged tombstone is gone from the change index"
+    );
+    // A recreated document starts again at version 1: its history is gone too.
+    let again = push_one(
+        &mut c,
+        "",
+        put("todos", "gone", json!({"new": true})).base(0),
+    )
+    .await;
+    assert_eq!(again.document.unwrap().version, 1);
+
+    // The horizon survives a restart.
+    let s = s.restart().await;
+    let mut c = s.client.clone();
+    let err = c
+        .pull(PullRequest {
+            since: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_compacted(&err, 3);
+}
+
+/// Rule: an idle (filtered) subscriber's Progress messages carry the head, so
+/// it can resume past a purge it had no stake in.
+#[tokio::test]
+async fn progress_moves_idle_subscribers_past_purges() {
+    let ahead = Arc::new(AtomicU64::new(0));
+    let s = server(&ahead, |c| c.heartbeat_interval = Duration::from_millis(50)).await;
+    let mut c = s.client.clone();
+    let req = SubscribeRequest {
+        collections: vec!["quiet".into()],
+        ..Default::default()
+    };
+    let mut stream = c.subscribe(req).await.unwrap().into_inner();
+    push_one(&mut c, "", put("todos", "x", json!({}))).await;
+    let tomb = push_one(&mut c, "", delete("todos", "x"))
+        .await
+        .document
+        .unwrap();
+    let mut checkpoint = 0;
+    while checkpoint < tomb.seq {
+        if let Some(pb::SubscribeResponse {
+            event: Some(Event::Progress(p)),
+        }) = stream.message().await.unwrap()
+        {
+            checkpoint = p.checkpoint;
+        }
+    }
+    drop(stream);
+    ahead.store(2 * HOUR + 60, Ordering::Relaxed);
+    eventually(|| {
+        let mut c = c.clone();
+        async move {
+            c.pull(PullRequest {
+                since: 1,
+                ..Default::default()
+            })
+            .await
+            .is_err()
+        }
+    })
+    .await;
+    let req = SubscribeRequest {
+        since: checkpoint,
+        collections: vec!["quiet".into()],
+        ..Default::default()
+    };
+    assert!(
+        c.subscribe(req).await.is_ok(),
+        "a checkpoint from Progress is past the horizon"
+    );
+}
+
+/// Rule: a live subscriber that falls behind a purge gets OUT_OF_RANGE on
+/// its stream instead of a silent gap.
+#[tokio::test]
+async fn lagging_subscriber_behind_a_purge_gets_out_of_range() {
+    let ahead = Arc::new(AtomicU64::new(0));
+    let s = server(&ahead, |c| {
+        c.feed_capacity = 1;
+        c.durability = deltasync::store::Durability::Buffered;
+    })
+    .await;
+    let mut c = s.client.clone();
+    // A reader with a small receive window stops the server sending early.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(16 * 1024))
+        .initial_connection_window_size(Some(16 * 1024))
+        .connect()
+        .await
+        .unwrap();
+    let mut slow = pb::sync_service_client::SyncServiceClient::new(channel);
+    let mut stream = slow
+        .subscribe(SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        stream.message().await.unwrap().unwrap().event,
+        Some(Event::Progress(_))
+    ));
+    let filler = "f".repeat(1024);
+    for i in 0..200 {
+        push_one(
+            &mut c,
+            "",
+            put("fill", &i.to_string(), json!({"f": filler})),
+        )
+        .await;
+    }
+    push_one(&mut c, "", put("todos", "x", json!({}))).await;
+    let tomb = push_one(&mut c, "", delete("todos", "x"))
+        .await
+        .document
+        .unwrap();
+    ahead.store(2 * HOUR + 60, Ordering::Relaxed);
+    eventually(|| {
+        let mut c = c.clone();
+        async move { get(&mut c, "todos", "x").await.is_none() }
+    })
+    .await;
+    let mut last = 0;
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(m)) => {
+                if let Some(Event::Changes(b)) = m.event {
+                    last = b.checkpoint;
+                }
+            }
+            Ok(None) => panic!("stream ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert!(
+        last < tomb.seq,
+        "the reader was behind the purged tombstone"
+    );
+    assert_compacted(&status, tomb.seq);
+}

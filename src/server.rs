@@ -88,8 +88,10 @@ async fn run(
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(config.max_message_bytes);
 
-    let local = listener.local_addr().ok();
-    tracing::info!(addr = ?local, "serving gRPC");
+    if let Ok(addr) = listener.local_addr() {
+        // Tools that start the server on port 0 read the address from here.
+        tracing::info!(%addr, "serving gRPC");
+    }
     let draining = streams.clone();
     let signal = async move {
         shutdown.await;

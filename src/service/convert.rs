@@ -56,6 +56,28 @@ fn number(n: f64) -> Option<Number> {
     Number::from_f64(n)
 }
 
+/// A JSON object as a proto `Struct`, moving its strings.
+pub fn body_into_struct(body: Body) -> Struct {
+    Struct {
+        fields: body
+            .into_iter()
+            .map(|(k, v)| (k, json_into_value(v)))
+            .collect(),
+    }
+}
+
+fn json_into_value(v: Value) -> PbValue {
+    let kind = match v {
+        Value::String(s) => Kind::StringValue(s),
+        Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.into_iter().map(json_into_value).collect(),
+        }),
+        Value::Object(map) => Kind::StructValue(body_into_struct(map)),
+        scalar => return json_to_value(&scalar),
+    };
+    PbValue { kind: Some(kind) }
+}
+
 /// A JSON object as a proto `Struct`.
 pub fn body_to_struct(body: &Body) -> Struct {
     Struct {
@@ -91,6 +113,21 @@ pub fn document(doc: &Document) -> pb::Document {
         seq: doc.seq.0,
         updated_at: Some(timestamp(doc.updated_at)),
         updated_by: doc.updated_by.clone(),
+    }
+}
+
+/// As [`document`], moving the strings and the body out of an owned document.
+pub fn owned_document(doc: Document) -> pb::Document {
+    let body = (!doc.deleted).then(|| body_into_struct(doc.body));
+    pb::Document {
+        collection: doc.collection,
+        id: doc.id,
+        version: doc.version.0,
+        body,
+        deleted: doc.deleted,
+        seq: doc.seq.0,
+        updated_at: Some(timestamp(doc.updated_at)),
+        updated_by: doc.updated_by,
     }
 }
 
@@ -157,6 +194,13 @@ mod tests {
             serde_json::from_str(r#"{"a":1.5,"b":[true,null,"x"],"c":{"d":-2}}"#).unwrap();
         let back = struct_to_body(body_to_struct(&body), "put").unwrap();
         assert_eq!(back, body);
+    }
+
+    #[test]
+    fn owned_and_borrowed_conversions_agree() {
+        let body: Body =
+            serde_json::from_str(r#"{"s":"x","l":[1,"y",{"z":null}],"o":{"b":false}}"#).unwrap();
+        assert_eq!(body_into_struct(body.clone()), body_to_struct(&body));
     }
 
     #[test]

@@ -21,6 +21,6 @@ pub async fn handle(api: &SyncApi, req: pb::GetRequest) -> Result<pb::GetRespons
     }
     let docs = api.store.get(req.collection, req.ids).await?;
     Ok(pb::GetResponse {
-        documents: docs.iter().map(convert::document).collect(),
+        documents: docs.into_iter().map(convert::owned_document).collect(),
     })
 }

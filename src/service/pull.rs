@@ -30,7 +30,7 @@ pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullRespo
     // Keep the response under the message cap: cut after the last document
     // that fits, and resume from its seq.
     let mut runs = convert::fit(
-        page.documents.iter().map(convert::document),
+        page.documents.into_iter().map(convert::owned_document),
         api.settings.message_budget,
     )
     .into_iter();

@@ -97,16 +97,17 @@ fn apply_batch(
     };
     let mut last = stored_last;
     let start_head = *head;
-    // Writes planned earlier in this batch, so later mutations see them.
-    let mut overlay: HashMap<DocKey, Stored> = HashMap::new();
-    let mut planned: Vec<Planned> = Vec::new();
+    // Writes planned earlier in this batch (document → its latest plan), so
+    // later mutations of the same document see them.
+    let mut overlay: HashMap<DocKey, usize> = HashMap::with_capacity(batch.mutations.len());
+    let mut planned: Vec<Planned> = Vec::with_capacity(batch.mutations.len());
     let mut results = Vec::with_capacity(batch.mutations.len());
     let mut any_conflict = false;
 
     for m in &batch.mutations {
         let key = DocKey::new(&m.collection, &m.id).map_err(ConflictableTransactionError::Abort)?;
         let current = match overlay.get(&key) {
-            Some(s) => Some(s.clone()),
+            Some(&i) => Some(planned[i].next.clone()),
             None => read_doc(tx, &key)?,
         };
         if m.mutation_id != 0 && m.mutation_id <= stored_last {
@@ -127,7 +128,7 @@ fn apply_batch(
             Some(state) => {
                 head.0 += 1;
                 let next = next_state(&key, current.as_ref(), state, *head, now, &batch.client_id)?;
-                overlay.insert(key.clone(), next.clone());
+                overlay.insert(key.clone(), planned.len());
                 let doc = next.doc.clone();
                 planned.push(Planned {
                     key,

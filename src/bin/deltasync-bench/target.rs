@@ -26,7 +26,7 @@ const PREFIX: &str = "bench/";
 /// One connection to the system under test.
 pub enum Conn {
     Deltasync(SyncServiceClient<Channel>),
-    Etcd(etcd_client::Client),
+    Etcd(Box<etcd_client::Client>),
 }
 
 impl Conn {
@@ -40,7 +40,7 @@ impl Conn {
                     .await?;
                 Self::Deltasync(SyncServiceClient::new(channel).max_decoding_message_size(64 << 20))
             }
-            Kind::Etcd => Self::Etcd(etcd_client::Client::connect([endpoint], None).await?),
+            Kind::Etcd => Self::Etcd(Box::new(etcd_client::Client::connect([endpoint], None).await?)),
         })
     }
 

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Runs the same workloads against deltasync and etcd on this machine, RUNS
+# times each with fresh servers and stores, and prints medians side by side.
+#
+#   scripts/bench-vs-etcd.sh                 # every workload, 3 runs
+#   RUNS=5 WORKLOADS="push1 pull" scripts/bench-vs-etcd.sh
+#
+# Workloads: push1 (64 clients, 1 mutation/push), push100 (16 clients, 100
+# mutations/push), pull (DOCS documents from 0 in pages of 1000), subscribe
+# (1000 subscribers, 1000 writes/s), soak (SOAK_STREAMS idle streams: server
+# memory per stream, then exactly-once delivery to all of them).
+# Needs root or sudo the first time: installs etcd-server (and protoc, which
+# the etcd client crate's build needs) from Debian's packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+WORKLOADS=${WORKLOADS:-"push1 push100 pull subscribe soak"}
+DURATION=${DURATION:-10s}
+DOCS=${DOCS:-1000000}
+SOAK_STREAMS=${SOAK_STREAMS:-10000}
+
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+if ! command -v etcd > /dev/null || ! command -v protoc > /dev/null; then
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed apt-get install -y -qq etcd-server protobuf-compiler > /dev/null
+fi
+cargo build --release --features bench --quiet
+bench=./target/release/deltasync-bench
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2> /dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+results="$work/results.txt"
+: > "$results"
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+
+start_deltasync() {
+  local port; port=$(free_port)
+  ./target/release/deltasync --listen "127.0.0.1:$port" --data-dir "$work/ds-$1" --durability fsync > "$work/ds-$1.log" 2>&1 &
+  ds_pid=$!; pids+=("$ds_pid"); ds_url="http://127.0.0.1:$port"; wait_port "$port"
+}
+start_etcd() {
+  local port peer; port=$(free_port); peer=$(free_port)
+  # etcd fsyncs its WAL before acknowledging, like deltasync's default.
+  etcd --name bench --data-dir "$work/etcd-$1" --quota-backend-bytes 8589934592 \
+    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+    --initial-cluster "bench=http://127.0.0.1:$peer" > "$work/etcd-$1.log" 2>&1 &
+  etcd_pid=$!; pids+=("$etcd_pid"); etcd_url="http://127.0.0.1:$port"; wait_port "$port"
+}
+stop() { kill "$1" 2> /dev/null || true; wait "$1" 2> /dev/null || true; }
+
+args_for() {
+  case $1 in
+    push1) echo "push --clients 64 --batch 1 --body 256 --duration $DURATION" ;;
+    push100) echo "push --clients 16 --batch 100 --body 256 --duration $DURATION" ;;
+    pull) echo "pull --docs $DOCS --page 1000 --body 256" ;;
+    subscribe) echo "subscribe --subscribers 1000 --rate 1000 --body 256 --duration $DURATION --connections 10" ;;
+    soak) echo "soak --streams $SOAK_STREAMS --connections 100 --writes 100" ;;
+    *) echo "unknown workload $1" >&2; exit 1 ;;
+  esac
+}
+
+for run in $(seq 1 "$RUNS"); do
+  for w in $WORKLOADS; do
+    for target in deltasync etcd; do
+      id="$w-$target-$run"
+      if [ "$target" = deltasync ]; then start_deltasync "$id"; url=$ds_url; pid=$ds_pid; else start_etcd "$id"; url=$etcd_url; pid=$etcd_pid; fi
+      echo "== run $run/$RUNS: $w on $target" >&2
+      # shellcheck disable=SC2046
+      if line=$("$bench" --target "$target" --endpoint "$url" --server-pid "$pid" $(args_for "$w") | grep '^RESULT'); then
+        echo "run=$run name=$w $line" | tee -a "$results" >&2
+      else
+        echo "run=$run name=$w RESULT target=$target failed=1" | tee -a "$results" >&2
+      fi
+      stop "$pid"
+    done
+  done
+done
+
+echo
+echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(etcd --version | head -1); runs: $RUNS (medians)"
+python3 - "$results" << 'PY'
+import re, statistics, sys
+from collections import defaultdict
+rows = defaultdict(lambda: defaultdict(list))
+for line in open(sys.argv[1]):
+    kv = dict(re.findall(r"(\w+)=(\S+)", line))
+    if kv.get("failed"):
+        continue
+    target = kv["target"].lower()
+    for k, v in kv.items():
+        try:
+            rows[(kv["name"], target)][k].append(float(v))
+        except ValueError:
+            pass
+metrics = {
+    "push1": [("requests_per_s", "pushes/s", True), ("p99_us", "p99 µs", False)],
+    "push100": [("docs_per_s", "docs/s", True), ("p99_us", "p99 µs", False)],
+    "pull": [("docs_per_s", "docs/s", True)],
+    "subscribe": [("p50_us", "p50 µs", False), ("p99_us", "p99 µs", False), ("server_rss_kb", "server RSS kB", False)],
+    "soak": [("kb_per_stream", "server kB per idle stream", False), ("p99_us", "p99 µs", False)],
+}
+print(f"{'workload':<10} {'metric':<28} {'deltasync':>12} {'etcd':>12} {'ratio':>8}")
+for name, ms in metrics.items():
+    for key, label, higher in ms:
+        d = rows[(name, "deltasync")].get(key)
+        e = rows[(name, "etcd")].get(key)
+        if not d and not e:
+            continue
+        dm = statistics.median(d) if d else float("nan")
+        em = statistics.median(e) if e else float("nan")
+        ratio = (dm / em if higher else em / dm) if d and e and dm and em else float("nan")
+        print(f"{name:<10} {label:<28} {dm:>12.1f} {em:>12.1f} {ratio:>7.2f}x")
+print("ratio: how many times better deltasync is (throughput: ds/etcd; latency and memory: etcd/ds)")
+PY

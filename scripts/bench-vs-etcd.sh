@@ -4,6 +4,7 @@
 #
 #   scripts/bench-vs-etcd.sh                 # every workload, 3 runs
 #   RUNS=5 WORKLOADS="push1 pull" scripts/bench-vs-etcd.sh
+#   WORKLOADS=subscribe SUB_RATE=100 scripts/bench-vs-etcd.sh   # below saturation
 #
 # Workloads: push1 (64 clients, 1 mutation/push), push100 (16 clients, 100
 # mutations/push), pull (DOCS documents from 0 in pages of 1000), subscribe
@@ -58,7 +59,7 @@ args_for() {
     push1) echo "push --clients 64 --batch 1 --body 256 --duration $DURATION" ;;
     push100) echo "push --clients 16 --batch 100 --body 256 --duration $DURATION" ;;
     pull) echo "pull --docs $DOCS --page 1000 --body 256" ;;
-    subscribe) echo "subscribe --subscribers 1000 --rate 1000 --body 256 --duration $DURATION --connections 10" ;;
+    subscribe) echo "subscribe --subscribers 1000 --rate ${SUB_RATE:-1000} --body 256 --duration $DURATION --connections 10" ;;
     soak) echo "soak --streams $SOAK_STREAMS --connections 100 --writes 100" ;;
     *) echo "unknown workload $1" >&2; exit 1 ;;
   esac

@@ -81,6 +81,19 @@ impl Drop for Server {
     }
 }
 
+/// Client `c`'s mutation `id`: create its own document (base version 0).
+fn create(c: u64, id: u64) -> PushRequest {
+    PushRequest {
+        client_id: format!("client-{c}"),
+        mutations: vec![
+            put("crash", &format!("c{c}-m{id}"), json!({"c": c, "id": id}))
+                .base(0)
+                .id(id),
+        ],
+        atomic: false,
+    }
+}
+
 /// An acknowledged write: document id → (version, seq).
 type Acked = Arc<Mutex<HashMap<String, (u64, u64)>>>;
 
@@ -105,16 +118,7 @@ async fn acknowledged_pushes_survive_kill_9() {
             tasks.push(tokio::spawn(async move {
                 let mut id = first;
                 loop {
-                    let req = PushRequest {
-                        client_id: format!("client-{c}"),
-                        mutations: vec![
-                            put("crash", &format!("c{c}-m{id}"), json!({"c": c, "id": id}))
-                                .base(0)
-                                .id(id),
-                        ],
-                        atomic: false,
-                    };
-                    match client.push(req).await {
+                    match client.push(create(c, id)).await {
                         Ok(resp) => {
                             let doc = resp
                                 .into_inner()
@@ -197,17 +201,8 @@ async fn acknowledged_pushes_survive_kill_9() {
 
         // Retrying the unacknowledged ids never applies anything twice.
         for (c, id) in in_flight {
-            let req = PushRequest {
-                client_id: format!("client-{c}"),
-                mutations: vec![
-                    put("crash", &format!("c{c}-m{id}"), json!({"c": c, "id": id}))
-                        .base(0)
-                        .id(id),
-                ],
-                atomic: false,
-            };
             let result = client
-                .push(req)
+                .push(create(c, id))
                 .await
                 .unwrap()
                 .into_inner()

@@ -152,6 +152,11 @@ impl Planner<'_> {
     }
 }
 
+/// The moment before which data older than `keep` expires.
+fn cutoff(now: SystemTime, keep: Duration) -> SystemTime {
+    now.checked_sub(keep).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
 /// Delta-log entries to prune: superseded before `now - retention.history`,
 /// or beyond the newest `max_versions` of their document. An entry's
 /// supersede time is the time of the next version (a base stays available
@@ -162,9 +167,7 @@ fn plan_history(
     retention: &Retention,
     planner: &mut Planner<'_>,
 ) -> Result<(), StoreError> {
-    let cutoff = now
-        .checked_sub(retention.history)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let cutoff = cutoff(now, retention.history);
     let mut group: Vec<(Vec<u8>, SystemTime)> = Vec::new();
     let mut group_doc: Vec<u8> = Vec::new();
     for entry in trees.history.iter() {
@@ -235,9 +238,7 @@ fn plan_tombstones(
     retention: &Retention,
     planner: &mut Planner<'_>,
 ) -> Result<(), StoreError> {
-    let cutoff = now
-        .checked_sub(retention.tombstones)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let cutoff = cutoff(now, retention.tombstones);
     for entry in trees.changes.iter() {
         let (seq, key) = entry?;
         let seq = keys::parse_u64(&seq)

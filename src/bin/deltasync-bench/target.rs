@@ -40,7 +40,9 @@ impl Conn {
                     .await?;
                 Self::Deltasync(SyncServiceClient::new(channel).max_decoding_message_size(64 << 20))
             }
-            Kind::Etcd => Self::Etcd(Box::new(etcd_client::Client::connect([endpoint], None).await?)),
+            Kind::Etcd => Self::Etcd(Box::new(
+                etcd_client::Client::connect([endpoint], None).await?,
+            )),
         })
     }
 

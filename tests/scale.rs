@@ -206,3 +206,41 @@ async fn subscriber_limit() {
     }
     panic!("the closed stream's place was never freed");
 }
+
+/// Rule: --max-streams-per-connection caps concurrent streams on one HTTP/2
+/// connection: a third stream waits until one of the two open ones closes.
+#[tokio::test]
+async fn streams_per_connection_are_capped() {
+    let s = TestServer::start_with(|c| c.max_streams_per_connection = 2).await;
+    let mut c = s.connect().await;
+    let first = c
+        .subscribe(SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let _second = c
+        .subscribe(SubscribeRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut third = Box::pin(c.subscribe(SubscribeRequest::default()));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut third)
+            .await
+            .is_err(),
+        "a third concurrent stream on the connection must wait"
+    );
+    drop(first);
+    let opened = tokio::time::timeout(Duration::from_secs(10), third)
+        .await
+        .expect("opens once a stream closes");
+    assert!(opened.is_ok());
+    // Another connection is not affected by this one's streams.
+    assert!(
+        s.connect()
+            .await
+            .subscribe(SubscribeRequest::default())
+            .await
+            .is_ok()
+    );
+}

@@ -198,9 +198,10 @@ impl Subscription {
                             continue;
                         }
                         if commit.prev_head > self.delivered {
-                            // Never expected; if it happens, the index fills the hole.
+                            // Never expected; if it happens, the index fills the
+                            // hole *and* this commit (it is durable, so indexed).
                             self.mode = Mode::CatchUp {
-                                upto: commit.prev_head,
+                                upto: commit.head,
                                 announce: false,
                             };
                             continue;
@@ -233,5 +234,71 @@ impl Subscription {
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::{
+        Options,
+        model::{Mutation, Op, PushBatch, Strategy},
+    };
+
+    fn create(id: &str) -> PushBatch {
+        let op = Op::Put(crate::store::model::Body::new());
+        let m = Mutation {
+            mutation_id: 0,
+            collection: "c".into(),
+            id: id.into(),
+            base_version: None,
+            op,
+            strategy: Strategy::Reject,
+        };
+        PushBatch {
+            client_id: String::new(),
+            mutations: vec![m],
+            atomic: false,
+        }
+    }
+
+    /// Rule: a hole in the live ring (a commit that never arrived) is filled
+    /// from the index, including the commit that revealed the hole.
+    #[tokio::test]
+    async fn a_hole_in_the_ring_is_filled_from_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        store.push(create("a")).await.unwrap();
+        let mut sub = store.subscribe(Seq(0), CollectionFilter::default(), 100);
+        assert!(matches!(
+            sub.next().await.unwrap(),
+            FeedEvent::Changes { .. }
+        ));
+        assert!(matches!(
+            sub.next().await.unwrap(),
+            FeedEvent::CaughtUp { checkpoint: Seq(1) }
+        ));
+        store.push(create("b")).await.unwrap();
+        store.push(create("c")).await.unwrap();
+        // Lose the commit of "b" from this subscriber's ring.
+        let lost = sub.rx.recv().await.unwrap();
+        assert_eq!(lost.head, Seq(2));
+        let mut seen = Vec::new();
+        while sub.checkpoint() < Seq(3) {
+            let event = tokio::time::timeout(Duration::from_secs(5), sub.next())
+                .await
+                .expect("no stall")
+                .unwrap();
+            if let FeedEvent::Changes { docs, .. } = event {
+                seen.extend(docs.iter().map(|d| (d.id.clone(), d.seq)));
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![("b".to_string(), Seq(2)), ("c".to_string(), Seq(3))]
+        );
+        store.close().await;
     }
 }

@@ -198,7 +198,9 @@ impl Config {
 /// Default conflict strategies: per collection, else a global default.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ConflictPolicy {
+    /// Strategy for collections not named.
     default: Strategy,
+    /// Per-collection strategies.
     collections: HashMap<String, Strategy>,
 }
 

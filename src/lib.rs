@@ -16,10 +16,15 @@
 //! - [`service`]: one file per RPC; `service::convert` holds every proto ↔
 //!   domain conversion.
 //! - [`store`]: the typed sled store: keys, codec, the pure conflict check,
-//!   the push transaction, the group-commit writer, reads and the feed.
+//!   the push transaction, the group-commit writer, reads, the subscriber
+//!   feed (one broadcast ring, catch-up from the change index) and retention
+//!   (`store::compaction`).
 //! - [`error`]: the service-boundary error and its one mapping to `Status`.
 //! - [`telemetry`], [`shutdown`]: logging and signals.
 //! - [`pb`]: generated code.
+//!
+//! The benchmark binary `deltasync-bench` (`src/bin/deltasync-bench/`, built
+//! with `--features bench`) drives deltasync or etcd with the same workloads.
 
 pub mod config;
 pub mod error;

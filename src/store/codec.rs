@@ -80,6 +80,7 @@ pub struct Header {
     pub seq: Seq,
     /// Time of the change, µs since the Unix epoch.
     pub micros: u64,
+    /// Length of `updated_by`, which follows the header.
     by_len: u16,
 }
 

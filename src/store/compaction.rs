@@ -102,9 +102,13 @@ impl Store {
 
 /// Collects deletions and hands them to the writer a batch at a time.
 struct Planner<'a> {
+    /// Where batches are sent.
     store: &'a Store,
+    /// Deletions gathered since the last send.
     batch: Purge,
+    /// Totals so far.
     removed: Removed,
+    /// Keys per batch.
     limit: usize,
 }
 

@@ -36,6 +36,7 @@ pub struct Commit {
 /// The broadcast point: a cheap `Clone` handle.
 #[derive(Clone)]
 pub struct Feed {
+    /// State shared by the writer and every subscriber.
     shared: Arc<FeedShared>,
 }
 
@@ -129,12 +130,17 @@ enum Mode {
 
 /// One subscriber's cursor.
 pub struct Subscription {
+    /// Where catch-up pages are read.
     store: Store,
+    /// This subscriber's cursor into the shared ring.
     rx: broadcast::Receiver<Arc<Commit>>,
+    /// Collections it wants.
     filter: CollectionFilter,
     /// Every matching change with seq <= this has been yielded.
     delivered: Seq,
+    /// Reading the index or following the ring.
     mode: Mode,
+    /// Most documents per catch-up page (and message).
     page: usize,
 }
 

@@ -106,6 +106,7 @@ pub struct Trees {
 /// A cheap `Clone` handle to the store.
 #[derive(Clone)]
 pub struct Store {
+    /// Everything the clones share.
     shared: Arc<Shared>,
 }
 

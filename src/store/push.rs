@@ -73,14 +73,19 @@ pub fn apply_group(tx: &Tx<'_>, batches: &[&PushBatch], now: SystemTime) -> TxRe
 /// with the encoded record so the delta log can keep it without re-encoding.
 #[derive(Clone)]
 struct Stored {
+    /// The decoded state.
     doc: Document,
+    /// Its encoded record, as stored.
     record: Vec<u8>,
 }
 
 /// A write planned by one mutation, applied only once its batch may commit.
 struct Planned {
+    /// The document written.
     key: DocKey,
+    /// Its state before: moved to the delta log, its index entry removed.
     prev: Option<Stored>,
+    /// Its new state.
     next: Stored,
 }
 

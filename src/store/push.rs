@@ -51,16 +51,22 @@ pub fn apply_group(tx: &Tx<'_>, batches: &[&PushBatch], now: SystemTime) -> TxRe
     let prev_head = read_head(tx)?;
     let mut head = prev_head;
     let mut changes = Vec::new();
-    let mut outcomes = Vec::with_capacity(batches.len());
+    let mut applied = Vec::with_capacity(batches.len());
     for batch in batches {
-        outcomes.push(apply_batch(tx, batch, now, &mut head, &mut changes)?);
+        applied.push(apply_batch(tx, batch, now, &mut head, &mut changes)?);
     }
     if head != prev_head {
         tx.meta.insert(keys::META_HEAD, &head.0.to_be_bytes())?;
     }
-    for outcome in &mut outcomes {
-        outcome.checkpoint = head;
-    }
+    // Every push of the group reports the head once the group committed.
+    let outcomes = applied
+        .into_iter()
+        .map(|(results, last_mutation_id)| PushOutcome {
+            results,
+            last_mutation_id,
+            checkpoint: head,
+        })
+        .collect();
     Ok(GroupCommit {
         outcomes,
         changes,
@@ -95,7 +101,7 @@ fn apply_batch(
     now: SystemTime,
     head: &mut Seq,
     changes: &mut Vec<Document>,
-) -> TxResult<PushOutcome> {
+) -> TxResult<(Vec<MutationResult>, u64)> {
     let stored_last = match batch.client_id.as_str() {
         "" => 0,
         client => read_u64(tx.clients, keys::CLIENTS, client.as_bytes())?,
@@ -168,11 +174,7 @@ fn apply_batch(
                 r.document = read_doc(tx, &key)?.map(|s| s.doc);
             }
         }
-        return Ok(PushOutcome {
-            results,
-            last_mutation_id: stored_last,
-            checkpoint: start_head,
-        });
+        return Ok((results, stored_last));
     }
 
     for p in planned {
@@ -190,11 +192,7 @@ fn apply_batch(
         tx.clients
             .insert(batch.client_id.as_bytes(), &last.to_be_bytes())?;
     }
-    Ok(PushOutcome {
-        results,
-        last_mutation_id: last,
-        checkpoint: *head,
-    })
+    Ok((results, last))
 }
 
 /// Runs the version check and, for a stale base, the three-way field check.

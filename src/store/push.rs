@@ -95,6 +95,8 @@ struct Planned {
     next: Stored,
 }
 
+/// Applies one batch: its results and the client's last applied mutation id.
+/// An atomic batch with a conflict writes nothing and leaves `head` as it was.
 fn apply_batch(
     tx: &Tx<'_>,
     batch: &PushBatch,

@@ -117,14 +117,7 @@ async fn limit_defaults_and_caps() {
         (page.documents.len(), page.has_more, page.checkpoint),
         (5, true, 5)
     );
-    let page = c
-        .pull(PullRequest {
-            since: 5,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let page = pull_page(&mut c, 5).await;
     assert_eq!(
         (page.documents.len(), page.has_more, page.checkpoint),
         (5, true, 10)
@@ -192,7 +185,7 @@ async fn pages_are_cut_to_the_message_cap() {
         )
         .await;
     }
-    let first = c.pull(PullRequest::default()).await.unwrap().into_inner();
+    let first = pull_page(&mut c, 0).await;
     assert_eq!(
         first.documents.len(),
         1,

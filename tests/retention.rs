@@ -166,14 +166,7 @@ async fn tombstones_are_purged_and_old_checkpoints_refused() {
 
     // Past history retention but not tombstone retention: still served.
     ahead.store(HOUR + 60, Ordering::Relaxed);
-    let page = c
-        .pull(PullRequest {
-            since: old_checkpoint,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let page = pull_page(&mut c, old_checkpoint).await;
     assert_eq!(page.documents.len(), 1);
 
     ahead.store(2 * HOUR + 60, Ordering::Relaxed);
@@ -201,16 +194,9 @@ async fn tombstones_are_purged_and_old_checkpoints_refused() {
     assert_compacted(&err, 3);
 
     // At or past the horizon, and from 0, everything still works.
-    let page = c
-        .pull(PullRequest {
-            since: 3,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let page = pull_page(&mut c, 3).await;
     assert_eq!((page.documents.len(), page.checkpoint), (0, 3));
-    let page = c.pull(PullRequest::default()).await.unwrap().into_inner();
+    let page = pull_page(&mut c, 0).await;
     let ids: Vec<_> = page.documents.iter().map(|d| d.id.as_str()).collect();
     assert_eq!(
         ids,
@@ -310,11 +296,7 @@ async fn lagging_subscriber_behind_a_purge_gets_out_of_range() {
         .await
         .unwrap();
     let mut slow = pb::sync_service_client::SyncServiceClient::new(channel);
-    let mut stream = slow
-        .subscribe(SubscribeRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_stream(&mut slow, 0).await;
     assert!(matches!(
         stream.message().await.unwrap().unwrap().event,
         Some(Event::Progress(_))

@@ -179,16 +179,8 @@ async fn dropped_connection_resumes_from_checkpoint() {
 async fn subscriber_limit() {
     let s = TestServer::start_with(|c| c.max_subscribers = 2).await;
     let mut c = s.client.clone();
-    let first = c
-        .subscribe(SubscribeRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let _second = c
-        .subscribe(SubscribeRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let first = open_stream(&mut c, 0).await;
+    let _second = open_stream(&mut c, 0).await;
     let err = c.subscribe(SubscribeRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(
@@ -213,16 +205,8 @@ async fn subscriber_limit() {
 async fn streams_per_connection_are_capped() {
     let s = TestServer::start_with(|c| c.max_streams_per_connection = 2).await;
     let mut c = s.connect().await;
-    let first = c
-        .subscribe(SubscribeRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let _second = c
-        .subscribe(SubscribeRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let first = open_stream(&mut c, 0).await;
+    let _second = open_stream(&mut c, 0).await;
     let mut third = Box::pin(c.subscribe(SubscribeRequest::default()));
     assert!(
         tokio::time::timeout(Duration::from_millis(300), &mut third)

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use deltasync::pb::{Outcome, PullRequest};
+use deltasync::pb::Outcome;
 use serde_json::json;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -56,7 +56,7 @@ async fn restart_keeps_data_seq_and_client_ids() {
     )
     .await;
     assert_eq!(outcome(&merged), Outcome::Merged);
-    let page = c.pull(PullRequest::default()).await.unwrap().into_inner();
+    let page = pull_page(&mut c, 0).await;
     assert_eq!(page.documents.len(), 3);
 }
 

@@ -147,7 +147,7 @@ async fn every_invalid_mutation_is_refused_whole() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     // The store is still empty: nothing was half-applied.
-    let page = c.pull(PullRequest::default()).await.unwrap().into_inner();
+    let page = pull_page(&mut c, 0).await;
     assert_eq!((page.documents.len(), page.checkpoint), (0, 0));
 }
 

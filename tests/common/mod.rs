@@ -227,3 +227,24 @@ pub async fn get(client: &mut Client, collection: &str, id: &str) -> Option<pb::
 pub fn outcome(r: &pb::MutationResult) -> pb::Outcome {
     pb::Outcome::try_from(r.outcome).expect("known outcome")
 }
+
+/// A Subscribe stream from `since` (all collections).
+pub async fn open_stream(
+    client: &mut Client,
+    since: u64,
+) -> tonic::Streaming<pb::SubscribeResponse> {
+    let req = pb::SubscribeRequest {
+        since,
+        ..Default::default()
+    };
+    client.subscribe(req).await.expect("subscribe").into_inner()
+}
+
+/// One Pull page from `since` (all collections, default limit).
+pub async fn pull_page(client: &mut Client, since: u64) -> pb::PullResponse {
+    let req = pb::PullRequest {
+        since,
+        ..Default::default()
+    };
+    client.pull(req).await.expect("pull").into_inner()
+}

@@ -288,14 +288,7 @@ async fn lagging_subscriber_behind_a_purge_gets_out_of_range() {
     .await;
     let mut c = s.client.clone();
     // A reader with a small receive window stops the server sending early.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", s.addr))
-        .unwrap()
-        .initial_stream_window_size(Some(16 * 1024))
-        .initial_connection_window_size(Some(16 * 1024))
-        .connect()
-        .await
-        .unwrap();
-    let mut slow = pb::sync_service_client::SyncServiceClient::new(channel);
+    let mut slow = s.connect_small_window().await;
     let mut stream = open_stream(&mut slow, 0).await;
     assert!(matches!(
         stream.message().await.unwrap().unwrap().event,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::*;
 use deltasync::pb::{self, SubscribeRequest, subscribe_response::Event};
 use serde_json::json;
-use tonic::{Code, Streaming, transport::Endpoint};
+use tonic::{Code, Streaming};
 
 const WRITERS: u64 = 4;
 const PUSHES: u64 = 100;
@@ -68,17 +68,6 @@ async fn drain(
     (seqs, checkpoint)
 }
 
-async fn small_window_client(s: &TestServer) -> Client {
-    let channel = Endpoint::from_shared(format!("http://{}", s.addr))
-        .unwrap()
-        .initial_stream_window_size(Some(16 * 1024))
-        .initial_connection_window_size(Some(16 * 1024))
-        .connect()
-        .await
-        .unwrap();
-    pb::sync_service_client::SyncServiceClient::new(channel)
-}
-
 /// Rule: a subscriber that stops reading blocks neither the writers nor the
 /// other subscribers, and still receives every seq exactly once, in order,
 /// once it reads again (it catches up from the change index).
@@ -91,12 +80,7 @@ async fn slow_subscriber_does_not_throttle_writers_or_lose_changes() {
     })
     .await;
     let c = s.client.clone();
-    let mut slow = small_window_client(&s)
-        .await
-        .subscribe(SubscribeRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
+    let mut slow = open_stream(&mut s.connect_small_window().await, 0).await;
     let mut fast = Vec::new();
     for _ in 0..3 {
         fast.push(

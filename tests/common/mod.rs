@@ -84,6 +84,19 @@ impl TestServer {
         connect(self.addr).await
     }
 
+    /// A client whose HTTP/2 receive window is only 16 KiB, so the server
+    /// must stop sending to it early: a deliberately slow reader.
+    pub async fn connect_small_window(&self) -> Client {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .initial_stream_window_size(Some(16 * 1024))
+            .initial_connection_window_size(Some(16 * 1024))
+            .connect()
+            .await
+            .expect("connect");
+        SyncServiceClient::new(channel)
+    }
+
     /// Shuts the server down gracefully and waits for it to exit.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {

@@ -167,6 +167,13 @@ impl Config {
         if self.heartbeat_interval.is_zero() {
             return Err("--heartbeat-interval must be positive".into());
         }
+        if self.max_body_bytes.saturating_add(MESSAGE_OVERHEAD_BYTES) > self.max_request_bytes {
+            return Err(format!(
+                "--max-body-bytes ({}) plus {MESSAGE_OVERHEAD_BYTES} bytes of overhead must fit in --max-request-bytes ({}), \
+                 so that a push of the largest body is accepted",
+                self.max_body_bytes, self.max_request_bytes
+            ));
+        }
         if self.max_body_bytes.saturating_add(MESSAGE_OVERHEAD_BYTES) > self.max_message_bytes {
             return Err(format!(
                 "--max-body-bytes ({}) plus {MESSAGE_OVERHEAD_BYTES} bytes of overhead must fit in --max-message-bytes ({}), \
@@ -279,6 +286,9 @@ mod tests {
         let mut c = Config::for_data_dir("x");
         assert_eq!(c.validate(), Ok(()));
         c.max_body_bytes = c.max_message_bytes;
-        assert!(c.validate().is_err());
+        assert!(c.validate().unwrap_err().contains("--max-message-bytes"));
+        let mut c = Config::for_data_dir("x");
+        c.max_request_bytes = c.max_body_bytes;
+        assert!(c.validate().unwrap_err().contains("--max-request-bytes"));
     }
 }

@@ -228,3 +228,47 @@ impl RawStrategy for pb::Mutation {
         self
     }
 }
+
+/// Rule: Get has no pages, so a response that would exceed the message cap
+/// is refused whole with RESOURCE_EXHAUSTED rather than failing in transport.
+#[tokio::test]
+async fn oversized_get_is_refused_clearly() {
+    let s = TestServer::start_with(|c| {
+        c.max_message_bytes = 64 * 1024;
+        c.max_body_bytes = 40 * 1024;
+    })
+    .await;
+    let mut c = s.client.clone();
+    let big = "g".repeat(30 * 1024);
+    push(
+        &mut c,
+        "",
+        (0..3)
+            .map(|i| put("blobs", &i.to_string(), json!({"d": big})))
+            .collect(),
+    )
+    .await;
+    let one = c
+        .get(GetRequest {
+            collection: "blobs".into(),
+            ids: vec!["0".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.documents.len(), 1);
+    let ids = (0..3).map(|i| i.to_string()).collect();
+    let err = c
+        .get(GetRequest {
+            collection: "blobs".into(),
+            ids,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("ask for fewer ids"),
+        "{}",
+        err.message()
+    );
+}

@@ -1,5 +1,7 @@
 //! Get: current documents by id.
 
+use prost::Message;
+
 use super::{SyncApi, convert, validate};
 use crate::{error::Error, pb};
 
@@ -20,7 +22,15 @@ pub async fn handle(api: &SyncApi, req: pb::GetRequest) -> Result<pb::GetRespons
         validate::id(format_args!("ids[{i}]"), id)?;
     }
     let docs = api.store.get(req.collection, req.ids).await?;
-    Ok(pb::GetResponse {
-        documents: docs.into_iter().map(convert::owned_document).collect(),
-    })
+    let documents: Vec<pb::Document> = docs.into_iter().map(convert::owned_document).collect();
+    // Get has no pages: a response over the cap is refused whole, clearly.
+    let size: usize = documents.iter().map(|d| d.encoded_len() + 8).sum();
+    if size > api.settings.message_budget {
+        return Err(Error::ResourceExhausted(format!(
+            "the {} documents found are {size} bytes encoded, over the {} bytes a response may carry; ask for fewer ids",
+            documents.len(),
+            api.settings.message_budget
+        )));
+    }
+    Ok(pb::GetResponse { documents })
 }

@@ -33,6 +33,8 @@ async fn server(
             c.tombstone_retention = Duration::from_secs(2 * HOUR);
             c.history_max_versions = 3;
             c.compaction_interval = Duration::from_millis(20);
+            // Tiny batches: every round spans several writer batches.
+            c.compaction_batch = 2;
             configure(c);
         },
         options,

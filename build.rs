@@ -18,6 +18,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("deltasync_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Bodies stay in their wire encoding end to end (see `store::body`).
+    tonic_prost_build::configure()
+        .extern_path(
+            ".google.protobuf.Struct",
+            "crate::store::model::EncodedBody",
+        )
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -4,7 +4,10 @@
 mod common;
 
 use common::*;
-use deltasync::pb::{self, GetRequest, PullRequest, PushRequest, SubscribeRequest};
+use deltasync::{
+    pb::{self, GetRequest, PullRequest, PushRequest, SubscribeRequest},
+    store::model::EncodedBody,
+};
 use prost_types::{Struct, Value, value::Kind};
 use serde_json::json;
 use tonic::Code;
@@ -133,10 +136,22 @@ async fn every_invalid_mutation_is_refused_whole() {
     let m = pb::Mutation {
         collection: "todos".into(),
         id: "x".into(),
-        op: Some(pb::mutation::Op::Put(nan)),
+        op: Some(pb::mutation::Op::Put(EncodedBody::from_struct(&nan))),
         ..Default::default()
     };
     refused(&mut c, "", vec![m], "mutations[1].put.n").await;
+
+    // A well-framed Struct entry whose contents are not a map entry: the
+    // server keeps bodies in their wire form, so it must still check them.
+    let garbage = <EncodedBody as prost::Message>::decode(&[0x0a, 0x02, 0xff, 0xff][..])
+        .expect("framing is valid");
+    let m = pb::Mutation {
+        collection: "todos".into(),
+        id: "x".into(),
+        op: Some(pb::mutation::Op::Patch(garbage)),
+        ..Default::default()
+    };
+    refused(&mut c, "", vec![m], "mutations[1].patch").await;
 
     let err = c
         .push(PushRequest {

@@ -3,104 +3,12 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::Message;
-use prost_types::{ListValue, Struct, Timestamp, Value as PbValue, value::Kind};
-use serde_json::{Number, Value};
+use prost_types::Timestamp;
 
 use crate::{
     pb,
-    store::model::{Body, Document, Outcome, Strategy},
+    store::model::{Document, Outcome, Strategy},
 };
-
-/// A proto `Struct` as a JSON object. Fails (naming the path) on a value
-/// without a kind or a non-finite number, which JSON cannot hold.
-pub fn struct_to_body(s: Struct, path: &str) -> Result<Body, String> {
-    s.fields
-        .into_iter()
-        .map(|(k, v)| {
-            let value = value_to_json(v, &format!("{path}.{k}"))?;
-            Ok((k, value))
-        })
-        .collect()
-}
-
-fn value_to_json(v: PbValue, path: &str) -> Result<Value, String> {
-    Ok(match v.kind {
-        None => return Err(format!("{path}: value has no kind")),
-        Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(b),
-        Some(Kind::StringValue(s)) => Value::String(s),
-        Some(Kind::NumberValue(n)) => Value::Number(
-            number(n).ok_or_else(|| format!("{path}: number must be finite, got {n}"))?,
-        ),
-        Some(Kind::StructValue(s)) => Value::Object(struct_to_body(s, path)?),
-        Some(Kind::ListValue(l)) => Value::Array(
-            l.values
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| value_to_json(v, &format!("{path}[{i}]")))
-                .collect::<Result<_, _>>()?,
-        ),
-    })
-}
-
-/// Largest integer an f64 holds exactly (2^53).
-const MAX_EXACT_INT: f64 = 9_007_199_254_740_992.0;
-
-/// A finite f64 as JSON; whole numbers become JSON integers, so `1` stays `1`.
-fn number(n: f64) -> Option<Number> {
-    if n.fract() == 0.0 && n.abs() <= MAX_EXACT_INT {
-        // Exact: n is whole and within ±2^53, so the cast loses nothing.
-        #[allow(clippy::cast_possible_truncation)]
-        return Some(Number::from(n as i64));
-    }
-    Number::from_f64(n)
-}
-
-/// A JSON object as a proto `Struct`, moving its strings.
-pub fn body_into_struct(body: Body) -> Struct {
-    Struct {
-        fields: body
-            .into_iter()
-            .map(|(k, v)| (k, json_into_value(v)))
-            .collect(),
-    }
-}
-
-fn json_into_value(v: Value) -> PbValue {
-    let kind = match v {
-        Value::String(s) => Kind::StringValue(s),
-        Value::Array(items) => Kind::ListValue(ListValue {
-            values: items.into_iter().map(json_into_value).collect(),
-        }),
-        Value::Object(map) => Kind::StructValue(body_into_struct(map)),
-        scalar => return json_to_value(&scalar),
-    };
-    PbValue { kind: Some(kind) }
-}
-
-/// A JSON object as a proto `Struct`.
-pub fn body_to_struct(body: &Body) -> Struct {
-    Struct {
-        fields: body
-            .iter()
-            .map(|(k, v)| (k.clone(), json_to_value(v)))
-            .collect(),
-    }
-}
-
-fn json_to_value(v: &Value) -> PbValue {
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(items) => Kind::ListValue(ListValue {
-            values: items.iter().map(json_to_value).collect(),
-        }),
-        Value::Object(map) => Kind::StructValue(body_to_struct(map)),
-    };
-    PbValue { kind: Some(kind) }
-}
 
 /// A domain document as sent on the wire.
 pub fn document(doc: &Document) -> pb::Document {
@@ -108,7 +16,7 @@ pub fn document(doc: &Document) -> pb::Document {
         collection: doc.collection.clone(),
         id: doc.id.clone(),
         version: doc.version.0,
-        body: (!doc.deleted).then(|| body_to_struct(&doc.body)),
+        body: (!doc.deleted).then(|| doc.body.clone()),
         deleted: doc.deleted,
         seq: doc.seq.0,
         updated_at: Some(timestamp(doc.updated_at)),
@@ -118,7 +26,7 @@ pub fn document(doc: &Document) -> pb::Document {
 
 /// As [`document`], moving the strings and the body out of an owned document.
 pub fn owned_document(doc: Document) -> pb::Document {
-    let body = (!doc.deleted).then(|| body_into_struct(doc.body));
+    let body = (!doc.deleted).then_some(doc.body);
     pb::Document {
         collection: doc.collection,
         id: doc.id,
@@ -187,36 +95,6 @@ pub fn fit(docs: impl IntoIterator<Item = pb::Document>, budget: usize) -> Vec<V
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn struct_round_trips_through_json() {
-        let body: Body =
-            serde_json::from_str(r#"{"a":1.5,"b":[true,null,"x"],"c":{"d":-2}}"#).unwrap();
-        let back = struct_to_body(body_to_struct(&body), "put").unwrap();
-        assert_eq!(back, body);
-    }
-
-    #[test]
-    fn owned_and_borrowed_conversions_agree() {
-        let body: Body =
-            serde_json::from_str(r#"{"s":"x","l":[1,"y",{"z":null}],"o":{"b":false}}"#).unwrap();
-        assert_eq!(body_into_struct(body.clone()), body_to_struct(&body));
-    }
-
-    #[test]
-    fn non_finite_numbers_and_empty_values_are_refused_with_their_path() {
-        let mut s = Struct::default();
-        s.fields.insert(
-            "n".into(),
-            PbValue {
-                kind: Some(Kind::NumberValue(f64::NAN)),
-            },
-        );
-        assert!(struct_to_body(s, "put").unwrap_err().starts_with("put.n:"));
-        let mut s = Struct::default();
-        s.fields.insert("k".into(), PbValue { kind: None });
-        assert!(struct_to_body(s, "put").unwrap_err().contains("no kind"));
-    }
 
     #[test]
     fn fit_cuts_by_bytes_but_never_drops_a_document() {

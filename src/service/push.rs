@@ -6,7 +6,7 @@ use super::{SyncApi, convert, validate};
 use crate::{
     error::Error,
     pb,
-    store::model::{Mutation, Op, PushBatch, Version},
+    store::model::{Body, EncodedBody, Mutation, Op, PushBatch, Version},
 };
 
 /// Handles one Push.
@@ -126,17 +126,13 @@ fn decode(api: &SyncApi, req: pb::PushRequest) -> Result<PushBatch, Error> {
     })
 }
 
-fn body_of(
-    max: usize,
-    body: prost_types::Struct,
-    field: &str,
-) -> Result<crate::store::model::Body, Error> {
-    let size = body.encoded_len();
+fn body_of(max: usize, body: EncodedBody, field: &str) -> Result<Body, Error> {
+    let size = body.len();
     if size > max {
         return Err(Error::invalid(
             field,
             format!("body is {size} bytes encoded; the limit is {max}"),
         ));
     }
-    convert::struct_to_body(body, field).map_err(Error::InvalidArgument)
+    body.to_json(field).map_err(Error::InvalidArgument)
 }

@@ -2,18 +2,23 @@
 //! [`keys::HISTORY`](super::keys::HISTORY).
 //!
 //! Layout: `[format: u8][deleted: u8][version: u64][seq: u64][updated_at µs:
-//! u64][updated_by len: u16][updated_by][body: JSON]`, numbers big-endian.
-//! Collection and id are in the key, so they are not repeated here.
+//! u64][updated_by len: u16][updated_by][body]`, numbers big-endian.
+//! Collection and id are in the key, so they are not repeated here. The body
+//! is an [`EncodedBody`] (format 2), served without re-encoding; records of
+//! format 1 hold it as JSON and are still read.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{
     error::StoreError,
     keys::DocKey,
-    model::{Body, Document, Seq, Version},
+    model::{Body, Document, EncodedBody, Seq, Version},
 };
 
-const FORMAT: u8 = 1;
+/// The format written.
+const FORMAT: u8 = 2;
+/// The first format: the body as JSON.
+const FORMAT_JSON: u8 = 1;
 const HEADER: usize = 1 + 1 + 8 + 8 + 8 + 2;
 
 /// Encodes a document state. Fails only if `updated_by` is longer than the
@@ -24,7 +29,7 @@ pub fn encode(doc: &Document) -> Result<Vec<u8>, StoreError> {
         .updated_at
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-    let mut out = Vec::with_capacity(HEADER + doc.updated_by.len() + 64);
+    let mut out = Vec::with_capacity(HEADER + doc.updated_by.len() + doc.body.len());
     out.push(FORMAT);
     out.push(u8::from(doc.deleted));
     out.extend_from_slice(&doc.version.0.to_be_bytes());
@@ -33,8 +38,7 @@ pub fn encode(doc: &Document) -> Result<Vec<u8>, StoreError> {
     out.extend_from_slice(&by_len.to_be_bytes());
     out.extend_from_slice(doc.updated_by.as_bytes());
     if !doc.deleted {
-        serde_json::to_writer(&mut out, &doc.body)
-            .map_err(|e| StoreError::corrupt("docs", e.to_string()))?;
+        out.extend_from_slice(doc.body.as_bytes());
     }
     Ok(out)
 }
@@ -52,10 +56,14 @@ pub fn decode(tree: &'static str, key: &DocKey, bytes: &[u8]) -> Result<Document
         .ok_or_else(|| StoreError::corrupt(tree, "short record"))?;
     let updated_by = std::str::from_utf8(by)
         .map_err(|_| StoreError::corrupt(tree, "updated_by is not UTF-8"))?;
-    let body: Body = if header.deleted || body.is_empty() {
-        Body::new()
+    let body = if header.deleted || body.is_empty() {
+        EncodedBody::default()
+    } else if header.format == FORMAT_JSON {
+        let json: Body =
+            serde_json::from_slice(body).map_err(|e| StoreError::corrupt(tree, e.to_string()))?;
+        EncodedBody::encode(&json)
     } else {
-        serde_json::from_slice(body).map_err(|e| StoreError::corrupt(tree, e.to_string()))?
+        EncodedBody::from_stored(body)
     };
     Ok(Document {
         collection: collection.to_owned(),
@@ -72,6 +80,8 @@ pub fn decode(tree: &'static str, key: &DocKey, bytes: &[u8]) -> Result<Document
 /// The fixed-size part of a record, readable without parsing the body.
 #[derive(Debug, Clone, Copy)]
 pub struct Header {
+    /// Record format.
+    format: u8,
     /// Tombstone flag.
     pub deleted: bool,
     /// Version of the state.
@@ -96,7 +106,7 @@ pub fn decode_header(tree: &'static str, bytes: &[u8]) -> Result<Header, StoreEr
     let header: &[u8; HEADER] = bytes
         .first_chunk()
         .ok_or_else(|| StoreError::corrupt(tree, "short record"))?;
-    if header[0] != FORMAT {
+    if header[0] != FORMAT && header[0] != FORMAT_JSON {
         return Err(StoreError::corrupt(
             tree,
             format!("unknown record format {}", header[0]),
@@ -108,6 +118,7 @@ pub fn decode_header(tree: &'static str, bytes: &[u8]) -> Result<Header, StoreEr
         u64::from_be_bytes(b)
     };
     Ok(Header {
+        format: header[0],
         deleted: header[1] != 0,
         version: Version(u64_at(2)),
         seq: Seq(u64_at(10)),
@@ -129,10 +140,11 @@ mod tests {
             collection: "todos".into(),
             id: "1".into(),
             version: Version(3),
-            body: json!({"title": "t", "n": [1, 2.5, null]})
-                .as_object()
-                .unwrap()
-                .clone(),
+            body: EncodedBody::encode(
+                json!({"title": "t", "n": [1, 2.5, null]})
+                    .as_object()
+                    .unwrap(),
+            ),
             deleted: false,
             seq: Seq(9),
             updated_at: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
@@ -142,10 +154,29 @@ mod tests {
         assert_eq!(decode("docs", &key, &bytes).unwrap(), doc);
         let tomb = Document {
             deleted: true,
-            body: Body::new(),
+            body: EncodedBody::default(),
             ..doc
         };
         assert_eq!(decode("docs", &key, &encode(&tomb).unwrap()).unwrap(), tomb);
+    }
+
+    #[test]
+    fn format_1_records_with_json_bodies_are_still_read() {
+        let key = DocKey::new("todos", "1").unwrap();
+        let mut record = vec![FORMAT_JSON, 0];
+        for n in [4u64, 11, 1_700_000_000_000_000] {
+            record.extend_from_slice(&n.to_be_bytes());
+        }
+        record.extend_from_slice(&1u16.to_be_bytes());
+        record.extend_from_slice(b"c");
+        record.extend_from_slice(br#"{"a":[1,"x"]}"#);
+        let doc = decode("docs", &key, &record).unwrap();
+        assert_eq!((doc.version, doc.seq), (Version(4), Seq(11)));
+        assert_eq!(doc.updated_by, "c");
+        assert_eq!(
+            doc.body,
+            EncodedBody::encode(json!({"a": [1, "x"]}).as_object().unwrap())
+        );
     }
 
     #[test]
@@ -154,7 +185,7 @@ mod tests {
         for bytes in [
             &b""[..],
             b"\x01",
-            b"\x02aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            b"\x03aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
             &[1u8; 40],
         ] {
             assert!(decode("docs", &key, bytes).is_err());

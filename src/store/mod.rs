@@ -5,6 +5,7 @@
 //! through the single group-commit [`writer`]; reads go straight to sled.
 //! Callers only see domain types from [`model`].
 
+pub mod body;
 pub mod codec;
 pub mod compaction;
 pub mod conflict;

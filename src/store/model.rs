@@ -3,6 +3,8 @@
 
 use std::{fmt, time::SystemTime};
 
+pub use super::body::EncodedBody;
+
 /// A JSON object: the body of a document.
 pub type Body = serde_json::Map<String, serde_json::Value>;
 
@@ -36,8 +38,8 @@ pub struct Document {
     pub id: String,
     /// Version of this state.
     pub version: Version,
-    /// The body; empty for a tombstone.
-    pub body: Body,
+    /// The body, encoded; empty for a tombstone.
+    pub body: EncodedBody,
     /// True for a tombstone.
     pub deleted: bool,
     /// Seq of the change that produced this state.

@@ -14,7 +14,10 @@ use super::{
     conflict::{self, BaseCheck, Decision, NewState},
     error::StoreError,
     keys::{self, DocKey},
-    model::{Body, Document, MutationResult, Outcome, PushBatch, PushOutcome, Seq, Version},
+    model::{
+        Body, Document, EncodedBody, Mutation, MutationResult, Op, Outcome, PushBatch, PushOutcome,
+        Seq, Version,
+    },
 };
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
@@ -198,29 +201,47 @@ fn apply_batch(
 }
 
 /// Runs the version check and, for a stale base, the three-way field check.
+/// The current body is decoded only when a rule reads its fields.
 fn decide(
     tx: &Tx<'_>,
     key: &DocKey,
     current: Option<&Document>,
-    m: &super::model::Mutation,
+    m: &Mutation,
 ) -> TxResult<Decision> {
     let version = current.map_or(Version(0), |d| d.version);
     let deleted = current.is_none_or(|d| d.deleted);
-    let live_body = current.filter(|d| !d.deleted).map(|d| &d.body);
-    Ok(
-        match conflict::check_base(m.base_version, version, deleted) {
-            BaseCheck::Current => conflict::apply_direct(live_body, &m.op),
-            BaseCheck::Ahead => Decision {
-                outcome: Outcome::Conflict,
-                write: None,
-                conflicting_fields: Vec::new(),
-            },
-            BaseCheck::Stale(base) => {
-                let base_body = read_base(tx, key, base)?;
-                conflict::three_way(base_body.as_ref(), live_body, &m.op, m.strategy)
-            }
+    let live = current.filter(|d| !d.deleted);
+    let check = conflict::check_base(m.base_version, version, deleted);
+    let needs_fields = matches!(m.op, Op::Patch(_)) || matches!(check, BaseCheck::Stale(_));
+    let live_body = match live {
+        Some(d) if needs_fields => Some(decode_body(keys::DOCS, key, &d.body)?),
+        // A put or delete on a current base only asks whether it is live.
+        Some(_) => Some(Body::new()),
+        None => None,
+    };
+    Ok(match check {
+        BaseCheck::Current => conflict::apply_direct(live_body.as_ref(), &m.op),
+        BaseCheck::Ahead => Decision {
+            outcome: Outcome::Conflict,
+            write: None,
+            conflicting_fields: Vec::new(),
         },
-    )
+        BaseCheck::Stale(base) => {
+            let base_body = read_base(tx, key, base)?;
+            conflict::three_way(base_body.as_ref(), live_body.as_ref(), &m.op, m.strategy)
+        }
+    })
+}
+
+/// A stored body's fields; undecodable bytes mean a corrupt record.
+fn decode_body(tree: &'static str, key: &DocKey, body: &EncodedBody) -> TxResult<Body> {
+    body.to_json("body").map_err(|e| {
+        let doc = key
+            .parts()
+            .map(|(c, i)| format!("{c}/{i}"))
+            .unwrap_or_default();
+        ConflictableTransactionError::Abort(StoreError::corrupt(tree, format!("{doc}: {e}")))
+    })
 }
 
 /// The body at `version` from the delta log: version 0 is the empty object,
@@ -230,11 +251,11 @@ fn read_base(tx: &Tx<'_>, key: &DocKey, version: Version) -> TxResult<Option<Bod
         return Ok(Some(Body::new()));
     }
     match tx.history.get(key.history(version))? {
-        Some(bytes) => Ok(Some(
-            codec::decode(keys::HISTORY, key, &bytes)
-                .map_err(ConflictableTransactionError::Abort)?
-                .body,
-        )),
+        Some(bytes) => {
+            let doc = codec::decode(keys::HISTORY, key, &bytes)
+                .map_err(ConflictableTransactionError::Abort)?;
+            Ok(Some(decode_body(keys::HISTORY, key, &doc.body)?))
+        }
         None => Ok(None),
     }
 }
@@ -251,8 +272,8 @@ fn next_state(
         .parts()
         .ok_or(ConflictableTransactionError::Abort(StoreError::KeyTooLong))?;
     let (deleted, body) = match state {
-        NewState::Live(body) => (false, body),
-        NewState::Tombstone => (true, Body::new()),
+        NewState::Live(body) => (false, EncodedBody::encode(&body)),
+        NewState::Tombstone => (true, EncodedBody::default()),
     };
     let doc = Document {
         collection: collection.to_owned(),

@@ -9,8 +9,8 @@ use std::{net::SocketAddr, sync::Arc};
 use deltasync::{
     Config,
     pb::{self, sync_service_client::SyncServiceClient},
-    service::convert,
     store,
+    store::model::EncodedBody,
 };
 use serde_json::Value;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -135,10 +135,10 @@ async fn connect(addr: SocketAddr) -> Client {
         .expect("connect")
 }
 
-/// A proto Struct from a JSON object literal.
-pub fn body(v: Value) -> prost_types::Struct {
+/// A body (a proto Struct on the wire) from a JSON object literal.
+pub fn body(v: Value) -> EncodedBody {
     match v {
-        Value::Object(map) => convert::body_to_struct(&map),
+        Value::Object(map) => EncodedBody::encode(&map),
         other => panic!("a body must be a JSON object, got {other}"),
     }
 }
@@ -146,7 +146,7 @@ pub fn body(v: Value) -> prost_types::Struct {
 /// The JSON form of a document's body (`null` for a tombstone).
 pub fn json(doc: &pb::Document) -> Value {
     match &doc.body {
-        Some(s) => Value::Object(convert::struct_to_body(s.clone(), "body").expect("valid body")),
+        Some(b) => Value::Object(b.to_json("body").expect("valid body")),
         None => Value::Null,
     }
 }

@@ -3,7 +3,7 @@
 
 use deltasync::{
     pb::{self, subscribe_response::Event, sync_service_client::SyncServiceClient},
-    service::convert,
+    store::model::EncodedBody,
 };
 use etcd_client::{GetOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions};
 use tonic::{Streaming, transport::Channel};
@@ -51,7 +51,7 @@ impl Conn {
     pub async fn put(&mut self, keys: &[String], value: &str) -> Result<u64, Error> {
         match self {
             Self::Deltasync(c) => {
-                let body = convert::body_to_struct(
+                let body = EncodedBody::encode(
                     &serde_json::json!({ "v": value })
                         .as_object()
                         .cloned()

@@ -195,3 +195,40 @@ async fn pages_are_cut_to_the_message_cap() {
     let (docs, checkpoint, pages) = pull_all(&mut c, 0, &[], 1000).await;
     assert_eq!((docs.len(), checkpoint, pages), (8, 8, 8));
 }
+
+/// Rule: a Pull reflects every commit made before it, even though the
+/// server reads the next page ahead: a page read before a write is not
+/// served after it (here the rewritten document must leave the page and come
+/// back later at its new seq and version).
+#[tokio::test]
+async fn a_page_read_ahead_is_not_served_after_a_write() {
+    let s = TestServer::start().await;
+    let mut c = s.client.clone();
+    for id in ["a", "b", "c", "d", "e"] {
+        push_one(&mut c, "", put("todos", id, json!({"v": 1}))).await;
+    }
+    let page = |since| PullRequest {
+        since,
+        limit: 2,
+        ..Default::default()
+    };
+    for round in 0..20 {
+        let first = c.pull(page(0)).await.expect("pull").into_inner();
+        assert_eq!(first.checkpoint, 2, "a and b never change");
+        // The server now reads (checkpoint, head] ahead; rewrite "c" in it.
+        push_one(&mut c, "", put("todos", "c", json!({"v": round + 2}))).await;
+        let next = c
+            .pull(page(first.checkpoint))
+            .await
+            .expect("pull")
+            .into_inner();
+        let ids: Vec<&str> = next.documents.iter().map(|d| d.id.as_str()).collect();
+        assert!(
+            !ids.contains(&"c"),
+            "round {round}: stale c served: {ids:?}"
+        );
+        let (rest, _, _) = pull_all(&mut c, first.checkpoint, &[], 2).await;
+        let c_doc = rest.iter().find(|d| d.id == "c").expect("c comes later");
+        assert_eq!(json(c_doc), json!({"v": round + 2}));
+    }
+}

@@ -5,7 +5,7 @@ use crate::{
     config::DEFAULT_PULL_LIMIT,
     error::Error,
     pb,
-    store::{CollectionFilter, model::Seq},
+    store::{CollectionFilter, PageLimit, model::Seq},
 };
 
 /// Handles one Pull.
@@ -18,7 +18,10 @@ pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullRespo
         n => n,
     }
     .min(api.settings.pull_max_limit);
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let limit = PageLimit {
+        docs: usize::try_from(limit).unwrap_or(usize::MAX),
+        bytes: api.settings.message_budget,
+    };
     let page = api
         .store
         .pull(

@@ -14,7 +14,7 @@ use crate::{
     error::Error,
     pb::{self, subscribe_response::Event},
     shutdown::CancellationToken,
-    store::{CollectionFilter, FeedEvent, Subscription, model::Seq},
+    store::{CollectionFilter, FeedEvent, PageLimit, Subscription, model::Seq},
 };
 
 /// The response stream of one subscriber.
@@ -32,7 +32,10 @@ pub fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<SubscribeStrea
             api.settings.max_subscribers
         ))
     })?;
-    let page = usize::try_from(DEFAULT_PULL_LIMIT).unwrap_or(1000);
+    let page = PageLimit {
+        docs: usize::try_from(DEFAULT_PULL_LIMIT).unwrap_or(1000),
+        bytes: api.settings.message_budget,
+    };
     let subscription =
         api.store
             .subscribe(Seq(req.since), CollectionFilter::new(req.collections), page);

@@ -19,7 +19,7 @@ use super::{
     Store,
     error::StoreError,
     model::{Document, Seq},
-    pull::CollectionFilter,
+    pull::{CollectionFilter, PageLimit},
 };
 
 /// One group commit as subscribers see it.
@@ -140,12 +140,12 @@ pub struct Subscription {
     delivered: Seq,
     /// Reading the index or following the ring.
     mode: Mode,
-    /// Most documents per catch-up page (and message).
-    page: usize,
+    /// Most documents and bytes per catch-up page.
+    page: PageLimit,
 }
 
 impl Subscription {
-    pub(super) fn new(store: Store, since: Seq, filter: CollectionFilter, page: usize) -> Self {
+    pub(super) fn new(store: Store, since: Seq, filter: CollectionFilter, page: PageLimit) -> Self {
         let rx = store.feed().subscribe();
         let upto = store.feed().head();
         Self {
@@ -157,7 +157,10 @@ impl Subscription {
                 upto,
                 announce: true,
             },
-            page: page.max(1),
+            page: PageLimit {
+                docs: page.docs.max(1),
+                ..page
+            },
         }
     }
 
@@ -277,7 +280,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Options::default()).unwrap();
         store.push(create("a")).await.unwrap();
-        let mut sub = store.subscribe(Seq(0), CollectionFilter::default(), 100);
+        let page = PageLimit {
+            docs: 100,
+            bytes: usize::MAX,
+        };
+        let mut sub = store.subscribe(Seq(0), CollectionFilter::default(), page);
         assert!(matches!(
             sub.next().await.unwrap(),
             FeedEvent::Changes { .. }

@@ -15,6 +15,7 @@ pub mod keys;
 pub mod model;
 pub mod pull;
 pub mod push;
+pub mod readahead;
 pub mod writer;
 
 use std::{
@@ -29,11 +30,12 @@ use tokio::sync::{mpsc, oneshot};
 pub use self::{
     error::StoreError,
     feed::{FeedEvent, Subscription},
-    pull::CollectionFilter,
+    pull::{CollectionFilter, PageLimit},
 };
 use self::{
     feed::Feed,
     model::{Document, PullPage, PushBatch, PushOutcome, Seq},
+    readahead::ReadAhead,
     writer::{Command, Job, Writer},
 };
 
@@ -126,6 +128,8 @@ struct Shared {
     writer: mpsc::Sender<Command>,
     /// The writer thread, joined on close.
     writer_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Next pages of paged pulls, read while the current one is sent.
+    readahead: ReadAhead,
 }
 
 impl Store {
@@ -172,6 +176,7 @@ impl Store {
                 clock: options.clock,
                 writer: tx,
                 writer_thread: Mutex::new(Some(thread)),
+                readahead: ReadAhead::default(),
             }),
         })
     }
@@ -202,14 +207,28 @@ impl Store {
     }
 
     /// One page of documents changed after `since`, up to the current head.
+    /// If more remain, the next page is read ahead (see [`readahead`]).
     pub async fn pull(
         &self,
         since: Seq,
         filter: CollectionFilter,
-        limit: usize,
+        limit: PageLimit,
     ) -> Result<PullPage, StoreError> {
         let upto = self.head();
-        self.read_changes(since, upto, filter, limit).await
+        self.feed().check_horizon(since)?;
+        let page = match self.shared.readahead.take(since, upto, &filter, limit) {
+            Some(read) => joined(read.await),
+            None => joined(self.spawn_read(since, upto, filter.clone(), limit).await),
+        }?;
+        // After the read, so that a purge racing with it cannot go unnoticed.
+        self.feed().check_horizon(since)?;
+        if page.has_more {
+            let next = self.spawn_read(page.checkpoint, upto, filter.clone(), limit);
+            self.shared
+                .readahead
+                .keep(page.checkpoint, upto, filter, limit, next);
+        }
+        Ok(page)
     }
 
     /// Reads changes in `(since, upto]`. Fails with [`StoreError::Compacted`]
@@ -220,14 +239,24 @@ impl Store {
         since: Seq,
         upto: Seq,
         filter: CollectionFilter,
-        limit: usize,
+        limit: PageLimit,
     ) -> Result<PullPage, StoreError> {
         self.feed().check_horizon(since)?;
-        let trees = self.shared.trees.clone();
-        let page =
-            blocking(move || pull::read_changes(&trees, since, upto, &filter, limit)).await?;
+        let page = joined(self.spawn_read(since, upto, filter, limit).await)?;
         self.feed().check_horizon(since)?;
         Ok(page)
+    }
+
+    /// Starts reading changes in `(since, upto]` on the blocking pool.
+    fn spawn_read(
+        &self,
+        since: Seq,
+        upto: Seq,
+        filter: CollectionFilter,
+        limit: PageLimit,
+    ) -> tokio::task::JoinHandle<Result<PullPage, StoreError>> {
+        let trees = self.shared.trees.clone();
+        tokio::task::spawn_blocking(move || pull::read_changes(&trees, since, upto, &filter, limit))
     }
 
     /// Fails with [`StoreError::Compacted`] if `since` (not 0) is below the
@@ -257,7 +286,7 @@ impl Store {
     }
 
     /// A live feed of changes after `since`: backlog first, then live.
-    pub fn subscribe(&self, since: Seq, filter: CollectionFilter, page: usize) -> Subscription {
+    pub fn subscribe(&self, since: Seq, filter: CollectionFilter, page: PageLimit) -> Subscription {
         Subscription::new(self.clone(), since, filter, page)
     }
 
@@ -287,7 +316,14 @@ impl Store {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+    joined(tokio::task::spawn_blocking(f).await)
+}
+
+/// The result of a blocking read; a read that panicked is logged.
+fn joined<T>(
+    result: Result<Result<T, StoreError>, tokio::task::JoinError>,
+) -> Result<T, StoreError> {
+    result.unwrap_or_else(|e| {
         tracing::error!(cause = %e, "blocking read task failed");
         Err(StoreError::CommitFailed)
     })

@@ -10,7 +10,7 @@ use super::{
 };
 
 /// Which collections a reader wants; empty = all.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CollectionFilter(Option<Arc<HashSet<Vec<u8>>>>);
 
 impl CollectionFilter {
@@ -26,8 +26,18 @@ impl CollectionFilter {
     }
 }
 
-/// Reads documents changed in `(since, upto]`, in seq order, at most `limit`
-/// of them, each at its latest state.
+/// How much one page may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageLimit {
+    /// Most documents.
+    pub docs: usize,
+    /// Most bytes, estimated as sent (one document always fits, so a page
+    /// is never empty for want of room).
+    pub bytes: usize,
+}
+
+/// Reads documents changed in `(since, upto]`, in seq order, within `limit`,
+/// each at its latest state.
 ///
 /// The checkpoint is the seq of the last change examined; when every change
 /// up to `upto` has been examined it is `upto` itself, so filtered readers and
@@ -39,9 +49,10 @@ pub fn read_changes(
     since: Seq,
     upto: Seq,
     filter: &CollectionFilter,
-    limit: usize,
+    limit: PageLimit,
 ) -> Result<PullPage, StoreError> {
     let mut documents = Vec::new();
+    let mut bytes = 0;
     let mut checkpoint = since;
     if since >= upto {
         return Ok(PullPage {
@@ -56,13 +67,14 @@ pub fn read_changes(
         let seq = keys::parse_u64(&seq_bytes)
             .map(Seq)
             .ok_or_else(|| StoreError::corrupt(keys::CHANGES, "bad seq key"))?;
-        if documents.len() >= limit {
+        if documents.len() >= limit.docs {
             return Ok(PullPage {
                 documents,
                 checkpoint,
                 has_more: true,
             });
         }
+        let examined = checkpoint;
         checkpoint = seq;
         let collection = keys::collection_of(&key_bytes)
             .ok_or_else(|| StoreError::corrupt(keys::CHANGES, "bad document key"))?;
@@ -71,6 +83,16 @@ pub fn read_changes(
         }
         let key = DocKey::from_stored(&key_bytes);
         if let Some(doc) = read_if_at(trees, &key, seq)? {
+            let size = wire_size(&doc);
+            if !documents.is_empty() && bytes + size > limit.bytes {
+                // This one starts the next page.
+                return Ok(PullPage {
+                    documents,
+                    checkpoint: examined,
+                    has_more: true,
+                });
+            }
+            bytes += size;
             documents.push(doc);
         }
     }
@@ -79,6 +101,12 @@ pub fn read_changes(
         checkpoint: upto,
         has_more: false,
     })
+}
+
+/// About what `doc` takes in a response: its variable parts plus room for
+/// the fixed fields, tags and length prefixes.
+fn wire_size(doc: &Document) -> usize {
+    doc.body.len() + doc.collection.len() + doc.id.len() + doc.updated_by.len() + 64
 }
 
 /// The document under `key` if its latest change is still `seq`.

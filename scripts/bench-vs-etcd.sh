@@ -2,11 +2,12 @@
 # Runs the same workloads against deltasync and etcd on this machine, RUNS
 # times each with fresh servers and stores, and prints medians side by side.
 #
-#   scripts/bench-vs-etcd.sh                 # every workload, 3 runs
+#   scripts/bench-vs-etcd.sh                 # every workload, 3 runs (~30 min)
 #   RUNS=5 WORKLOADS="push1 pull" scripts/bench-vs-etcd.sh
 #   WORKLOADS=subscribe SUB_RATE=100 scripts/bench-vs-etcd.sh   # below saturation
 #
-# Workloads: push1 (64 clients, 1 mutation/push), push100 (16 clients, 100
+# Workloads: ping (64 clients calling grpc.health.v1 Check: the ceiling for
+# any unary call on this machine), push1 (64 clients, 1 mutation/push), push100 (16 clients, 100
 # mutations/push), pull (DOCS documents from 0 in pages of 1000), subscribe
 # (1000 subscribers, 1000 writes/s), soak (SOAK_STREAMS idle streams: server
 # memory per stream, then exactly-once delivery to all of them).
@@ -16,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
-WORKLOADS=${WORKLOADS:-"push1 push100 pull subscribe soak"}
+WORKLOADS=${WORKLOADS:-"ping push1 push100 pull subscribe soak"}
 DURATION=${DURATION:-10s}
 DOCS=${DOCS:-1000000}
 SOAK_STREAMS=${SOAK_STREAMS:-10000}
@@ -56,6 +57,7 @@ stop() { kill "$1" 2> /dev/null || true; wait "$1" 2> /dev/null || true; }
 
 args_for() {
   case $1 in
+    ping) echo "ping --clients 64 --duration $DURATION" ;;
     push1) echo "push --clients 64 --batch 1 --body 256 --duration $DURATION" ;;
     push100) echo "push --clients 16 --batch 100 --body 256 --duration $DURATION" ;;
     pull) echo "pull --docs $DOCS --page 1000 --body 256" ;;
@@ -99,6 +101,7 @@ for line in open(sys.argv[1]):
         except ValueError:
             pass
 metrics = {
+    "ping": [("calls_per_s", "health checks/s (ceiling)", True), ("p99_us", "p99 µs", False)],
     "push1": [("requests_per_s", "pushes/s", True), ("p99_us", "p99 µs", False)],
     "push100": [("docs_per_s", "docs/s", True), ("p99_us", "p99 µs", False)],
     "pull": [("docs_per_s", "docs/s", True)],

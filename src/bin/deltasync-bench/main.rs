@@ -51,6 +51,15 @@ enum Workload {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+    /// The ceiling for any unary call here: N concurrent clients, each on
+    /// its own connection as in `push`, calling `grpc.health.v1.Health/Check`
+    /// (which both servers answer without touching storage).
+    Ping {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
     /// Loads K documents (untimed), then reads them all from the start in pages.
     Pull {
         #[arg(long, default_value_t = 1_000_000)]
@@ -101,6 +110,7 @@ async fn main() -> Result<(), Error> {
             body,
             duration,
         } => push(&args, clients, batch, body, duration).await?,
+        Workload::Ping { clients, duration } => ping(&args, clients, duration).await?,
         Workload::Pull {
             docs,
             page,
@@ -128,8 +138,9 @@ async fn main() -> Result<(), Error> {
     Ok(())
 }
 
-fn value(body: usize) -> String {
-    "x".repeat(body)
+/// A `body`-byte value, built once per run (and once per encoding).
+fn value(body: usize) -> target::Value {
+    target::Value::new("x".repeat(body))
 }
 
 fn micros(d: Duration) -> u64 {
@@ -201,6 +212,41 @@ async fn push(
         "workload=push clients={clients} batch={batch} body={body} requests_per_s={:.0} docs_per_s={:.0} {}",
         requests as f64 / secs,
         docs as f64 / secs,
+        latency_fields(&all)
+    ))
+}
+
+async fn ping(args: &Args, clients: usize, duration: Duration) -> Result<String, Error> {
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mut health = target::health(&args.endpoint).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut h = histogram();
+            let mut n = 0usize;
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                health
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await?;
+                h.record(micros(sent.elapsed()))?;
+                n += 1;
+            }
+            Ok::<_, Error>((h, n))
+        }));
+    }
+    let mut all = histogram();
+    let mut calls = 0;
+    for t in tasks {
+        let (h, n) = t.await??;
+        all.add(h)?;
+        calls += n;
+    }
+    let per_s = calls as f64 / start.elapsed().as_secs_f64();
+    eprintln!("ping: {clients} clients: {per_s:.0} calls/s");
+    Ok(format!(
+        "workload=ping clients={clients} calls_per_s={per_s:.0} {}",
         latency_fields(&all)
     ))
 }

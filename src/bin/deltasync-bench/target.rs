@@ -7,6 +7,7 @@ use deltasync::{
 };
 use etcd_client::{GetOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions};
 use tonic::{Streaming, transport::Channel};
+use tonic_health::pb::health_client::HealthClient;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -23,10 +24,43 @@ pub enum Kind {
 const COLLECTION: &str = "bench";
 const PREFIX: &str = "bench/";
 
+/// A value to write, ready in each system's form, so that no run pays for
+/// building it per request.
+pub struct Value {
+    /// etcd's: the bytes themselves.
+    raw: String,
+    /// deltasync's: a document `{"v": raw}`.
+    body: EncodedBody,
+}
+
+impl Value {
+    pub fn new(raw: String) -> Self {
+        let doc = serde_json::json!({ "v": raw });
+        let body = EncodedBody::encode(doc.as_object().expect("an object literal"));
+        Self { raw, body }
+    }
+}
+
 /// One connection to the system under test.
 pub enum Conn {
     Deltasync(SyncServiceClient<Channel>),
     Etcd(Box<etcd_client::Client>),
+}
+
+/// A health client on its own connection; both systems serve
+/// `grpc.health.v1`, so the same client code measures either.
+pub async fn health(endpoint: &str) -> Result<HealthClient<Channel>, Error> {
+    Ok(HealthClient::new(channel(endpoint).await?))
+}
+
+/// A new HTTP/2 connection, with Nagle off as befits a latency-bound client.
+async fn channel(endpoint: &str) -> Result<Channel, Error> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+            .tcp_nodelay(true)
+            .connect()
+            .await?,
+    )
 }
 
 impl Conn {
@@ -34,10 +68,7 @@ impl Conn {
     pub async fn connect(kind: Kind, endpoint: &str) -> Result<Self, Error> {
         Ok(match kind {
             Kind::Deltasync => {
-                let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await?;
+                let channel = channel(endpoint).await?;
                 Self::Deltasync(SyncServiceClient::new(channel).max_decoding_message_size(64 << 20))
             }
             Kind::Etcd => Self::Etcd(Box::new(
@@ -48,15 +79,10 @@ impl Conn {
 
     /// Writes `keys`, each with a value of `value`, in one request (etcd:
     /// one Put, or one Txn of Puts for a batch). Returns the last seq/revision.
-    pub async fn put(&mut self, keys: &[String], value: &str) -> Result<u64, Error> {
+    pub async fn put(&mut self, keys: &[String], value: &Value) -> Result<u64, Error> {
         match self {
             Self::Deltasync(c) => {
-                let body = EncodedBody::encode(
-                    &serde_json::json!({ "v": value })
-                        .as_object()
-                        .cloned()
-                        .unwrap_or_default(),
-                );
+                let body = &value.body;
                 let mutations = keys
                     .iter()
                     .map(|k| pb::Mutation {
@@ -77,14 +103,14 @@ impl Conn {
             }
             Self::Etcd(c) => {
                 if let [key] = keys {
-                    let resp = c.put(format!("{PREFIX}{key}"), value, None).await?;
+                    let resp = c.put(format!("{PREFIX}{key}"), &*value.raw, None).await?;
                     return Ok(resp
                         .header()
                         .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0)));
                 }
                 let ops: Vec<TxnOp> = keys
                     .iter()
-                    .map(|k| TxnOp::put(format!("{PREFIX}{k}"), value, None))
+                    .map(|k| TxnOp::put(format!("{PREFIX}{k}"), &*value.raw, None))
                     .collect();
                 let resp = c.txn(Txn::new().and_then(ops)).await?;
                 Ok(resp

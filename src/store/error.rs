@@ -38,6 +38,9 @@ pub enum StoreError {
     /// The group commit failed; the writer logged the cause.
     #[error("commit failed")]
     CommitFailed,
+    /// A read task panicked; the cause is logged.
+    #[error("read failed")]
+    ReadFailed,
     /// The store is shutting down and takes no more writes.
     #[error("store is closed")]
     Closed,

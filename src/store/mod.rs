@@ -325,7 +325,7 @@ fn joined<T>(
 ) -> Result<T, StoreError> {
     result.unwrap_or_else(|e| {
         tracing::error!(cause = %e, "blocking read task failed");
-        Err(StoreError::CommitFailed)
+        Err(StoreError::ReadFailed)
     })
 }
 

@@ -1,5 +1,7 @@
 //! Domain types of the store. No proto types here: conversions live in
-//! `service::convert`.
+//! `service::convert`. A document's body travels as an [`EncodedBody`], the
+//! opaque stored form (see `store::body`); rules that read fields work on
+//! the JSON [`Body`].
 
 use std::{fmt, time::SystemTime};
 

@@ -5,6 +5,7 @@
 //! Each run prints one `RESULT key=value ...` line for the scripts, and a
 //! human summary on stderr.
 
+mod store;
 mod target;
 
 use std::{
@@ -28,8 +29,8 @@ struct Args {
     /// System under test.
     #[arg(long, value_enum, default_value_t = Kind::Deltasync)]
     target: Kind,
-    /// Its gRPC endpoint, e.g. http://127.0.0.1:50051.
-    #[arg(long)]
+    /// Its gRPC endpoint (not used by `store`).
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
     endpoint: String,
     /// The server's pid, to report its resident memory.
     #[arg(long)]
@@ -59,6 +60,19 @@ enum Workload {
         clients: usize,
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
+    },
+    /// sled alone, no server: the storage engine's floor for a push of new
+    /// documents (one writer thread, one flush per group), by layout.
+    Store {
+        #[arg(long, value_enum, default_value_t = store::Layout::Transaction)]
+        layout: store::Layout,
+        #[arg(long, default_value_t = 300_000)]
+        docs: u64,
+        /// Documents per group commit (push100's 16 clients x 100).
+        #[arg(long, default_value_t = 1600)]
+        group: u64,
+        #[arg(long, default_value_t = 300)]
+        body: usize,
     },
     /// Loads K documents (untimed), then reads them all from the start in pages.
     Pull {
@@ -111,6 +125,22 @@ async fn main() -> Result<(), Error> {
             duration,
         } => push(&args, clients, batch, body, duration).await?,
         Workload::Ping { clients, duration } => ping(&args, clients, duration).await?,
+        Workload::Store {
+            layout,
+            docs,
+            group,
+            body,
+        } => {
+            let dir =
+                std::env::temp_dir().join(format!("deltasync-bench-store-{}", std::process::id()));
+            let per_s = tokio::task::block_in_place(|| store::run(&dir, layout, docs, group, body));
+            let _ = std::fs::remove_dir_all(&dir);
+            let per_s = per_s?;
+            eprintln!("store: {layout:?}: {per_s:.0} docs/s");
+            format!(
+                "workload=store layout={layout:?} docs={docs} group={group} body={body} docs_per_s={per_s:.0}"
+            )
+        }
         Workload::Pull {
             docs,
             page,

@@ -216,17 +216,20 @@ impl Store {
     ) -> Result<PullPage, StoreError> {
         let upto = self.head();
         self.feed().check_horizon(since)?;
-        let page = match self.shared.readahead.take(since, upto, &filter, limit) {
-            Some(read) => joined(read.await),
-            None => joined(self.spawn_read(since, upto, filter.clone(), limit).await),
-        }?;
+        let read = match self.shared.readahead.take(since, upto, &filter, limit) {
+            Some(read) => read,
+            None => self.spawn_read(since, upto, filter.clone(), limit),
+        };
+        let page = joined(read.await)?;
         // After the read, so that a purge racing with it cannot go unnoticed.
         self.feed().check_horizon(since)?;
         if page.has_more {
-            let next = self.spawn_read(page.checkpoint, upto, filter.clone(), limit);
+            let next = page.checkpoint;
             self.shared
                 .readahead
-                .keep(page.checkpoint, upto, filter, limit, next);
+                .start(next, upto, filter.clone(), limit, || {
+                    self.spawn_read(next, upto, filter, limit)
+                });
         }
         Ok(page)
     }

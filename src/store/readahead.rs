@@ -10,10 +10,19 @@
 //! A page read ahead is used only if nothing was committed since it was
 //! started (the head is the same), so a Pull still reflects every commit
 //! acknowledged before it began. Pages read ahead for a head that has moved
-//! on are dropped. At most [`SLOTS`] pages wait at a time, each within the
-//! page limits (so within one response), so the memory held is bounded.
+//! on are dropped, and so are pages nobody came for within [`TTL`].
+//!
+//! At most [`SLOTS`] pages wait at a time, each within the page limits (so
+//! within one response), which bounds the memory held. When every slot is
+//! taken no new read starts: with more clients catching up at once than
+//! there are slots, evicting would make them throw away each other's reads
+//! and read every page twice.
 
-use std::{collections::VecDeque, sync::Mutex};
+use std::{
+    collections::VecDeque,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use tokio::task::JoinHandle;
 
@@ -24,7 +33,10 @@ use super::{
 };
 
 /// Most pages read ahead at once (one per client catching up concurrently).
-pub const SLOTS: usize = 8;
+pub const SLOTS: usize = 16;
+
+/// How long a page read ahead waits for its Pull.
+pub const TTL: Duration = Duration::from_secs(10);
 
 /// A read of `(since, upto]` under way or done.
 struct Slot {
@@ -38,16 +50,33 @@ struct Slot {
     limit: PageLimit,
     /// The read.
     page: JoinHandle<Result<PullPage, StoreError>>,
+    /// When it started.
+    started: Instant,
 }
 
 /// The pages read ahead, oldest first.
-#[derive(Default)]
 pub struct ReadAhead {
     /// Waiting reads; a lock held only to push or take one.
     slots: Mutex<VecDeque<Slot>>,
+    /// How long a read waits for its Pull.
+    ttl: Duration,
+}
+
+impl Default for ReadAhead {
+    fn default() -> Self {
+        Self::with_ttl(TTL)
+    }
 }
 
 impl ReadAhead {
+    /// Read-ahead whose pages wait at most `ttl` for their Pull.
+    pub fn with_ttl(ttl: Duration) -> Self {
+        Self {
+            slots: Mutex::new(VecDeque::new()),
+            ttl,
+        }
+    }
+
     /// The read of the page after `since` as of head `upto`, if one was
     /// started. Drops reads made for an older head: they can't be used.
     pub fn take(
@@ -65,28 +94,30 @@ impl ReadAhead {
         slots.remove(at).map(|s| s.page)
     }
 
-    /// Keeps a read that was just started; the oldest goes if all slots are
-    /// taken (its result is dropped when it finishes).
-    pub fn keep(
+    /// Starts reading the page after `since` as of head `upto` (with
+    /// `start`) if a slot is free, after dropping reads nobody came for.
+    pub fn start(
         &self,
         since: Seq,
         upto: Seq,
         filter: CollectionFilter,
         limit: PageLimit,
-        page: JoinHandle<Result<PullPage, StoreError>>,
+        start: impl FnOnce() -> JoinHandle<Result<PullPage, StoreError>>,
     ) {
         let Ok(mut slots) = self.slots.lock() else {
             return;
         };
+        slots.retain(|s| s.started.elapsed() < self.ttl);
         if slots.len() >= SLOTS {
-            slots.pop_front();
+            return;
         }
         slots.push_back(Slot {
             since,
             upto,
             filter,
             limit,
-            page,
+            page: start(),
+            started: Instant::now(),
         });
     }
 }
@@ -120,7 +151,7 @@ mod tests {
         let ahead = ReadAhead::default();
         let all = CollectionFilter::default();
         let todos = CollectionFilter::new(["todos".to_owned()]);
-        ahead.keep(Seq(5), Seq(9), all.clone(), limit(), read(7));
+        ahead.start(Seq(5), Seq(9), all.clone(), limit(), || read(7));
         assert!(ahead.take(Seq(4), Seq(9), &all, limit()).is_none());
         assert!(ahead.take(Seq(5), Seq(9), &todos, limit()).is_none());
         let other = PageLimit {
@@ -135,7 +166,7 @@ mod tests {
             "served once"
         );
 
-        ahead.keep(Seq(5), Seq(9), all.clone(), limit(), read(7));
+        ahead.start(Seq(5), Seq(9), all.clone(), limit(), || read(7));
         assert!(
             ahead.take(Seq(5), Seq(10), &all, limit()).is_none(),
             "head moved"
@@ -146,19 +177,42 @@ mod tests {
         );
     }
 
-    /// Rule: memory is bounded: past SLOTS reads, the oldest is dropped.
+    /// Rule: memory is bounded and no read is wasted: once SLOTS reads wait,
+    /// no new one starts, and the waiting ones are still served.
     #[tokio::test]
-    async fn at_most_slots_reads_wait() {
+    async fn a_full_set_of_slots_starts_nothing_new() {
         let ahead = ReadAhead::default();
         let all = CollectionFilter::default();
+        let mut started = 0;
         for since in 0..=SLOTS as u64 {
-            ahead.keep(Seq(since), Seq(100), all.clone(), limit(), read(since));
+            ahead.start(Seq(since), Seq(100), all.clone(), limit(), || {
+                started += 1;
+                read(since)
+            });
         }
-        assert!(ahead.take(Seq(0), Seq(100), &all, limit()).is_none());
+        assert_eq!(started, SLOTS);
+        assert!(ahead.take(Seq(0), Seq(100), &all, limit()).is_some());
         assert!(
             ahead
                 .take(Seq(SLOTS as u64), Seq(100), &all, limit())
-                .is_some()
+                .is_none()
         );
+    }
+
+    /// Rule: a page nobody came for is dropped after the TTL, freeing its slot.
+    #[tokio::test]
+    async fn unclaimed_reads_expire() {
+        let ahead = ReadAhead::with_ttl(Duration::ZERO);
+        let all = CollectionFilter::default();
+        for since in 0..SLOTS as u64 {
+            ahead.start(Seq(since), Seq(100), all.clone(), limit(), || read(since));
+        }
+        let mut started = false;
+        ahead.start(Seq(99), Seq(100), all.clone(), limit(), || {
+            started = true;
+            read(99)
+        });
+        assert!(started, "expired reads free their slots");
+        assert!(ahead.take(Seq(0), Seq(100), &all, limit()).is_none());
     }
 }

@@ -8,7 +8,8 @@
 #
 # Workloads: ping (64 clients calling grpc.health.v1 Check: the ceiling for
 # any unary call on this machine), push1 (64 clients, 1 mutation/push), push100 (16 clients, 100
-# mutations/push), pull (DOCS documents from 0 in pages of 1000), subscribe
+# mutations/push), pull (DOCS documents from 0 in pages of 1000), catchup
+# (DOCS documents on one Subscribe/Watch from the start), subscribe
 # (1000 subscribers, 1000 writes/s), soak (SOAK_STREAMS idle streams: server
 # memory per stream, then exactly-once delivery to all of them).
 # Needs root or sudo the first time: installs etcd-server (and protoc, which
@@ -17,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
-WORKLOADS=${WORKLOADS:-"ping push1 push100 pull subscribe soak"}
+WORKLOADS=${WORKLOADS:-"ping push1 push100 pull catchup subscribe soak"}
 DURATION=${DURATION:-10s}
 DOCS=${DOCS:-1000000}
 SOAK_STREAMS=${SOAK_STREAMS:-10000}
@@ -61,6 +62,7 @@ args_for() {
     push1) echo "push --clients 64 --batch 1 --body 256 --duration $DURATION" ;;
     push100) echo "push --clients 16 --batch 100 --body 256 --duration $DURATION" ;;
     pull) echo "pull --docs $DOCS --page 1000 --body 256" ;;
+    catchup) echo "catchup --docs $DOCS --body 256" ;;
     subscribe) echo "subscribe --subscribers 1000 --rate ${SUB_RATE:-1000} --body 256 --duration $DURATION --connections 10" ;;
     soak) echo "soak --streams $SOAK_STREAMS --connections 100 --writes 100" ;;
     *) echo "unknown workload $1" >&2; exit 1 ;;
@@ -105,6 +107,7 @@ metrics = {
     "push1": [("requests_per_s", "pushes/s", True), ("p99_us", "p99 µs", False)],
     "push100": [("docs_per_s", "docs/s", True), ("p99_us", "p99 µs", False)],
     "pull": [("docs_per_s", "docs/s", True)],
+    "catchup": [("docs_per_s", "docs/s on one stream from 0", True)],
     "subscribe": [("p50_us", "p50 µs", False), ("p99_us", "p99 µs", False), ("server_rss_kb", "server RSS kB", False)],
     "soak": [("kb_per_stream", "server kB per idle stream", False), ("p99_us", "p99 µs", False)],
 }

@@ -74,6 +74,14 @@ enum Workload {
         #[arg(long, default_value_t = 300)]
         body: usize,
     },
+    /// Loads K documents (untimed), then one Subscribe/Watch from the start
+    /// receives them all: how fast a replica catches up.
+    Catchup {
+        #[arg(long, default_value_t = 1_000_000)]
+        docs: usize,
+        #[arg(long, default_value_t = 256)]
+        body: usize,
+    },
     /// Loads K documents (untimed), then reads them all from the start in pages.
     Pull {
         #[arg(long, default_value_t = 1_000_000)]
@@ -141,6 +149,7 @@ async fn main() -> Result<(), Error> {
                 "workload=store layout={layout:?} docs={docs} group={group} body={body} docs_per_s={per_s:.0}"
             )
         }
+        Workload::Catchup { docs, body } => catchup(&args, docs, body).await?,
         Workload::Pull {
             docs,
             page,
@@ -281,6 +290,64 @@ async fn ping(args: &Args, clients: usize, duration: Duration) -> Result<String,
     ))
 }
 
+/// Writes `docs` documents of `body` bytes from 4 concurrent loaders
+/// (untimed setup for the read workloads).
+async fn load(args: &Args, docs: usize, body: usize) -> Result<(), Error> {
+    let value = Arc::new(value(body));
+    let started = Instant::now();
+    // etcd refuses transactions of more than 128 operations by default.
+    let chunk = match args.target {
+        Kind::Deltasync => 1000,
+        Kind::Etcd => 128,
+    };
+    let loaders = 4;
+    let mut tasks = Vec::new();
+    for l in 0..loaders {
+        let mut conn = Conn::connect(args.target, &args.endpoint).await?;
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut i = l * chunk;
+            while i < docs {
+                let keys: Vec<String> = (i..(i + chunk).min(docs))
+                    .map(|k| format!("d{k:08}"))
+                    .collect();
+                conn.put(&keys, &value).await?;
+                i += loaders * chunk;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    eprintln!(
+        "loaded {docs} documents in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Loads K documents (untimed), then follows changes from the very start on
+/// one stream until all K have arrived: a replica catching up.
+async fn catchup(args: &Args, docs: usize, body: usize) -> Result<String, Error> {
+    load(args, docs, body).await?;
+    let mut conn = Conn::connect(args.target, &args.endpoint).await?;
+    let started = Instant::now();
+    let mut watch = conn.watch_from_start().await?;
+    let mut read = 0;
+    while read < docs {
+        match watch.next().await? {
+            Some(ids) => read += ids.len(),
+            None => return Err(format!("stream ended after {read} of {docs}").into()),
+        }
+    }
+    let per_s = read as f64 / started.elapsed().as_secs_f64();
+    eprintln!("catchup: {read} documents on one stream: {per_s:.0} docs/s");
+    Ok(format!(
+        "workload=catchup docs={read} body={body} docs_per_s={per_s:.0}"
+    ))
+}
+
 async fn pull(
     args: &Args,
     docs: usize,
@@ -289,37 +356,7 @@ async fn pull(
     no_load: bool,
 ) -> Result<String, Error> {
     if !no_load {
-        let value = Arc::new(value(body));
-        let started = Instant::now();
-        // etcd refuses transactions of more than 128 operations by default.
-        let chunk = match args.target {
-            Kind::Deltasync => 1000,
-            Kind::Etcd => 128,
-        };
-        let loaders = 4;
-        let mut tasks = Vec::new();
-        for l in 0..loaders {
-            let mut conn = Conn::connect(args.target, &args.endpoint).await?;
-            let value = value.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut i = l * chunk;
-                while i < docs {
-                    let keys: Vec<String> = (i..(i + chunk).min(docs))
-                        .map(|k| format!("d{k:08}"))
-                        .collect();
-                    conn.put(&keys, &value).await?;
-                    i += loaders * chunk;
-                }
-                Ok::<_, Error>(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        eprintln!(
-            "pull: loaded {docs} documents in {:.1}s",
-            started.elapsed().as_secs_f64()
-        );
+        load(args, docs, body).await?;
     }
     let mut conn = Conn::connect(args.target, &args.endpoint).await?;
     let started = Instant::now();

@@ -165,6 +165,26 @@ impl Conn {
         }
     }
 
+    /// Follows every change to benchmark keys from the very first one.
+    pub async fn watch_from_start(&mut self) -> Result<Watch, Error> {
+        match self {
+            Self::Deltasync(c) => {
+                let req = pb::SubscribeRequest {
+                    since: 0,
+                    collections: vec![COLLECTION.into()],
+                    ..Default::default()
+                };
+                Ok(Watch::Deltasync(c.subscribe(req).await?.into_inner()))
+            }
+            Self::Etcd(c) => {
+                let options = WatchOptions::new().with_prefix().with_start_revision(1);
+                // etcd replays history in messages of tens of MB.
+                let mut watch = c.watch_client().max_decoding_message_size(1 << 30);
+                Ok(Watch::Etcd(watch.watch(PREFIX, Some(options)).await?))
+            }
+        }
+    }
+
     /// Follows live changes to benchmark keys from now on.
     pub async fn watch(&mut self) -> Result<Watch, Error> {
         match self {

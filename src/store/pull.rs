@@ -51,7 +51,7 @@ pub fn read_changes(
     filter: &CollectionFilter,
     limit: PageLimit,
 ) -> Result<PullPage, StoreError> {
-    let mut documents = Vec::new();
+    let mut documents = Vec::with_capacity(limit.docs.min(1024));
     let mut bytes = 0;
     let mut checkpoint = since;
     if since >= upto {

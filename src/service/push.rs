@@ -104,7 +104,7 @@ fn decode(api: &SyncApi, req: pb::PushRequest) -> Result<PushBatch, Error> {
             }
             Some(pb::mutation::Op::Delete(())) => Op::Delete,
             Some(pb::mutation::Op::Put(body)) => {
-                Op::Put(body_of(settings.max_body_bytes, body, &at("put"))?)
+                Op::Put(body_of(settings.max_body_bytes, body, &at("put"))?.into())
             }
             Some(pb::mutation::Op::Patch(body)) => {
                 Op::Patch(body_of(settings.max_body_bytes, body, &at("patch"))?)

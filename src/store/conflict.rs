@@ -8,13 +8,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use super::model::{Body, Op, Outcome, Strategy, Version};
+use super::model::{Body, EncodedBody, Op, Outcome, Strategy, Version};
 
 /// What the store should make of the document.
 #[derive(Debug, Clone, PartialEq)]
 pub enum NewState {
     /// A live document with this body.
     Live(Body),
+    /// A live document whose body is the put's, unchanged and already encoded.
+    Put(EncodedBody),
     /// A tombstone.
     Tombstone,
 }
@@ -56,7 +58,7 @@ pub fn check_base(base: Option<Version>, current: Version, deleted: bool) -> Bas
 /// except a delete of a document that is not live, which is a no-op.
 pub fn apply_direct(current: Option<&Body>, op: &Op) -> Decision {
     let write = match (op, current) {
-        (Op::Put(body), _) => Some(NewState::Live(body.clone())),
+        (Op::Put(put), _) => Some(NewState::Put(put.encoded.clone())),
         (Op::Patch(patch), _) => {
             let mut body = current.cloned().unwrap_or_default();
             apply_patch(&mut body, patch);
@@ -101,7 +103,7 @@ pub fn three_way(
 ) -> Decision {
     let client = match op {
         Op::Delete => return stale_delete(base, current, strategy),
-        Op::Put(body) => put_changes(base, current, body),
+        Op::Put(put) => put_changes(base, current, &put.fields),
         Op::Patch(patch) => patch_changes(base, patch),
     };
     // A field the client sets to exactly what the server already has is no
@@ -284,10 +286,18 @@ mod tests {
     }
 
     #[test]
+    fn a_direct_put_writes_its_body_as_encoded() {
+        let put: crate::store::model::PutBody = body(json!({"a": 1})).into();
+        let d = apply_direct(Some(&body(json!({"b": 2}))), &Op::Put(put.clone()));
+        assert_eq!(d.outcome, Outcome::Applied);
+        assert_eq!(d.write, Some(NewState::Put(put.encoded)));
+    }
+
+    #[test]
     fn disjoint_put_merges_onto_current() {
         let base = body(json!({"title": "a", "description": "d"}));
         let current = body(json!({"title": "a", "description": "D2"}));
-        let put = Op::Put(body(json!({"title": "T2", "description": "d"})));
+        let put = Op::Put(body(json!({"title": "T2", "description": "d"})).into());
         let d = three_way(Some(&base), Some(&current), &put, Strategy::Reject);
         assert_eq!(d.outcome, Outcome::Merged);
         assert_eq!(d.write, live(json!({"title": "T2", "description": "D2"})));
@@ -297,7 +307,7 @@ mod tests {
     fn put_removing_a_field_counts_as_a_change_to_it() {
         let base = body(json!({"a": 1, "b": 2}));
         let current = body(json!({"a": 1, "b": 3}));
-        let put = Op::Put(body(json!({"a": 1})));
+        let put = Op::Put(body(json!({"a": 1})).into());
         let d = three_way(Some(&base), Some(&current), &put, Strategy::Reject);
         assert_eq!(
             (d.outcome, d.conflicting_fields),

@@ -257,7 +257,7 @@ mod tests {
     };
 
     fn create(id: &str) -> PushBatch {
-        let op = Op::Put(crate::store::model::Body::new());
+        let op = Op::Put(crate::store::model::Body::new().into());
         let m = Mutation {
             mutation_id: 0,
             collection: "c".into(),

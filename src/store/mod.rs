@@ -220,9 +220,7 @@ impl Store {
             Some(read) => read,
             None => self.spawn_read(since, upto, filter.clone(), limit),
         };
-        let page = joined(read.await)?;
-        // After the read, so that a purge racing with it cannot go unnoticed.
-        self.feed().check_horizon(since)?;
+        let page = self.finish_read(since, read).await?;
         if page.has_more {
             let next = page.checkpoint;
             self.shared
@@ -235,8 +233,7 @@ impl Store {
     }
 
     /// Reads changes in `(since, upto]`. Fails with [`StoreError::Compacted`]
-    /// if `since` is below the purge horizon, checked again after the read
-    /// so that a purge racing with it cannot go unnoticed.
+    /// if `since` is below the purge horizon.
     pub(crate) async fn read_changes(
         &self,
         since: Seq,
@@ -245,7 +242,18 @@ impl Store {
         limit: PageLimit,
     ) -> Result<PullPage, StoreError> {
         self.feed().check_horizon(since)?;
-        let page = joined(self.spawn_read(since, upto, filter, limit).await)?;
+        let read = self.spawn_read(since, upto, filter, limit);
+        self.finish_read(since, read).await
+    }
+
+    /// Waits for a read started after `since` passed the horizon check, and
+    /// checks again: a purge racing with the read cannot go unnoticed.
+    async fn finish_read(
+        &self,
+        since: Seq,
+        read: tokio::task::JoinHandle<Result<PullPage, StoreError>>,
+    ) -> Result<PullPage, StoreError> {
+        let page = joined(read.await)?;
         self.feed().check_horizon(since)?;
         Ok(page)
     }

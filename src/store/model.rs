@@ -52,11 +52,30 @@ pub struct Document {
     pub updated_by: String,
 }
 
+/// A put's new body in both forms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PutBody {
+    /// Its fields, for the conflict rules.
+    pub fields: Body,
+    /// Its canonical encoding, made when the request is validated (not on
+    /// the single writer) and stored as is when the put applies unchanged.
+    pub encoded: EncodedBody,
+}
+
+impl From<Body> for PutBody {
+    fn from(fields: Body) -> Self {
+        Self {
+            encoded: EncodedBody::encode(&fields),
+            fields,
+        }
+    }
+}
+
 /// What a mutation does to its document.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     /// Replace the body.
-    Put(Body),
+    Put(PutBody),
     /// Merge top-level fields; a `null` value removes the field.
     Patch(Body),
     /// Make the document a tombstone.

@@ -146,3 +146,57 @@ pub fn read_u64(tree: &sled::Tree, name: &'static str, key: &[u8]) -> Result<u64
         None => Ok(0),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::{
+        Options, Store,
+        model::{Mutation, Op, PushBatch, Strategy},
+    };
+
+    /// Rule: the store stops a page at its byte limit (a page of big
+    /// documents does not read `limit` documents to send a few), never
+    /// returns an empty page for want of room, and resumes without a gap.
+    #[tokio::test]
+    async fn pages_stop_at_the_byte_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let fields = json!({"data": "x".repeat(1000)})
+            .as_object()
+            .unwrap()
+            .clone();
+        let mutations = (0..5)
+            .map(|i| Mutation {
+                mutation_id: 0,
+                collection: "c".into(),
+                id: format!("{i}"),
+                base_version: None,
+                op: Op::Put(fields.clone().into()),
+                strategy: Strategy::Reject,
+            })
+            .collect();
+        let batch = PushBatch {
+            client_id: String::new(),
+            mutations,
+            atomic: false,
+        };
+        store.push(batch).await.unwrap();
+        let trees = &store.shared.trees;
+        let all = CollectionFilter::default();
+        let read = |since, bytes| {
+            let limit = PageLimit { docs: 100, bytes };
+            let page = read_changes(trees, Seq(since), Seq(5), &all, limit).unwrap();
+            let seqs: Vec<u64> = page.documents.iter().map(|d| d.seq.0).collect();
+            (seqs, page.checkpoint.0, page.has_more)
+        };
+        assert_eq!(read(0, 2500), (vec![1, 2], 2, true));
+        assert_eq!(read(2, 2500), (vec![3, 4], 4, true));
+        assert_eq!(read(4, 2500), (vec![5], 5, false));
+        assert_eq!(read(0, 10), (vec![1], 1, true), "one always fits");
+        assert_eq!(read(0, usize::MAX).0.len(), 5);
+        store.close().await;
+    }
+}

@@ -273,6 +273,7 @@ fn next_state(
         .ok_or(ConflictableTransactionError::Abort(StoreError::KeyTooLong))?;
     let (deleted, body) = match state {
         NewState::Live(body) => (false, EncodedBody::encode(&body)),
+        NewState::Put(body) => (false, body),
         NewState::Tombstone => (true, EncodedBody::default()),
     };
     let doc = Document {

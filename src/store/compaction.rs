@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::oneshot;
 
 use super::{
-    Store, StoreError, Trees, codec,
+    Store, StoreError, Trees,
+    codec::Record,
+    index::{self, Index},
     keys::{self, DocKey},
     model::Seq,
     writer::Command,
@@ -31,8 +33,9 @@ pub struct Retention {
 /// A batch of deletions for the writer.
 #[derive(Debug, Default)]
 pub struct Purge {
-    /// Delta-log keys to remove.
-    pub history: Vec<Vec<u8>>,
+    /// Superseded records to remove (a superseded record never becomes
+    /// current again, so these need no re-check).
+    pub history: Vec<Seq>,
     /// Tombstones to purge, each only if it is still that tombstone.
     pub tombstones: Vec<Tombstone>,
 }
@@ -44,8 +47,8 @@ pub struct Tombstone {
     pub key: DocKey,
     /// The seq it had when planned; a changed seq means it was rewritten.
     pub seq: Seq,
-    /// Its delta-log keys.
-    pub history: Vec<Vec<u8>>,
+    /// The records of its earlier versions still in the log.
+    pub chain: Vec<Seq>,
 }
 
 /// What one batch removed.
@@ -82,8 +85,16 @@ impl Store {
                 removed: Removed::default(),
                 limit: retention.batch.max(1),
             };
-            plan_history(&store.shared.trees, now, &retention, &mut planner)?;
-            plan_tombstones(&store.shared.trees, now, &retention, &mut planner)?;
+            let head = store.head();
+            let shared = &store.shared;
+            plan(
+                &shared.trees,
+                &shared.index,
+                head,
+                now,
+                &retention,
+                &mut planner,
+            )?;
             planner.send()?;
             Ok::<_, StoreError>(planner.removed)
         })
@@ -113,8 +124,8 @@ struct Planner<'a> {
 }
 
 impl Planner<'_> {
-    fn add_history(&mut self, key: Vec<u8>) -> Result<(), StoreError> {
-        self.batch.history.push(key);
+    fn add_history(&mut self, seq: Seq) -> Result<(), StoreError> {
+        self.batch.history.push(seq);
         self.maybe_send()
     }
 
@@ -129,7 +140,7 @@ impl Planner<'_> {
                 .batch
                 .tombstones
                 .iter()
-                .map(|t| 1 + t.history.len())
+                .map(|t| 1 + t.chain.len())
                 .sum::<usize>();
         if size >= self.limit {
             self.send()
@@ -161,112 +172,73 @@ fn cutoff(now: SystemTime, keep: Duration) -> SystemTime {
     now.checked_sub(keep).unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
-/// Delta-log entries to prune: superseded before `now - retention.history`,
-/// or beyond the newest `max_versions` of their document. An entry's
-/// supersede time is the time of the next version (a base stays available
-/// for the retention period after it stopped being current).
-fn plan_history(
+/// Plans a round in one pass over the log up to `head` (everything the
+/// index already reflects):
+/// - a superseded record is pruned once it was superseded (the time of the
+///   record that points back at it) before `now - retention.history`, or
+///   when it is not among the newest `max_versions` of its document;
+/// - a current tombstone older than `now - retention.tombstones` is purged
+///   with its chain;
+/// - a record of a document the index no longer has (purged), or of an
+///   earlier life of a document purged and created again, is an orphan.
+///
+/// Commit times never go backwards (the writer sees to it), so what is
+/// pruned of a chain is always its oldest part and the rest stays reachable.
+fn plan(
     trees: &Trees,
+    index: &Index,
+    head: Seq,
     now: SystemTime,
     retention: &Retention,
     planner: &mut Planner<'_>,
 ) -> Result<(), StoreError> {
-    let cutoff = cutoff(now, retention.history);
-    let mut group: Vec<(Vec<u8>, SystemTime)> = Vec::new();
-    let mut group_doc: Vec<u8> = Vec::new();
-    for entry in trees.history.iter() {
-        let (key, value) = entry?;
-        let (doc, _) = keys::split_history_key(&key)
-            .ok_or_else(|| StoreError::corrupt(keys::HISTORY, "bad key"))?;
-        if doc != group_doc.as_slice() {
-            flush_group(
-                trees,
-                &group_doc,
-                &mut group,
-                cutoff,
-                retention.max_versions,
-                planner,
-            )?;
-            group_doc = doc.to_vec();
-        }
-        let time = codec::decode_header(keys::HISTORY, &value)?.updated_at();
-        group.push((key.to_vec(), time));
-    }
-    flush_group(
-        trees,
-        &group_doc,
-        &mut group,
-        cutoff,
-        retention.max_versions,
-        planner,
-    )
-}
-
-fn flush_group(
-    trees: &Trees,
-    doc: &[u8],
-    group: &mut Vec<(Vec<u8>, SystemTime)>,
-    cutoff: SystemTime,
-    max_versions: usize,
-    planner: &mut Planner<'_>,
-) -> Result<(), StoreError> {
-    if group.is_empty() {
-        return Ok(());
-    }
-    // The last entry was superseded by the current document (gone: orphan).
-    let current = match trees.docs.get(doc)? {
-        Some(bytes) => Some(codec::decode_header(keys::DOCS, &bytes)?.updated_at()),
-        None => None,
-    };
-    let over = group.len().saturating_sub(max_versions);
-    let superseded: Vec<Option<SystemTime>> = group
-        .iter()
-        .skip(1)
-        .map(|(_, t)| Some(*t))
-        .chain([current])
-        .collect();
-    for (i, ((key, _), superseded_at)) in group.drain(..).zip(superseded).enumerate() {
-        if i < over || superseded_at.is_none_or(|t| t < cutoff) {
-            planner.add_history(key)?;
-        }
-    }
-    Ok(())
-}
-
-/// Tombstones older than the tombstone retention. The change index is in
-/// seq order, which is time order, so the scan stops at the first change
-/// newer than the cutoff.
-fn plan_tombstones(
-    trees: &Trees,
-    now: SystemTime,
-    retention: &Retention,
-    planner: &mut Planner<'_>,
-) -> Result<(), StoreError> {
-    let cutoff = cutoff(now, retention.tombstones);
-    for entry in trees.changes.iter() {
-        let (seq, key) = entry?;
-        let seq = keys::parse_u64(&seq)
-            .map(Seq)
-            .ok_or_else(|| StoreError::corrupt(keys::CHANGES, "bad seq key"))?;
-        let Some(bytes) = trees.docs.get(&key)? else {
+    let history_cutoff = cutoff(now, retention.history);
+    let tombstone_cutoff = cutoff(now, retention.tombstones);
+    let max_versions = u64::try_from(retention.max_versions).unwrap_or(u64::MAX);
+    for entry in trees.log.range(..=keys::seq_key(head)) {
+        let (seq, bytes) = entry?;
+        let seq = index::parse_seq(&seq)?;
+        let record = Record::parse(&bytes)?;
+        let current = index.get(record.key());
+        let Some(current) = current.filter(|c| c.seq == seq || c.version > record.version) else {
+            planner.add_history(seq)?;
             continue;
         };
-        let header = codec::decode_header(keys::DOCS, &bytes)?;
-        if header.updated_at() >= cutoff {
-            break;
+        if record.prev.0 != 0 {
+            // `record` superseded its previous version just now.
+            let prev_version = record.version.0.saturating_sub(1);
+            let too_many = current.version.0.saturating_sub(prev_version) > max_versions;
+            if too_many || record.updated_at() < history_cutoff {
+                planner.add_history(record.prev)?;
+            }
         }
-        if header.deleted && header.seq == seq {
-            let key = DocKey::from_stored(&key);
-            let history = trees
-                .history
-                .scan_prefix(keys::history_prefix(&key))
-                .keys()
-                .map(|k| k.map(|k| k.to_vec()))
-                .collect::<Result<_, _>>()?;
-            planner.add_tombstone(Tombstone { key, seq, history })?;
+        if current.seq == seq && record.deleted && record.updated_at() < tombstone_cutoff {
+            let key = DocKey::from_stored(record.key());
+            let chain = chain(trees, record.prev)?;
+            planner.add_tombstone(Tombstone { key, seq, chain })?;
         }
     }
     Ok(())
+}
+
+/// The seqs of the records reachable back from `prev`.
+fn chain(trees: &Trees, mut prev: Seq) -> Result<Vec<Seq>, StoreError> {
+    let mut seqs = Vec::new();
+    while prev.0 != 0 {
+        let Some(bytes) = trees.log.get(keys::seq_key(prev))? else {
+            break;
+        };
+        seqs.push(prev);
+        let next = Record::parse(&bytes)?.prev;
+        if next >= prev {
+            return Err(StoreError::corrupt(
+                keys::LOG,
+                format!("chain loops at {prev}"),
+            ));
+        }
+        prev = next;
+    }
+    Ok(seqs)
 }
 
 /// Runs compaction every `interval` until `shutdown`; logs what each round

@@ -4,19 +4,20 @@
 //! document key is self-delimiting (`[coll len: u8][coll][id len: u16][id]`),
 //! so a delta-log key (`doc key ++ version`) never shares a prefix with
 //! another document's.
+//!
+//! Layout 1 (read only by `migrate`) kept current documents, a change index
+//! and the delta log in trees of their own; their names and key shapes are
+//! at the end.
 
 use super::{
     error::StoreError,
     model::{Seq, Version},
 };
 
-/// Tree of current documents: doc key → document record.
-pub const DOCS: &str = "docs";
-/// The change index: seq → doc key, one entry per document (its latest change).
-pub const CHANGES: &str = "changes";
-/// The delta log: doc key ++ version → record of the document at that
-/// version (written when the version is superseded).
-pub const HISTORY: &str = "history";
+/// The log: seq → record of the change (see `codec`). A record stays as
+/// the delta log's entry of its version once a newer one supersedes it, until
+/// retention prunes it.
+pub const LOG: &str = "log";
 /// Per-client idempotency: client id → highest applied mutation id.
 pub const CLIENTS: &str = "clients";
 /// Store metadata: the `META_*` keys.
@@ -32,9 +33,16 @@ pub const META_PURGE_HORIZON: &[u8] = b"purge_horizon";
 /// Meta key: the on-disk layout version.
 pub const META_SCHEMA: &[u8] = b"schema_version";
 
-/// A document's key in [`DOCS`], [`HISTORY`] and the values of [`CHANGES`].
+/// A document's key: in its log records and the in-memory index.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DocKey(Vec<u8>);
+
+/// Lets the index be searched by the key bytes inside a record.
+impl std::borrow::Borrow<[u8]> for DocKey {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 impl DocKey {
     /// Builds the key; fails only for names longer than the key format holds
@@ -64,14 +72,6 @@ impl DocKey {
     pub fn parts(&self) -> Option<(&str, &str)> {
         parse_doc_key(&self.0)
     }
-
-    /// The delta-log key of this document at `version`.
-    pub fn history(&self, version: Version) -> Vec<u8> {
-        let mut key = Vec::with_capacity(self.0.len() + 8);
-        key.extend_from_slice(&self.0);
-        key.extend_from_slice(&version.0.to_be_bytes());
-        key
-    }
 }
 
 /// Splits a document key into collection and id.
@@ -88,32 +88,34 @@ pub fn parse_doc_key(bytes: &[u8]) -> Option<(&str, &str)> {
     ))
 }
 
-/// The prefix shared by every delta-log key of a document.
-pub fn history_prefix(key: &DocKey) -> &[u8] {
-    key.as_bytes()
-}
-
-/// Splits a delta-log key into the document key and the version.
-pub fn split_history_key(bytes: &[u8]) -> Option<(&[u8], Version)> {
-    let (doc, version) = bytes.split_last_chunk::<8>()?;
-    parse_doc_key(doc)?;
-    Some((doc, Version(u64::from_be_bytes(*version))))
-}
-
 /// The collection of a document key, without decoding the id.
 pub fn collection_of(bytes: &[u8]) -> Option<&[u8]> {
     let (&coll_len, rest) = bytes.split_first()?;
     rest.get(..usize::from(coll_len))
 }
 
-/// The [`CHANGES`] key of a seq.
+/// The [`LOG`] key of a seq.
 pub fn seq_key(seq: Seq) -> [u8; 8] {
     seq.0.to_be_bytes()
 }
 
-/// A big-endian u64, as stored in [`CHANGES`] keys, [`CLIENTS`] and [`META`].
+/// A big-endian u64, as stored in [`LOG`] keys, [`CLIENTS`] and [`META`].
 pub fn parse_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// Layout 1's tree of current documents: doc key → record.
+pub const V1_DOCS: &str = "docs";
+/// Layout 1's change index: seq → doc key.
+pub const V1_CHANGES: &str = "changes";
+/// Layout 1's delta log: doc key ++ version → record.
+pub const V1_HISTORY: &str = "history";
+
+/// Splits a layout-1 delta-log key into the document key and the version.
+pub fn split_v1_history_key(bytes: &[u8]) -> Option<(&[u8], Version)> {
+    let (doc, version) = bytes.split_last_chunk::<8>()?;
+    parse_doc_key(doc)?;
+    Some((doc, Version(u64::from_be_bytes(*version))))
 }
 
 #[cfg(test)]
@@ -126,20 +128,16 @@ mod tests {
         let ab = DocKey::new("todos", "ab").unwrap();
         assert_eq!(a.parts(), Some(("todos", "a")));
         assert_eq!(collection_of(a.as_bytes()), Some(&b"todos"[..]));
-        assert!(
-            !ab.history(Version(1))
-                .starts_with(&a.history(Version(1))[..a.as_bytes().len() + 1])
-        );
+        assert!(!ab.as_bytes().starts_with(a.as_bytes()));
         assert!(parse_doc_key(b"\x05todo").is_none());
     }
 
     #[test]
-    fn history_keys_split_back() {
+    fn v1_history_keys_split_back() {
         let key = DocKey::new("c", "id").unwrap();
-        let h = key.history(Version(7));
-        assert_eq!(split_history_key(&h), Some((key.as_bytes(), Version(7))));
-        assert!(h.starts_with(history_prefix(&key)));
-        assert!(split_history_key(b"short").is_none());
+        let h = [key.as_bytes(), &7u64.to_be_bytes()].concat();
+        assert_eq!(split_v1_history_key(&h), Some((key.as_bytes(), Version(7))));
+        assert!(split_v1_history_key(b"short").is_none());
     }
 
     #[test]

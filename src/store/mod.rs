@@ -1,9 +1,11 @@
 //! The typed store over sled.
 //!
-//! Trees (see [`keys`]): current documents, the change index (one entry per
-//! document), the delta log, per-client mutation ids and metadata. Writes go
-//! through the single group-commit [`writer`]; reads go straight to sled.
-//! Callers only see domain types from [`model`].
+//! Trees (see [`keys`]): the log (one record per change, keyed by seq; a
+//! superseded record is the delta log's entry of its version), per-client
+//! mutation ids and metadata. The in-memory [`index`] says which record is
+//! each document's current state. Writes go through the single group-commit
+//! [`writer`]; reads go straight to sled. Callers only see domain types from
+//! [`model`].
 
 pub mod body;
 pub mod codec;
@@ -11,7 +13,9 @@ pub mod compaction;
 pub mod conflict;
 pub mod error;
 pub mod feed;
+pub mod index;
 pub mod keys;
+pub mod migrate;
 pub mod model;
 pub mod pull;
 pub mod push;
@@ -34,13 +38,15 @@ pub use self::{
 };
 use self::{
     feed::Feed,
+    index::Index,
     model::{Document, PullPage, PushBatch, PushOutcome, Seq},
     readahead::ReadAhead,
     writer::{Command, Job, Writer},
 };
 
-/// The on-disk layout this build reads and writes.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The on-disk layout this build reads and writes (`migrate` upgrades
+/// earlier ones).
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// Source of the time stamped on changes and used for retention; injectable
 /// so tests can age data without waiting.
@@ -94,12 +100,8 @@ impl Default for Options {
 /// Handles to every tree.
 #[derive(Clone)]
 pub struct Trees {
-    /// Current documents.
-    pub docs: sled::Tree,
-    /// The change index.
-    pub changes: sled::Tree,
-    /// The delta log.
-    pub history: sled::Tree,
+    /// The log of changes.
+    pub log: sled::Tree,
     /// Per-client last mutation ids.
     pub clients: sled::Tree,
     /// Metadata.
@@ -118,6 +120,8 @@ struct Shared {
     db: sled::Db,
     /// Read handles.
     trees: Trees,
+    /// Where each document's current state is in the log.
+    index: Index,
     /// The store's identity, made at creation.
     store_id: String,
     /// Post-commit broadcast point.
@@ -143,24 +147,32 @@ impl Store {
             .flush_every_ms(Some(flush_ms))
             .open()?;
         let trees = Trees {
-            docs: db.open_tree(keys::DOCS)?,
-            changes: db.open_tree(keys::CHANGES)?,
-            history: db.open_tree(keys::HISTORY)?,
+            log: db.open_tree(keys::LOG)?,
             clients: db.open_tree(keys::CLIENTS)?,
             meta: db.open_tree(keys::META)?,
         };
-        let store_id = init_meta(&trees.meta)?;
+        migrate::upgrade(&db, &trees)?;
+        let store_id = init_store_id(&trees.meta)?;
         let head = recover_head(&trees)?;
+        let started = std::time::Instant::now();
+        let index = Index::rebuild(&trees.log)?;
+        tracing::info!(
+            documents = index.len(),
+            elapsed_ms = started.elapsed().as_millis(),
+            "document index rebuilt"
+        );
         let horizon = read_meta_u64(&trees.meta, keys::META_PURGE_HORIZON)?;
         let feed = Feed::new(head, Seq(horizon), options.feed_capacity);
         let (tx, rx) = mpsc::channel(1024);
         let writer = Writer {
             db: db.clone(),
             trees: trees.clone(),
+            index: index.clone(),
             feed: feed.clone(),
             durability: options.durability,
             clock: options.clock.clone(),
             max_group_mutations: options.max_group_mutations,
+            last_time: std::cell::Cell::new(std::time::UNIX_EPOCH),
         };
         let thread = std::thread::Builder::new()
             .name("deltasync-writer".into())
@@ -171,6 +183,7 @@ impl Store {
             shared: Arc::new(Shared {
                 db,
                 trees,
+                index,
                 store_id,
                 feed,
                 clock: options.clock,
@@ -266,8 +279,10 @@ impl Store {
         filter: CollectionFilter,
         limit: PageLimit,
     ) -> tokio::task::JoinHandle<Result<PullPage, StoreError>> {
-        let trees = self.shared.trees.clone();
-        tokio::task::spawn_blocking(move || pull::read_changes(&trees, since, upto, &filter, limit))
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            pull::read_changes(&shared.trees, &shared.index, since, upto, &filter, limit)
+        })
     }
 
     /// Fails with [`StoreError::Compacted`] if `since` (not 0) is below the
@@ -287,8 +302,8 @@ impl Store {
         collection: String,
         ids: Vec<String>,
     ) -> Result<Vec<Document>, StoreError> {
-        let trees = self.shared.trees.clone();
-        blocking(move || pull::get(&trees, &collection, &ids)).await
+        let shared = self.shared.clone();
+        blocking(move || pull::get(&shared.trees, &shared.index, &collection, &ids)).await
     }
 
     /// The highest applied mutation id of a client.
@@ -340,23 +355,8 @@ fn joined<T>(
     })
 }
 
-/// Makes or checks the store's identity and layout version.
-fn init_meta(meta: &sled::Tree) -> Result<String, StoreError> {
-    match meta.get(keys::META_SCHEMA)? {
-        Some(v) => {
-            let found = keys::parse_u64(&v)
-                .ok_or_else(|| StoreError::corrupt(keys::META, "bad schema version"))?;
-            if found != SCHEMA_VERSION {
-                return Err(StoreError::Schema {
-                    found,
-                    supported: SCHEMA_VERSION,
-                });
-            }
-        }
-        None => {
-            meta.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
-        }
-    }
+/// Makes or reads the store's identity.
+fn init_store_id(meta: &sled::Tree) -> Result<String, StoreError> {
     let fresh = uuid::Uuid::new_v4().to_string();
     // Only the first open's id sticks.
     let _ = meta.compare_and_swap(
@@ -375,17 +375,16 @@ fn read_meta_u64(meta: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
     pull::read_u64(meta, keys::META, key)
 }
 
-/// Reads the head seq and checks it against the change index: every push
-/// commits both in one transaction, so they must agree.
+/// Reads the head seq and checks it against the log: every push commits
+/// both in one transaction, so they must agree.
 fn recover_head(trees: &Trees) -> Result<Seq, StoreError> {
     let head = Seq(read_meta_u64(&trees.meta, keys::META_HEAD)?);
-    if let Some((last, _)) = trees.changes.last()? {
-        let last = keys::parse_u64(&last)
-            .ok_or_else(|| StoreError::corrupt(keys::CHANGES, "bad seq key"))?;
-        if last > head.0 {
+    if let Some((last, _)) = trees.log.last()? {
+        let last = index::parse_seq(&last)?;
+        if last > head {
             return Err(StoreError::corrupt(
-                keys::CHANGES,
-                format!("change index at {last} is past head {head}"),
+                keys::LOG,
+                format!("log at {last} is past head {head}"),
             ));
         }
     }

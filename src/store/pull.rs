@@ -1,10 +1,13 @@
-//! Reads over the change index: Pull pages and subscriber catch-up.
+//! Reads over the log: Pull pages and subscriber catch-up are one scan of
+//! it, keeping the records that are still their document's current state.
 
 use std::{collections::HashSet, sync::Arc};
 
 use super::{
     Trees, codec,
+    codec::Record,
     error::StoreError,
+    index::{self, Index},
     keys::{self, DocKey},
     model::{Document, PullPage, Seq},
 };
@@ -42,10 +45,11 @@ pub struct PageLimit {
 /// The checkpoint is the seq of the last change examined; when every change
 /// up to `upto` has been examined it is `upto` itself, so filtered readers and
 /// readers of documents that changed again meanwhile still move forward. A
-/// document whose latest change is now past the entry read is skipped here:
-/// its newer entry comes later.
+/// record that is no longer its document's current state (superseded, even
+/// by a change past `upto`) is skipped here: the newer one comes later.
 pub fn read_changes(
     trees: &Trees,
+    index: &Index,
     since: Seq,
     upto: Seq,
     filter: &CollectionFilter,
@@ -62,11 +66,9 @@ pub fn read_changes(
         });
     }
     let range = keys::seq_key(Seq(since.0 + 1))..=keys::seq_key(upto);
-    for entry in trees.changes.range(range) {
-        let (seq_bytes, key_bytes) = entry?;
-        let seq = keys::parse_u64(&seq_bytes)
-            .map(Seq)
-            .ok_or_else(|| StoreError::corrupt(keys::CHANGES, "bad seq key"))?;
+    for entry in trees.log.range(range) {
+        let (seq, value) = entry?;
+        let seq = index::parse_seq(&seq)?;
         if documents.len() >= limit.docs {
             return Ok(PullPage {
                 documents,
@@ -76,25 +78,24 @@ pub fn read_changes(
         }
         let examined = checkpoint;
         checkpoint = seq;
-        let collection = keys::collection_of(&key_bytes)
-            .ok_or_else(|| StoreError::corrupt(keys::CHANGES, "bad document key"))?;
-        if !filter.matches(collection) {
+        let record = Record::parse(&value)?;
+        let collection = keys::collection_of(record.key())
+            .ok_or_else(|| StoreError::corrupt(keys::LOG, "bad document key"))?;
+        if !filter.matches(collection) || !index.is_current(record.key(), seq) {
             continue;
         }
-        let key = DocKey::from_stored(&key_bytes);
-        if let Some(doc) = read_if_at(trees, &key, seq)? {
-            let size = wire_size(&doc);
-            if !documents.is_empty() && bytes + size > limit.bytes {
-                // This one starts the next page.
-                return Ok(PullPage {
-                    documents,
-                    checkpoint: examined,
-                    has_more: true,
-                });
-            }
-            bytes += size;
-            documents.push(doc);
+        let doc = record.to_document(seq)?;
+        let size = wire_size(&doc);
+        if !documents.is_empty() && bytes + size > limit.bytes {
+            // This one starts the next page.
+            return Ok(PullPage {
+                documents,
+                checkpoint: examined,
+                has_more: true,
+            });
         }
+        bytes += size;
+        documents.push(doc);
     }
     Ok(PullPage {
         documents,
@@ -109,24 +110,22 @@ fn wire_size(doc: &Document) -> usize {
     doc.body.len() + doc.collection.len() + doc.id.len() + doc.updated_by.len() + 64
 }
 
-/// The document under `key` if its latest change is still `seq`.
-fn read_if_at(trees: &Trees, key: &DocKey, seq: Seq) -> Result<Option<Document>, StoreError> {
-    let Some(bytes) = trees.docs.get(key.as_bytes())? else {
-        return Ok(None);
-    };
-    if codec::decode_header(keys::DOCS, &bytes)?.seq != seq {
-        return Ok(None);
-    }
-    codec::decode(keys::DOCS, key, &bytes).map(Some)
-}
-
 /// Current documents by id, in the order asked; unknown ids are omitted.
-pub fn get(trees: &Trees, collection: &str, ids: &[String]) -> Result<Vec<Document>, StoreError> {
+pub fn get(
+    trees: &Trees,
+    index: &Index,
+    collection: &str,
+    ids: &[String],
+) -> Result<Vec<Document>, StoreError> {
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         let key = DocKey::new(collection, id)?;
-        if let Some(bytes) = trees.docs.get(key.as_bytes())? {
-            out.push(codec::decode(keys::DOCS, &key, &bytes)?);
+        let Some(entry) = index.get(key.as_bytes()) else {
+            continue;
+        };
+        // A purge racing this read may remove the record after the lookup.
+        if let Some(bytes) = trees.log.get(keys::seq_key(entry.seq))? {
+            out.push(codec::decode(entry.seq, &bytes)?);
         }
     }
     Ok(out)
@@ -184,11 +183,11 @@ mod tests {
             atomic: false,
         };
         store.push(batch).await.unwrap();
-        let trees = &store.shared.trees;
+        let (trees, index) = (&store.shared.trees, &store.shared.index);
         let all = CollectionFilter::default();
         let read = |since, bytes| {
             let limit = PageLimit { docs: 100, bytes };
-            let page = read_changes(trees, Seq(since), Seq(5), &all, limit).unwrap();
+            let page = read_changes(trees, index, Seq(since), Seq(5), &all, limit).unwrap();
             let seqs: Vec<u64> = page.documents.iter().map(|d| d.seq.0).collect();
             (seqs, page.checkpoint.0, page.has_more)
         };

@@ -1,9 +1,13 @@
 //! The conflict-checked push transaction.
 //!
 //! [`apply_group`] runs inside one sled transaction for a whole group commit.
-//! It is a pure function of its inputs and the transactional view, because
-//! sled may run it more than once; every side effect (notifying subscribers,
-//! answering callers) happens after it returns.
+//! It is a pure function of its inputs, the transactional view and the
+//! index (which only the writer changes, after the commit), because sled may
+//! run it more than once; every side effect (updating the index, notifying
+//! subscribers, answering callers) happens after it returns.
+//!
+//! A change is one insert: the new state's record at its seq, pointing at
+//! the record it supersedes, which stays as the delta log's entry.
 
 use std::{collections::HashMap, time::SystemTime};
 
@@ -13,6 +17,7 @@ use super::{
     codec,
     conflict::{self, BaseCheck, Decision, NewState},
     error::StoreError,
+    index::{Entry, Index},
     keys::{self, DocKey},
     model::{
         Body, Document, EncodedBody, Mutation, MutationResult, Op, Outcome, PushBatch, PushOutcome,
@@ -24,12 +29,8 @@ type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 /// The transactional view of every tree a push touches.
 pub struct Tx<'a> {
-    /// Current documents.
-    pub docs: &'a TransactionalTree,
-    /// The change index.
-    pub changes: &'a TransactionalTree,
-    /// The delta log.
-    pub history: &'a TransactionalTree,
+    /// The log of changes.
+    pub log: &'a TransactionalTree,
     /// Per-client last mutation ids.
     pub clients: &'a TransactionalTree,
     /// Metadata (head seq).
@@ -43,20 +44,60 @@ pub struct GroupCommit {
     pub outcomes: Vec<PushOutcome>,
     /// Every new document state, in seq order, for the feed.
     pub changes: Vec<Document>,
+    /// The index entries the group changed, for the index once committed.
+    pub index: HashMap<DocKey, Entry>,
     /// Head seq before the group.
     pub prev_head: Seq,
     /// Head seq after the group.
     pub head: Seq,
 }
 
+/// Where documents stand while a group is applied: the index as committed,
+/// overlaid with what the group (and the batch in progress) wrote.
+struct View<'a> {
+    /// The committed index.
+    index: &'a Index,
+    /// Entries written by earlier batches of the group.
+    group: HashMap<DocKey, Entry>,
+    /// Entries written by the batch in progress.
+    batch: HashMap<DocKey, Entry>,
+}
+
+impl View<'_> {
+    fn get(&self, key: &DocKey) -> Option<Entry> {
+        self.batch
+            .get(key)
+            .or_else(|| self.group.get(key))
+            .copied()
+            .or_else(|| self.index.get(key.as_bytes()))
+    }
+}
+
 /// Applies every batch of a group, in order, in one transaction.
-pub fn apply_group(tx: &Tx<'_>, batches: &[&PushBatch], now: SystemTime) -> TxResult<GroupCommit> {
+pub fn apply_group(
+    tx: &Tx<'_>,
+    index: &Index,
+    batches: &[&PushBatch],
+    now: SystemTime,
+) -> TxResult<GroupCommit> {
     let prev_head = read_head(tx)?;
     let mut head = prev_head;
     let mut changes = Vec::new();
+    let mut view = View {
+        index,
+        group: HashMap::new(),
+        batch: HashMap::new(),
+    };
     let mut applied = Vec::with_capacity(batches.len());
     for batch in batches {
-        applied.push(apply_batch(tx, batch, now, &mut head, &mut changes)?);
+        applied.push(apply_batch(
+            tx,
+            &mut view,
+            batch,
+            now,
+            &mut head,
+            &mut changes,
+        )?);
     }
     if head != prev_head {
         tx.meta.insert(keys::META_HEAD, &head.0.to_be_bytes())?;
@@ -73,35 +114,19 @@ pub fn apply_group(tx: &Tx<'_>, batches: &[&PushBatch], now: SystemTime) -> TxRe
     Ok(GroupCommit {
         outcomes,
         changes,
+        index: view.group,
         prev_head,
         head,
     })
 }
 
-/// A document's state as read (or as planned earlier in the same batch),
-/// with the encoded record so the delta log can keep it without re-encoding.
-#[derive(Clone)]
-struct Stored {
-    /// The decoded state.
-    doc: Document,
-    /// Its encoded record, as stored.
-    record: Vec<u8>,
-}
-
-/// A write planned by one mutation, applied only once its batch may commit.
-struct Planned {
-    /// The document written.
-    key: DocKey,
-    /// Its state before: moved to the delta log, its index entry removed.
-    prev: Option<Stored>,
-    /// Its new state.
-    next: Stored,
-}
-
 /// Applies one batch: its results and the client's last applied mutation id.
-/// An atomic batch with a conflict writes nothing and leaves `head` as it was.
+/// Each write goes to the log at once, so later mutations (and base lookups)
+/// of the same batch see it; an atomic batch with a conflict takes its
+/// writes back and leaves `head` as it was.
 fn apply_batch(
     tx: &Tx<'_>,
+    view: &mut View<'_>,
     batch: &PushBatch,
     now: SystemTime,
     head: &mut Seq,
@@ -113,29 +138,25 @@ fn apply_batch(
     };
     let mut last = stored_last;
     let start_head = *head;
-    // Writes planned earlier in this batch (document → its latest plan), so
-    // later mutations of the same document see them.
-    let mut overlay: HashMap<DocKey, usize> = HashMap::with_capacity(batch.mutations.len());
-    let mut planned: Vec<Planned> = Vec::with_capacity(batch.mutations.len());
+    let first_change = changes.len();
+    view.batch.clear();
     let mut results = Vec::with_capacity(batch.mutations.len());
     let mut any_conflict = false;
 
     for m in &batch.mutations {
         let key = DocKey::new(&m.collection, &m.id).map_err(ConflictableTransactionError::Abort)?;
-        let current = match overlay.get(&key) {
-            Some(&i) => Some(planned[i].next.clone()),
-            None => read_doc(tx, &key)?,
-        };
+        let current = view.get(&key);
         if m.mutation_id != 0 && m.mutation_id <= stored_last {
+            let document = read_current(tx, current)?;
             results.push(result(
                 m.mutation_id,
                 Outcome::Duplicate,
-                current.map(|s| s.doc),
+                document,
                 Vec::new(),
             ));
             continue;
         }
-        let decision = decide(tx, &key, current.as_ref().map(|s| &s.doc), m)?;
+        let decision = decide(tx, current, m)?;
         if m.mutation_id != 0 {
             last = m.mutation_id;
         }
@@ -143,17 +164,19 @@ fn apply_batch(
         let document = match decision.write {
             Some(state) => {
                 head.0 += 1;
-                let next = next_state(&key, current.as_ref(), state, *head, now, &batch.client_id)?;
-                overlay.insert(key.clone(), planned.len());
-                let doc = next.doc.clone();
-                planned.push(Planned {
+                let doc = write(tx, &key, current, state, *head, now, &batch.client_id)?;
+                view.batch.insert(
                     key,
-                    prev: current,
-                    next,
-                });
+                    Entry {
+                        seq: doc.seq,
+                        version: doc.version,
+                        deleted: doc.deleted,
+                    },
+                );
+                changes.push(doc.clone());
                 Some(doc)
             }
-            None => current.map(|s| s.doc),
+            None => read_current(tx, current)?,
         };
         results.push(result(
             m.mutation_id,
@@ -164,6 +187,10 @@ fn apply_batch(
     }
 
     if batch.atomic && any_conflict {
+        for doc in changes.drain(first_change..) {
+            tx.log.remove(&keys::seq_key(doc.seq))?;
+        }
+        view.batch.clear();
         *head = start_head;
         for r in &mut results {
             if r.outcome != Outcome::Conflict {
@@ -176,23 +203,13 @@ fn apply_batch(
             if r.outcome == Outcome::NotApplied {
                 let key = DocKey::new(&m.collection, &m.id)
                     .map_err(ConflictableTransactionError::Abort)?;
-                r.document = read_doc(tx, &key)?.map(|s| s.doc);
+                r.document = read_current(tx, view.get(&key))?;
             }
         }
         return Ok((results, stored_last));
     }
 
-    for p in planned {
-        if let Some(prev) = p.prev {
-            tx.changes.remove(&keys::seq_key(prev.doc.seq))?;
-            tx.history
-                .insert(p.key.history(prev.doc.version), prev.record)?;
-        }
-        tx.changes
-            .insert(&keys::seq_key(p.next.doc.seq), p.key.as_bytes())?;
-        tx.docs.insert(p.key.as_bytes(), p.next.record)?;
-        changes.push(p.next.doc);
-    }
+    view.group.extend(view.batch.drain());
     if last > stored_last {
         tx.clients
             .insert(batch.client_id.as_bytes(), &last.to_be_bytes())?;
@@ -201,20 +218,14 @@ fn apply_batch(
 }
 
 /// Runs the version check and, for a stale base, the three-way field check.
-/// The current body is decoded only when a rule reads its fields.
-fn decide(
-    tx: &Tx<'_>,
-    key: &DocKey,
-    current: Option<&Document>,
-    m: &Mutation,
-) -> TxResult<Decision> {
-    let version = current.map_or(Version(0), |d| d.version);
-    let deleted = current.is_none_or(|d| d.deleted);
-    let live = current.filter(|d| !d.deleted);
-    let check = conflict::check_base(m.base_version, version, deleted);
+/// The current record is read only when a rule reads its fields.
+fn decide(tx: &Tx<'_>, current: Option<Entry>, m: &Mutation) -> TxResult<Decision> {
+    let version = current.map_or(Version(0), |e| e.version);
+    let live = current.filter(|e| !e.deleted);
+    let check = conflict::check_base(m.base_version, version, live.is_none());
     let needs_fields = matches!(m.op, Op::Patch(_)) || matches!(check, BaseCheck::Stale(_));
     let live_body = match live {
-        Some(d) if needs_fields => Some(decode_body(keys::DOCS, key, &d.body)?),
+        Some(e) if needs_fields => Some(read_body(tx, e.seq)?),
         // A put or delete on a current base only asks whether it is live.
         Some(_) => Some(Body::new()),
         None => None,
@@ -227,47 +238,91 @@ fn decide(
             conflicting_fields: Vec::new(),
         },
         BaseCheck::Stale(base) => {
-            let base_body = read_base(tx, key, base)?;
+            let base_body = match current {
+                Some(e) => read_base(tx, e, base)?,
+                None => None,
+            };
             conflict::three_way(base_body.as_ref(), live_body.as_ref(), &m.op, m.strategy)
         }
     })
 }
 
-/// A stored body's fields; undecodable bytes mean a corrupt record.
-fn decode_body(tree: &'static str, key: &DocKey, body: &EncodedBody) -> TxResult<Body> {
-    body.to_json("body").map_err(|e| {
-        let doc = key
-            .parts()
-            .map(|(c, i)| format!("{c}/{i}"))
-            .unwrap_or_default();
-        ConflictableTransactionError::Abort(StoreError::corrupt(tree, format!("{doc}: {e}")))
+/// The log record at `seq`, which the index says is there.
+fn read_record(tx: &Tx<'_>, seq: Seq) -> TxResult<sled::IVec> {
+    tx.log.get(keys::seq_key(seq))?.ok_or_else(|| {
+        ConflictableTransactionError::Abort(StoreError::corrupt(
+            keys::LOG,
+            format!("indexed record {seq} is missing"),
+        ))
     })
 }
 
-/// The body at `version` from the delta log: version 0 is the empty object,
-/// a tombstone is empty too, and a pruned version is unknown (`None`).
-fn read_base(tx: &Tx<'_>, key: &DocKey, version: Version) -> TxResult<Option<Body>> {
-    if version.0 == 0 {
+/// The document state an index entry points at.
+fn read_current(tx: &Tx<'_>, current: Option<Entry>) -> TxResult<Option<Document>> {
+    let Some(entry) = current else {
+        return Ok(None);
+    };
+    let bytes = read_record(tx, entry.seq)?;
+    codec::decode(entry.seq, &bytes)
+        .map(Some)
+        .map_err(ConflictableTransactionError::Abort)
+}
+
+/// The fields of the body stored at `seq`.
+fn read_body(tx: &Tx<'_>, seq: Seq) -> TxResult<Body> {
+    let bytes = read_record(tx, seq)?;
+    let doc = codec::decode(seq, &bytes).map_err(ConflictableTransactionError::Abort)?;
+    decode_body(&doc)
+}
+
+/// A stored body's fields; undecodable bytes mean a corrupt record.
+fn decode_body(doc: &Document) -> TxResult<Body> {
+    doc.body.to_json("body").map_err(|e| {
+        ConflictableTransactionError::Abort(StoreError::corrupt(
+            keys::LOG,
+            format!("{}/{} at {}: {e}", doc.collection, doc.id, doc.seq),
+        ))
+    })
+}
+
+/// The body at version `base` of the document whose current state is
+/// `current`, found by following the delta log's chain back from it:
+/// version 0 is the empty object, a tombstone is empty too, and a pruned
+/// version is unknown (`None`).
+fn read_base(tx: &Tx<'_>, current: Entry, base: Version) -> TxResult<Option<Body>> {
+    if base.0 == 0 {
         return Ok(Some(Body::new()));
     }
-    match tx.history.get(key.history(version))? {
-        Some(bytes) => {
-            let doc = codec::decode(keys::HISTORY, key, &bytes)
+    let mut seq = current.seq;
+    loop {
+        let Some(bytes) = tx.log.get(keys::seq_key(seq))? else {
+            return Ok(None);
+        };
+        let record = codec::Record::parse(&bytes).map_err(ConflictableTransactionError::Abort)?;
+        if record.version == base {
+            let doc = record
+                .to_document(seq)
                 .map_err(ConflictableTransactionError::Abort)?;
-            Ok(Some(decode_body(keys::HISTORY, key, &doc.body)?))
+            return decode_body(&doc).map(Some);
         }
-        None => Ok(None),
+        // Versions only go down along the chain; 0 ends it.
+        if record.version < base || record.prev.0 == 0 || record.prev >= seq {
+            return Ok(None);
+        }
+        seq = record.prev;
     }
 }
 
-fn next_state(
+/// Writes the new state of `key` to the log at `seq` and returns it.
+fn write(
+    tx: &Tx<'_>,
     key: &DocKey,
-    current: Option<&Stored>,
+    current: Option<Entry>,
     state: NewState,
     seq: Seq,
     now: SystemTime,
     client_id: &str,
-) -> TxResult<Stored> {
+) -> TxResult<Document> {
     let (collection, id) = key
         .parts()
         .ok_or(ConflictableTransactionError::Abort(StoreError::KeyTooLong))?;
@@ -279,29 +334,17 @@ fn next_state(
     let doc = Document {
         collection: collection.to_owned(),
         id: id.to_owned(),
-        version: Version(current.map_or(0, |s| s.doc.version.0) + 1),
+        version: Version(current.map_or(0, |e| e.version.0) + 1),
         body,
         deleted,
         seq,
         updated_at: now,
         updated_by: client_id.to_owned(),
     };
-    let record = codec::encode(&doc).map_err(ConflictableTransactionError::Abort)?;
-    Ok(Stored { doc, record })
-}
-
-fn read_doc(tx: &Tx<'_>, key: &DocKey) -> TxResult<Option<Stored>> {
-    match tx.docs.get(key.as_bytes())? {
-        Some(bytes) => {
-            let doc = codec::decode(keys::DOCS, key, &bytes)
-                .map_err(ConflictableTransactionError::Abort)?;
-            Ok(Some(Stored {
-                doc,
-                record: bytes.to_vec(),
-            }))
-        }
-        None => Ok(None),
-    }
+    let prev = current.map_or(Seq(0), |e| e.seq);
+    let record = codec::encode(&doc, key, prev).map_err(ConflictableTransactionError::Abort)?;
+    tx.log.insert(&keys::seq_key(seq), record)?;
+    Ok(doc)
 }
 
 fn read_head(tx: &Tx<'_>) -> TxResult<Seq> {

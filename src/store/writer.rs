@@ -7,16 +7,21 @@
 //! writer also means seqs are assigned without contention and transactions
 //! never conflict with each other.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    cell::Cell,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
 
-use sled::{Transactional, transaction::ConflictableTransactionError};
+use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Clock, Durability, Trees, codec,
+    Clock, Durability, Trees,
     compaction::{Purge, Removed},
     error::StoreError,
     feed::{Commit, Feed},
+    index::Index,
     keys,
     model::{PushBatch, PushOutcome},
     push::{self, Tx},
@@ -46,6 +51,8 @@ pub struct Writer {
     pub db: sled::Db,
     /// The trees a push touches.
     pub trees: Trees,
+    /// The document index, changed only here, after each commit.
+    pub index: Index,
     /// Where commits are published.
     pub feed: Feed,
     /// fsync before acknowledging, or not.
@@ -54,6 +61,9 @@ pub struct Writer {
     pub clock: Clock,
     /// Most mutations gathered into one group commit.
     pub max_group_mutations: usize,
+    /// Time of the last commit: commit times never go backwards, so seq
+    /// order is time order even if the system clock is stepped back.
+    pub last_time: Cell<SystemTime>,
 }
 
 impl Writer {
@@ -99,21 +109,14 @@ impl Writer {
             return;
         }
         let started = Instant::now();
-        let now = (self.clock)();
+        let now = (self.clock)().max(self.last_time.get());
+        self.last_time.set(now);
         let batches: Vec<&PushBatch> = jobs.iter().map(|j| &j.batch).collect();
         let t = &self.trees;
-        let result = (&t.docs, &t.changes, &t.history, &t.clients, &t.meta).transaction(
-            |(docs, changes, history, clients, meta)| {
-                let tx = Tx {
-                    docs,
-                    changes,
-                    history,
-                    clients,
-                    meta,
-                };
-                push::apply_group(&tx, &batches, now)
-            },
-        );
+        let result = (&t.log, &t.clients, &t.meta).transaction(|(log, clients, meta)| {
+            let tx = Tx { log, clients, meta };
+            push::apply_group(&tx, &self.index, &batches, now)
+        });
         let group = match result {
             Ok(group) => group,
             Err(e) => {
@@ -131,6 +134,7 @@ impl Writer {
             return fail_all(jobs);
         }
         tracing::trace!(pushes = jobs.len(), changes = group.changes.len(), head = %group.head, elapsed = ?started.elapsed(), "group committed");
+        self.index.apply(group.index);
         if group.head != group.prev_head {
             self.feed.publish(Commit {
                 prev_head: group.prev_head,
@@ -144,52 +148,54 @@ impl Writer {
     }
 
     /// Removes delta-log entries and purges tombstones that are still the
-    /// tombstone planned (a rewritten document is left alone). The horizon
-    /// is raised in memory before the commit, so readers re-checking it after
-    /// a read cannot miss a purge.
+    /// tombstone planned (a rewritten document is left alone), with their
+    /// chains. The horizon is raised in memory before the commit, so readers
+    /// re-checking it after a read cannot miss a purge.
     fn purge(&self, purge: &Purge) -> Result<Removed, StoreError> {
-        if let Some(max) = purge.tombstones.iter().map(|t| t.seq).max() {
+        // Only this thread changes the index, so what it says now holds
+        // through the commit.
+        let tombstones: Vec<_> = purge
+            .tombstones
+            .iter()
+            .filter(|t| {
+                self.index
+                    .get(t.key.as_bytes())
+                    .is_some_and(|e| e.deleted && e.seq == t.seq)
+            })
+            .collect();
+        if let Some(max) = tombstones.iter().map(|t| t.seq).max() {
             self.feed.raise_horizon(max);
         }
         let t = &self.trees;
-        let result = (&t.docs, &t.changes, &t.history, &t.meta).transaction(
-            |(docs, changes, history, meta)| {
-                let mut removed = Removed::default();
-                for key in &purge.history {
-                    removed.history += usize::from(history.remove(key.as_slice())?.is_some());
+        let result = (&t.log, &t.meta).transaction(|(log, meta)| {
+            let mut removed = Removed::default();
+            for seq in &purge.history {
+                removed.history += usize::from(log.remove(&keys::seq_key(*seq))?.is_some());
+            }
+            let stored = meta
+                .get(keys::META_PURGE_HORIZON)?
+                .and_then(|v| keys::parse_u64(&v))
+                .unwrap_or(0);
+            let mut horizon = stored;
+            for tomb in &tombstones {
+                log.remove(&keys::seq_key(tomb.seq))?;
+                for seq in &tomb.chain {
+                    removed.history += usize::from(log.remove(&keys::seq_key(*seq))?.is_some());
                 }
-                let stored = meta
-                    .get(keys::META_PURGE_HORIZON)?
-                    .and_then(|v| keys::parse_u64(&v))
-                    .unwrap_or(0);
-                let mut horizon = stored;
-                for tomb in &purge.tombstones {
-                    let Some(bytes) = docs.get(tomb.key.as_bytes())? else {
-                        continue;
-                    };
-                    let header = codec::decode_header(keys::DOCS, &bytes)
-                        .map_err(ConflictableTransactionError::Abort)?;
-                    if !header.deleted || header.seq != tomb.seq {
-                        continue;
-                    }
-                    docs.remove(tomb.key.as_bytes())?;
-                    changes.remove(&keys::seq_key(tomb.seq))?;
-                    for key in &tomb.history {
-                        removed.history += usize::from(history.remove(key.as_slice())?.is_some());
-                    }
-                    removed.tombstones += 1;
-                    horizon = horizon.max(tomb.seq.0);
-                }
-                if horizon != stored {
-                    meta.insert(keys::META_PURGE_HORIZON, &horizon.to_be_bytes())?;
-                }
-                Ok(removed)
-            },
-        );
-        result.map_err(|e| {
+                removed.tombstones += 1;
+                horizon = horizon.max(tomb.seq.0);
+            }
+            if horizon != stored {
+                meta.insert(keys::META_PURGE_HORIZON, &horizon.to_be_bytes())?;
+            }
+            Ok::<_, sled::transaction::ConflictableTransactionError<StoreError>>(removed)
+        });
+        let removed = result.map_err(|e| {
             tracing::error!(cause = %e, "compaction batch failed");
             StoreError::CommitFailed
-        })
+        })?;
+        self.index.remove(tombstones.iter().map(|t| &t.key));
+        Ok(removed)
     }
 
     fn flush(&self) {

@@ -20,6 +20,11 @@ use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use target::{Conn, Error, Kind};
 
+/// The server's allocator, so the `store` workload measures sled as the
+/// server runs it (the client side is the same for both targets).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "deltasync-bench",

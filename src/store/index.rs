@@ -1,0 +1,112 @@
+//! The document index: doc key → where its current state is in the log.
+//!
+//! It lives in memory and is rebuilt from the log when the store opens, as
+//! etcd keeps its key index. That is what lets a change be one insert (its
+//! log record) and a pull be one scan of the log: whether a record is still
+//! its document's current state is a hash lookup, not a tree lookup. It costs
+//! about 100 bytes of memory per document.
+//!
+//! Only the writer changes it, after a commit is durable and before the
+//! commit is published, so a reader bounded by the published head never sees
+//! the index behind the log.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, PoisonError, RwLock},
+};
+
+use super::{
+    codec::Record,
+    error::StoreError,
+    keys::{self, DocKey},
+    model::{Seq, Version},
+};
+
+/// Where a document's current state is, and what the writer needs to know
+/// about it without reading the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    /// Seq of the current state's record.
+    pub seq: Seq,
+    /// Its version.
+    pub version: Version,
+    /// Whether it is a tombstone.
+    pub deleted: bool,
+}
+
+/// A cheap `Clone` handle to the shared index.
+#[derive(Clone, Default)]
+pub struct Index(Arc<RwLock<HashMap<DocKey, Entry>>>);
+
+impl Index {
+    /// Builds the index from every record of the log: the last record of
+    /// each document (in seq order) is its current state.
+    pub fn rebuild(log: &sled::Tree) -> Result<Self, StoreError> {
+        let mut map: HashMap<DocKey, Entry> = HashMap::new();
+        for entry in log.iter() {
+            let (seq, bytes) = entry?;
+            let seq = parse_seq(&seq)?;
+            let record = Record::parse(&bytes)?;
+            let entry = Entry {
+                seq,
+                version: record.version,
+                deleted: record.deleted,
+            };
+            match map.get_mut(record.key()) {
+                Some(current) => *current = entry,
+                None => {
+                    map.insert(DocKey::from_stored(record.key()), entry);
+                }
+            }
+        }
+        map.shrink_to_fit();
+        Ok(Self(Arc::new(RwLock::new(map))))
+    }
+
+    /// The current state of a document, if it has one.
+    pub fn get(&self, key: &[u8]) -> Option<Entry> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .copied()
+    }
+
+    /// Whether the record at `seq` is its document's current state.
+    pub fn is_current(&self, key: &[u8], seq: Seq) -> bool {
+        self.get(key).is_some_and(|e| e.seq == seq)
+    }
+
+    /// Records committed changes (in seq order).
+    pub fn apply(&self, changes: impl IntoIterator<Item = (DocKey, Entry)>) {
+        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        for (key, entry) in changes {
+            map.insert(key, entry);
+        }
+    }
+
+    /// Forgets purged documents.
+    pub fn remove<'a>(&self, purged: impl IntoIterator<Item = &'a DocKey>) {
+        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        for key in purged {
+            map.remove(key);
+        }
+    }
+
+    /// How many documents (tombstones included) it holds.
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
+    /// Whether it holds no document.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A [`keys::LOG`] key.
+pub fn parse_seq(bytes: &[u8]) -> Result<Seq, StoreError> {
+    keys::parse_u64(bytes)
+        .map(Seq)
+        .ok_or_else(|| StoreError::corrupt(keys::LOG, "bad seq key"))
+}

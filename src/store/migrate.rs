@@ -1,0 +1,152 @@
+//! Opening stores written by an earlier layout.
+//!
+//! Layout 1 kept current documents (doc key → record), a change index
+//! (seq → doc key) and the delta log (doc key ++ version → record) in three
+//! trees, so a change cost up to four tree writes and a pull a lookup per
+//! document. Layout 2 keeps one log keyed by seq (see `codec`). Upgrading
+//! rewrites every record once; it is safe to interrupt, because the schema
+//! version changes only after the whole log is written and flushed, and an
+//! interrupted upgrade starts again from an empty log.
+
+use std::time::Instant;
+
+use super::{
+    SCHEMA_VERSION, Trees, codec,
+    error::StoreError,
+    keys::{self, DocKey},
+    model::{Body, Document, EncodedBody, Seq, Version},
+};
+
+/// Records written per batch while upgrading.
+const BATCH: usize = 10_000;
+
+/// Brings the store in `db` to [`SCHEMA_VERSION`], marking a new store and
+/// refusing layouts this build does not know.
+pub fn upgrade(db: &sled::Db, trees: &Trees) -> Result<(), StoreError> {
+    match trees.meta.get(keys::META_SCHEMA)? {
+        None => {
+            trees
+                .meta
+                .insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+        }
+        Some(v) => match keys::parse_u64(&v) {
+            Some(SCHEMA_VERSION) => {}
+            Some(1) => from_v1(db, trees)?,
+            Some(found) => {
+                return Err(StoreError::Schema {
+                    found,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            None => return Err(StoreError::corrupt(keys::META, "bad schema version")),
+        },
+    }
+    // Left behind if the process stopped between the upgrade and this.
+    for name in [keys::V1_DOCS, keys::V1_CHANGES, keys::V1_HISTORY] {
+        if db.tree_names().iter().any(|n| n == name.as_bytes()) {
+            db.drop_tree(name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites layout 1's documents and delta log as one log, chaining each
+/// document's versions.
+fn from_v1(db: &sled::Db, trees: &Trees) -> Result<(), StoreError> {
+    let started = Instant::now();
+    tracing::info!("upgrading the store from layout 1");
+    trees.log.clear()?;
+    let docs = db.open_tree(keys::V1_DOCS)?;
+    let history = db.open_tree(keys::V1_HISTORY)?;
+    let mut batch = sled::Batch::default();
+    let mut pending = 0;
+    let mut records = 0u64;
+    for entry in docs.iter() {
+        let (key, value) = entry?;
+        let key = DocKey::from_stored(&key);
+        let mut prev: Option<(Version, Seq)> = None;
+        // Delta-log keys sort by version within a document; doc keys are
+        // prefix-free, so this prefix holds only this document's versions.
+        let versions = history
+            .scan_prefix(key.as_bytes())
+            .values()
+            .map(|v| v.map(|v| (keys::V1_HISTORY, v)));
+        for read in versions.chain([Ok((keys::V1_DOCS, value))]) {
+            let (tree, bytes) = read?;
+            let doc = decode(tree, &key, &bytes)?;
+            // A pruned gap breaks the chain, as it did in the delta log.
+            let link = match prev {
+                Some((v, seq)) if v.0 + 1 == doc.version.0 => seq,
+                _ => Seq(0),
+            };
+            batch.insert(&keys::seq_key(doc.seq), codec::encode(&doc, &key, link)?);
+            prev = Some((doc.version, doc.seq));
+            pending += 1;
+            records += 1;
+            if pending == BATCH {
+                trees.log.apply_batch(std::mem::take(&mut batch))?;
+                pending = 0;
+            }
+        }
+    }
+    trees.log.apply_batch(batch)?;
+    db.flush()?;
+    trees
+        .meta
+        .insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+    db.flush()?;
+    tracing::info!(
+        records,
+        elapsed_ms = started.elapsed().as_millis(),
+        "store upgraded to layout 2"
+    );
+    Ok(())
+}
+
+/// Layout 1's record: `[format: u8][deleted: u8][version: u64][seq: u64]
+/// [updated_at µs: u64][updated_by len: u16][updated_by][body]`, the body as
+/// JSON (format 1) or an encoded Struct (format 2).
+fn decode(tree: &'static str, key: &DocKey, bytes: &[u8]) -> Result<Document, StoreError> {
+    const HEADER: usize = 1 + 1 + 8 + 8 + 8 + 2;
+    let corrupt = |detail: String| StoreError::corrupt(tree, detail);
+    let (collection, id) = key
+        .parts()
+        .ok_or_else(|| corrupt("bad document key".into()))?;
+    let (header, rest) = bytes
+        .split_first_chunk::<HEADER>()
+        .ok_or_else(|| corrupt("short record".into()))?;
+    let format = header[0];
+    if format != 1 && format != 2 {
+        return Err(corrupt(format!("unknown record format {format}")));
+    }
+    let u64_at = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&header[at..at + 8]);
+        u64::from_be_bytes(b)
+    };
+    let deleted = header[1] != 0;
+    let by_len = usize::from(u16::from_be_bytes([header[26], header[27]]));
+    let (by, body) = rest
+        .split_at_checked(by_len)
+        .ok_or_else(|| corrupt("short record".into()))?;
+    let updated_by =
+        std::str::from_utf8(by).map_err(|_| corrupt("updated_by is not UTF-8".into()))?;
+    let body = if deleted || body.is_empty() {
+        EncodedBody::default()
+    } else if format == 1 {
+        let json: Body = serde_json::from_slice(body).map_err(|e| corrupt(e.to_string()))?;
+        EncodedBody::encode(&json)
+    } else {
+        EncodedBody::from_stored(body)
+    };
+    Ok(Document {
+        collection: collection.to_owned(),
+        id: id.to_owned(),
+        version: Version(u64_at(2)),
+        body,
+        deleted,
+        seq: Seq(u64_at(10)),
+        updated_at: std::time::UNIX_EPOCH + std::time::Duration::from_micros(u64_at(18)),
+        updated_by: updated_by.to_owned(),
+    })
+}

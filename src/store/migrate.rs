@@ -150,3 +150,157 @@ fn decode(tree: &'static str, key: &DocKey, bytes: &[u8]) -> Result<Document, St
         updated_by: updated_by.to_owned(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::{
+        CollectionFilter, Options, PageLimit, Store,
+        model::{Mutation, Op, Outcome, PushBatch, Strategy},
+    };
+
+    /// A layout-1 record (format 2 bodies are Struct bytes, format 1 JSON).
+    fn v1_record(format: u8, version: u64, seq: u64, body: &[u8]) -> Vec<u8> {
+        let mut record = vec![format, u8::from(body.is_empty())];
+        for n in [version, seq, 1_700_000_000_000_000 + seq] {
+            record.extend_from_slice(&n.to_be_bytes());
+        }
+        record.extend_from_slice(&1u16.to_be_bytes());
+        record.extend_from_slice(b"c");
+        record.extend_from_slice(body);
+        record
+    }
+
+    fn struct_bytes(value: serde_json::Value) -> Vec<u8> {
+        EncodedBody::encode(value.as_object().unwrap())
+            .as_bytes()
+            .to_vec()
+    }
+
+    /// Writes what layout 1 would have left after: a {t:x, n:1} (seq 1),
+    /// c deleted (seq 2), a patched to {t:y, n:1} (seq 3; version 1 in the
+    /// delta log, JSON), b created with a JSON body (seq 4).
+    fn write_v1_store(dir: &std::path::Path) {
+        let db = sled::open(dir).unwrap();
+        let tree = |name: &str| db.open_tree(name).unwrap();
+        let (meta, docs, changes, history) = (
+            tree(keys::META),
+            tree(keys::V1_DOCS),
+            tree(keys::V1_CHANGES),
+            tree(keys::V1_HISTORY),
+        );
+        meta.insert(keys::META_SCHEMA, &1u64.to_be_bytes()).unwrap();
+        meta.insert(keys::META_STORE_ID, "old-store").unwrap();
+        meta.insert(keys::META_HEAD, &4u64.to_be_bytes()).unwrap();
+        let key = |id: &str| DocKey::new("todos", id).unwrap();
+        let a1 = v1_record(1, 1, 1, br#"{"t":"x","n":1}"#);
+        history
+            .insert([key("a").as_bytes(), &1u64.to_be_bytes()].concat(), a1)
+            .unwrap();
+        let a2 = v1_record(2, 2, 3, &struct_bytes(json!({"t": "y", "n": 1})));
+        docs.insert(key("a").as_bytes(), a2).unwrap();
+        docs.insert(key("c").as_bytes(), v1_record(2, 1, 2, b""))
+            .unwrap();
+        let b1 = v1_record(1, 1, 4, br#"{"a":[1,"x"]}"#);
+        docs.insert(key("b").as_bytes(), b1).unwrap();
+        for (seq, id) in [(2u64, "c"), (3, "a"), (4, "b")] {
+            changes
+                .insert(seq.to_be_bytes(), key(id).as_bytes())
+                .unwrap();
+        }
+        db.flush().unwrap();
+    }
+
+    /// Rule: a store written by layout 1 opens as layout 2 with the same
+    /// documents, seqs, versions and identity, its delta log still usable as
+    /// a merge base, and the old trees gone; opening it again changes nothing.
+    #[tokio::test]
+    async fn layout_1_stores_are_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        write_v1_store(dir.path());
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        assert_eq!((store.store_id(), store.head()), ("old-store", Seq(4)));
+        let page = store
+            .pull(
+                Seq(0),
+                CollectionFilter::default(),
+                PageLimit {
+                    docs: 10,
+                    bytes: usize::MAX,
+                },
+            )
+            .await
+            .unwrap();
+        let seen: Vec<_> = page
+            .documents
+            .iter()
+            .map(|d| (d.id.as_str(), d.version.0, d.seq.0, d.deleted))
+            .collect();
+        assert_eq!(
+            seen,
+            [("c", 1, 2, true), ("a", 2, 3, false), ("b", 1, 4, false)]
+        );
+        assert_eq!(
+            page.documents[2].body.to_json("b").unwrap(),
+            *json!({"a": [1, "x"]}).as_object().unwrap()
+        );
+        // Base 1 of `a` is found through the chain: the server changed only
+        // `t`, so a change of `n` merges (an unknown base would conflict).
+        let patch = |n: i64| PushBatch {
+            client_id: String::new(),
+            mutations: vec![Mutation {
+                mutation_id: 0,
+                collection: "todos".into(),
+                id: "a".into(),
+                base_version: Some(Version(1)),
+                op: Op::Patch(json!({"n": n}).as_object().unwrap().clone()),
+                strategy: Strategy::Reject,
+            }],
+            atomic: false,
+        };
+        let result = store.push(patch(2)).await.unwrap().results.remove(0);
+        assert_eq!(result.outcome, Outcome::Merged);
+        let doc = result.document.unwrap();
+        assert_eq!((doc.version, doc.seq), (Version(3), Seq(5)));
+        assert_eq!(
+            doc.body.to_json("a").unwrap(),
+            *json!({"t": "y", "n": 2}).as_object().unwrap()
+        );
+        store.close().await;
+        drop(store);
+
+        let db = sled::open(dir.path()).unwrap();
+        let names: Vec<_> = db.tree_names();
+        for old in [keys::V1_DOCS, keys::V1_CHANGES, keys::V1_HISTORY] {
+            assert!(!names.iter().any(|n| n == old.as_bytes()), "{old} left");
+        }
+        drop(db);
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        assert_eq!(store.head(), Seq(5));
+        let got = store.get("todos".into(), vec!["a".into()]).await.unwrap();
+        assert_eq!(got[0].version, Version(3));
+        store.close().await;
+    }
+
+    /// Rule: a layout this build does not know is refused, not rewritten.
+    #[test]
+    fn unknown_layouts_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let meta = db.open_tree(keys::META).unwrap();
+            meta.insert(keys::META_SCHEMA, &9u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(dir.path(), Options::default()).err().unwrap();
+        assert!(matches!(
+            err,
+            StoreError::Schema {
+                found: 9,
+                supported: 2
+            }
+        ));
+    }
+}

@@ -373,3 +373,123 @@ fn result(
         conflicting_fields,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use sled::Transactional;
+
+    use super::*;
+    use crate::store::{codec::Record, model::Strategy};
+
+    fn fields(v: serde_json::Value) -> Body {
+        v.as_object().unwrap().clone()
+    }
+
+    fn mutation(id: &str, base: Option<u64>, op: Op) -> Mutation {
+        Mutation {
+            mutation_id: 0,
+            collection: "c".into(),
+            id: id.into(),
+            base_version: base.map(Version),
+            op,
+            strategy: Strategy::Reject,
+        }
+    }
+
+    fn batch(atomic: bool, mutations: Vec<Mutation>) -> PushBatch {
+        PushBatch {
+            client_id: String::new(),
+            mutations,
+            atomic,
+        }
+    }
+
+    /// Applies one group to a fresh store, as the writer does.
+    fn apply(batches: &[PushBatch]) -> (GroupCommit, sled::Tree) {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let [log, clients, meta] = ["log", "clients", "meta"].map(|n| db.open_tree(n).unwrap());
+        let index = Index::default();
+        let batches: Vec<&PushBatch> = batches.iter().collect();
+        let group = (&log, &clients, &meta)
+            .transaction(|(log, clients, meta)| {
+                let tx = Tx { log, clients, meta };
+                apply_group(&tx, &index, &batches, SystemTime::now())
+            })
+            .unwrap();
+        (group, log)
+    }
+
+    fn outcomes(outcome: &PushOutcome) -> Vec<Outcome> {
+        outcome.results.iter().map(|r| r.outcome).collect()
+    }
+
+    /// Rule: batches of one group see the writes of the batches before them;
+    /// an atomic batch with a conflict leaves no record in the log and uses
+    /// no seq, so the next write takes the next seq, chained to the last.
+    #[test]
+    fn a_group_sees_its_own_writes_and_drops_a_failed_atomic_batch() {
+        let put = |v| Op::Put(fields(v).into());
+        let (group, log) = apply(&[
+            batch(false, vec![mutation("x", None, put(json!({"a": 1})))]),
+            batch(
+                true,
+                vec![
+                    mutation("y", None, put(json!({"b": 1}))),
+                    mutation("x", Some(5), Op::Delete),
+                ],
+            ),
+            batch(
+                false,
+                vec![mutation("x", Some(1), Op::Patch(fields(json!({"a": 2}))))],
+            ),
+        ]);
+        assert_eq!(outcomes(&group.outcomes[0]), [Outcome::Applied]);
+        assert_eq!(
+            outcomes(&group.outcomes[1]),
+            [Outcome::NotApplied, Outcome::Conflict]
+        );
+        assert_eq!(group.outcomes[1].results[0].document, None);
+        assert_eq!(outcomes(&group.outcomes[2]), [Outcome::Applied]);
+        assert_eq!(group.head, Seq(2));
+        let seqs: Vec<u64> = log
+            .iter()
+            .keys()
+            .map(|k| keys::parse_u64(&k.unwrap()).unwrap())
+            .collect();
+        assert_eq!(seqs, [1, 2], "the atomic batch's plan is not in the log");
+        let second = log.get(keys::seq_key(Seq(2))).unwrap().unwrap();
+        let record = Record::parse(&second).unwrap();
+        assert_eq!((record.version, record.prev), (Version(2), Seq(1)));
+        let x = DocKey::new("c", "x").unwrap();
+        assert_eq!(group.index[&x].seq, Seq(2));
+        assert!(!group.index.contains_key(&DocKey::new("c", "y").unwrap()));
+    }
+
+    /// Rule: a base version written earlier in the same batch is found
+    /// through the chain: only `a` changed since base 1, so a change of `k`
+    /// merges (an unknown base would count `k` as changed and conflict).
+    #[test]
+    fn a_base_written_earlier_in_the_batch_is_found() {
+        let put = |v| Op::Put(fields(v).into());
+        let (group, _) = apply(&[batch(
+            false,
+            vec![
+                mutation("z", None, put(json!({"a": 1, "k": 1}))),
+                mutation("z", Some(1), put(json!({"a": 2, "k": 1}))),
+                mutation("z", Some(1), Op::Patch(fields(json!({"k": 9})))),
+            ],
+        )]);
+        let results = &group.outcomes[0].results;
+        assert_eq!(
+            outcomes(&group.outcomes[0]),
+            [Outcome::Applied, Outcome::Applied, Outcome::Merged]
+        );
+        let doc = results[2].document.as_ref().unwrap();
+        assert_eq!(
+            doc.body.to_json("z").unwrap(),
+            fields(json!({"a": 2, "k": 9}))
+        );
+        assert_eq!((doc.version, doc.seq), (Version(3), Seq(3)));
+    }
+}

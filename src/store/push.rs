@@ -426,7 +426,9 @@ mod tests {
 
     /// Rule: batches of one group see the writes of the batches before them;
     /// an atomic batch with a conflict leaves no record in the log and uses
-    /// no seq, so the next write takes the next seq, chained to the last.
+    /// no seq, so the next write takes the next seq, chained to the last (the
+/// batch plans more writes than follow it, so an overwrite would not hide
+/// a leftover).
     #[test]
     fn a_group_sees_its_own_writes_and_drops_a_failed_atomic_batch() {
         let put = |v| Op::Put(fields(v).into());
@@ -436,6 +438,7 @@ mod tests {
                 true,
                 vec![
                     mutation("y", None, put(json!({"b": 1}))),
+                    mutation("w", None, put(json!({"b": 2}))),
                     mutation("x", Some(5), Op::Delete),
                 ],
             ),
@@ -447,7 +450,7 @@ mod tests {
         assert_eq!(outcomes(&group.outcomes[0]), [Outcome::Applied]);
         assert_eq!(
             outcomes(&group.outcomes[1]),
-            [Outcome::NotApplied, Outcome::Conflict]
+            [Outcome::NotApplied, Outcome::NotApplied, Outcome::Conflict]
         );
         assert_eq!(group.outcomes[1].results[0].document, None);
         assert_eq!(outcomes(&group.outcomes[2]), [Outcome::Applied]);

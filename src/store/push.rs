@@ -427,8 +427,8 @@ mod tests {
     /// Rule: batches of one group see the writes of the batches before them;
     /// an atomic batch with a conflict leaves no record in the log and uses
     /// no seq, so the next write takes the next seq, chained to the last (the
-/// batch plans more writes than follow it, so an overwrite would not hide
-/// a leftover).
+    /// batch plans more writes than follow it, so an overwrite would not hide
+    /// a leftover).
     #[test]
     fn a_group_sees_its_own_writes_and_drops_a_failed_atomic_batch() {
         let put = |v| Op::Put(fields(v).into());

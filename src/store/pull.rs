@@ -81,7 +81,7 @@ pub fn read_changes(
         let record = Record::parse(&value)?;
         let collection = keys::collection_of(record.key())
             .ok_or_else(|| StoreError::corrupt(keys::LOG, "bad document key"))?;
-        if !filter.matches(collection) || !index.is_current(record.key(), seq) {
+        if !filter.matches(collection) || !index.is_current(seq) {
             continue;
         }
         let doc = record.to_document(seq)?;

@@ -153,7 +153,7 @@ impl Store {
         };
         migrate::upgrade(&db, &trees)?;
         let store_id = init_store_id(&trees.meta)?;
-        let head = recover_head(&trees)?;
+        let head = recover_head(&db, &trees)?;
         let started = std::time::Instant::now();
         let index = Index::rebuild(&trees.log)?;
         tracing::info!(
@@ -375,18 +375,14 @@ fn read_meta_u64(meta: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
     pull::read_u64(meta, keys::META, key)
 }
 
-/// Reads the head seq and checks it against the log: every push commits
-/// both in one transaction, so they must agree.
-fn recover_head(trees: &Trees) -> Result<Seq, StoreError> {
+/// Reads the head seq, the commit mark, and removes records past it: a
+/// group commit cut short by a crash (see `Writer::write`).
+fn recover_head(db: &sled::Db, trees: &Trees) -> Result<Seq, StoreError> {
     let head = Seq(read_meta_u64(&trees.meta, keys::META_HEAD)?);
-    if let Some((last, _)) = trees.log.last()? {
-        let last = index::parse_seq(&last)?;
-        if last > head {
-            return Err(StoreError::corrupt(
-                keys::LOG,
-                format!("log at {last} is past head {head}"),
-            ));
-        }
+    let discarded = writer::discard_uncommitted(trees, head)?;
+    if discarded > 0 {
+        tracing::warn!(discarded, %head, "removed the records of a commit that did not complete");
+        db.flush()?;
     }
     Ok(head)
 }

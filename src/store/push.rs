@@ -1,20 +1,20 @@
-//! The conflict-checked push transaction.
+//! The conflict-checked push: planning a group commit.
 //!
-//! [`apply_group`] runs inside one sled transaction for a whole group commit.
-//! It is a pure function of its inputs, the transactional view and the
-//! index (which only the writer changes, after the commit), because sled may
-//! run it more than once; every side effect (updating the index, notifying
-//! subscribers, answering callers) happens after it returns.
+//! [`apply_group`] works out what a whole group of pushes does, in order,
+//! against the committed state (the trees and the index, which only the
+//! writer changes) and returns it as a plan: the new log records, the
+//! clients' last mutation ids, the new head and every caller's results.
+//! Nothing is written here; the writer commits the plan (see `writer`), and
+//! every side effect (updating the index, notifying subscribers, answering
+//! callers) happens after that.
 //!
 //! A change is one insert: the new state's record at its seq, pointing at
 //! the record it supersedes, which stays as the delta log's entry.
 
 use std::{collections::HashMap, time::SystemTime};
 
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
-
 use super::{
-    codec,
+    Trees, codec,
     conflict::{self, BaseCheck, Decision, NewState},
     error::StoreError,
     index::{Entry, Index},
@@ -23,27 +23,20 @@ use super::{
         Body, Document, EncodedBody, Mutation, MutationResult, Op, Outcome, PushBatch, PushOutcome,
         Seq, Version,
     },
+    pull,
 };
 
-type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
-
-/// The transactional view of every tree a push touches.
-pub struct Tx<'a> {
-    /// The log of changes.
-    pub log: &'a TransactionalTree,
-    /// Per-client last mutation ids.
-    pub clients: &'a TransactionalTree,
-    /// Metadata (head seq).
-    pub meta: &'a TransactionalTree,
-}
-
-/// What one group commit produced.
+/// What one group commit is to write and answer.
 #[derive(Debug)]
 pub struct GroupCommit {
     /// One outcome per batch, in the order given.
     pub outcomes: Vec<PushOutcome>,
     /// Every new document state, in seq order, for the feed.
     pub changes: Vec<Document>,
+    /// The encoded records of `changes`: seqs `prev_head + 1 ..= head`.
+    pub records: Vec<Vec<u8>>,
+    /// Clients whose last applied mutation id rose, with the new id.
+    pub clients: HashMap<String, u64>,
     /// The index entries the group changed, for the index once committed.
     pub index: HashMap<DocKey, Entry>,
     /// Head seq before the group.
@@ -52,58 +45,80 @@ pub struct GroupCommit {
     pub head: Seq,
 }
 
-/// Where documents stand while a group is applied: the index as committed,
-/// overlaid with what the group (and the batch in progress) wrote.
+/// The state a group is planned against: what is committed, overlaid with
+/// what the group (and the batch in progress) has planned so far.
 struct View<'a> {
+    /// Committed records and client ids.
+    trees: &'a Trees,
     /// The committed index.
     index: &'a Index,
-    /// Entries written by earlier batches of the group.
-    group: HashMap<DocKey, Entry>,
+    /// The plan so far.
+    group: GroupCommit,
     /// Entries written by the batch in progress.
     batch: HashMap<DocKey, Entry>,
 }
 
 impl View<'_> {
-    fn get(&self, key: &DocKey) -> Option<Entry> {
+    /// Where a document's current state is.
+    fn entry(&self, key: &DocKey) -> Option<Entry> {
         self.batch
             .get(key)
-            .or_else(|| self.group.get(key))
+            .or_else(|| self.group.index.get(key))
             .copied()
             .or_else(|| self.index.get(key.as_bytes()))
     }
+
+    /// The record at `seq`: planned in this group, or committed.
+    fn record(&self, seq: Seq) -> Result<Option<sled::IVec>, StoreError> {
+        match seq.0.checked_sub(self.group.prev_head.0 + 1) {
+            Some(i) => Ok(usize::try_from(i)
+                .ok()
+                .and_then(|i| self.group.records.get(i))
+                .map(|r| sled::IVec::from(r.as_slice()))),
+            None => Ok(self.trees.log.get(keys::seq_key(seq))?),
+        }
+    }
+
+    /// A client's last applied mutation id, counting earlier batches of
+    /// the group.
+    fn last_mutation_id(&self, client: &str) -> Result<u64, StoreError> {
+        match self.group.clients.get(client) {
+            Some(&last) => Ok(last),
+            None => pull::read_u64(&self.trees.clients, keys::CLIENTS, client.as_bytes()),
+        }
+    }
 }
 
-/// Applies every batch of a group, in order, in one transaction.
+/// Plans every batch of a group, in order.
 pub fn apply_group(
-    tx: &Tx<'_>,
+    trees: &Trees,
     index: &Index,
     batches: &[&PushBatch],
     now: SystemTime,
-) -> TxResult<GroupCommit> {
-    let prev_head = read_head(tx)?;
-    let mut head = prev_head;
-    let mut changes = Vec::new();
+) -> Result<GroupCommit, StoreError> {
+    let prev_head = Seq(pull::read_u64(&trees.meta, keys::META, keys::META_HEAD)?);
     let mut view = View {
+        trees,
         index,
-        group: HashMap::new(),
+        group: GroupCommit {
+            outcomes: Vec::with_capacity(batches.len()),
+            changes: Vec::new(),
+            records: Vec::new(),
+            clients: HashMap::new(),
+            index: HashMap::new(),
+            prev_head,
+            head: prev_head,
+        },
         batch: HashMap::new(),
     };
     let mut applied = Vec::with_capacity(batches.len());
     for batch in batches {
-        applied.push(apply_batch(
-            tx,
-            &mut view,
-            batch,
-            now,
-            &mut head,
-            &mut changes,
-        )?);
+        applied.push(apply_batch(&mut view, batch, now)?);
     }
-    if head != prev_head {
-        tx.meta.insert(keys::META_HEAD, &head.0.to_be_bytes())?;
-    }
+    let mut group = view.group;
     // Every push of the group reports the head once the group committed.
-    let outcomes = applied
+    let head = group.head;
+    group.outcomes = applied
         .into_iter()
         .map(|(results, last_mutation_id)| PushOutcome {
             results,
@@ -111,43 +126,33 @@ pub fn apply_group(
             checkpoint: head,
         })
         .collect();
-    Ok(GroupCommit {
-        outcomes,
-        changes,
-        index: view.group,
-        prev_head,
-        head,
-    })
+    Ok(group)
 }
 
-/// Applies one batch: its results and the client's last applied mutation id.
-/// Each write goes to the log at once, so later mutations (and base lookups)
-/// of the same batch see it; an atomic batch with a conflict takes its
-/// writes back and leaves `head` as it was.
+/// Plans one batch: its results and the client's last applied mutation id.
+/// Later mutations (and base lookups) of the batch see its earlier writes;
+/// an atomic batch with a conflict takes its writes back.
 fn apply_batch(
-    tx: &Tx<'_>,
     view: &mut View<'_>,
     batch: &PushBatch,
     now: SystemTime,
-    head: &mut Seq,
-    changes: &mut Vec<Document>,
-) -> TxResult<(Vec<MutationResult>, u64)> {
+) -> Result<(Vec<MutationResult>, u64), StoreError> {
     let stored_last = match batch.client_id.as_str() {
         "" => 0,
-        client => read_u64(tx.clients, keys::CLIENTS, client.as_bytes())?,
+        client => view.last_mutation_id(client)?,
     };
     let mut last = stored_last;
-    let start_head = *head;
-    let first_change = changes.len();
+    let start_head = view.group.head;
+    let first_change = view.group.changes.len();
     view.batch.clear();
     let mut results = Vec::with_capacity(batch.mutations.len());
     let mut any_conflict = false;
 
     for m in &batch.mutations {
-        let key = DocKey::new(&m.collection, &m.id).map_err(ConflictableTransactionError::Abort)?;
-        let current = view.get(&key);
+        let key = DocKey::new(&m.collection, &m.id)?;
+        let current = view.entry(&key);
         if m.mutation_id != 0 && m.mutation_id <= stored_last {
-            let document = read_current(tx, current)?;
+            let document = read_current(view, current)?;
             results.push(result(
                 m.mutation_id,
                 Outcome::Duplicate,
@@ -156,15 +161,14 @@ fn apply_batch(
             ));
             continue;
         }
-        let decision = decide(tx, current, m)?;
+        let decision = decide(view, current, m)?;
         if m.mutation_id != 0 {
             last = m.mutation_id;
         }
         any_conflict |= decision.outcome == Outcome::Conflict;
         let document = match decision.write {
             Some(state) => {
-                head.0 += 1;
-                let doc = write(tx, &key, current, state, *head, now, &batch.client_id)?;
+                let doc = write(view, &key, current, state, now, &batch.client_id)?;
                 view.batch.insert(
                     key,
                     Entry {
@@ -173,10 +177,9 @@ fn apply_batch(
                         deleted: doc.deleted,
                     },
                 );
-                changes.push(doc.clone());
                 Some(doc)
             }
-            None => read_current(tx, current)?,
+            None => read_current(view, current)?,
         };
         results.push(result(
             m.mutation_id,
@@ -187,11 +190,10 @@ fn apply_batch(
     }
 
     if batch.atomic && any_conflict {
-        for doc in changes.drain(first_change..) {
-            tx.log.remove(&keys::seq_key(doc.seq))?;
-        }
+        view.group.changes.truncate(first_change);
+        view.group.records.truncate(first_change);
+        view.group.head = start_head;
         view.batch.clear();
-        *head = start_head;
         for r in &mut results {
             if r.outcome != Outcome::Conflict {
                 r.outcome = Outcome::NotApplied;
@@ -201,31 +203,30 @@ fn apply_batch(
         // Report what is really stored, not the discarded plan.
         for (r, m) in results.iter_mut().zip(&batch.mutations) {
             if r.outcome == Outcome::NotApplied {
-                let key = DocKey::new(&m.collection, &m.id)
-                    .map_err(ConflictableTransactionError::Abort)?;
-                r.document = read_current(tx, view.get(&key))?;
+                let key = DocKey::new(&m.collection, &m.id)?;
+                r.document = read_current(view, view.entry(&key))?;
             }
         }
         return Ok((results, stored_last));
     }
 
-    view.group.extend(view.batch.drain());
+    let written = std::mem::take(&mut view.batch);
+    view.group.index.extend(written);
     if last > stored_last {
-        tx.clients
-            .insert(batch.client_id.as_bytes(), &last.to_be_bytes())?;
+        view.group.clients.insert(batch.client_id.clone(), last);
     }
     Ok((results, last))
 }
 
 /// Runs the version check and, for a stale base, the three-way field check.
 /// The current record is read only when a rule reads its fields.
-fn decide(tx: &Tx<'_>, current: Option<Entry>, m: &Mutation) -> TxResult<Decision> {
+fn decide(view: &View<'_>, current: Option<Entry>, m: &Mutation) -> Result<Decision, StoreError> {
     let version = current.map_or(Version(0), |e| e.version);
     let live = current.filter(|e| !e.deleted);
     let check = conflict::check_base(m.base_version, version, live.is_none());
     let needs_fields = matches!(m.op, Op::Patch(_)) || matches!(check, BaseCheck::Stale(_));
     let live_body = match live {
-        Some(e) if needs_fields => Some(read_body(tx, e.seq)?),
+        Some(e) if needs_fields => Some(read_body(view, e.seq)?),
         // A put or delete on a current base only asks whether it is live.
         Some(_) => Some(Body::new()),
         None => None,
@@ -239,7 +240,7 @@ fn decide(tx: &Tx<'_>, current: Option<Entry>, m: &Mutation) -> TxResult<Decisio
         },
         BaseCheck::Stale(base) => {
             let base_body = match current {
-                Some(e) => read_base(tx, e, base)?,
+                Some(e) => read_base(view, e, base)?,
                 None => None,
             };
             conflict::three_way(base_body.as_ref(), live_body.as_ref(), &m.op, m.strategy)
@@ -248,40 +249,31 @@ fn decide(tx: &Tx<'_>, current: Option<Entry>, m: &Mutation) -> TxResult<Decisio
 }
 
 /// The log record at `seq`, which the index says is there.
-fn read_record(tx: &Tx<'_>, seq: Seq) -> TxResult<sled::IVec> {
-    tx.log.get(keys::seq_key(seq))?.ok_or_else(|| {
-        ConflictableTransactionError::Abort(StoreError::corrupt(
-            keys::LOG,
-            format!("indexed record {seq} is missing"),
-        ))
-    })
+fn read_record(view: &View<'_>, seq: Seq) -> Result<sled::IVec, StoreError> {
+    view.record(seq)?
+        .ok_or_else(|| StoreError::corrupt(keys::LOG, format!("indexed record {seq} is missing")))
 }
 
 /// The document state an index entry points at.
-fn read_current(tx: &Tx<'_>, current: Option<Entry>) -> TxResult<Option<Document>> {
+fn read_current(view: &View<'_>, current: Option<Entry>) -> Result<Option<Document>, StoreError> {
     let Some(entry) = current else {
         return Ok(None);
     };
-    let bytes = read_record(tx, entry.seq)?;
-    codec::decode(entry.seq, &bytes)
-        .map(Some)
-        .map_err(ConflictableTransactionError::Abort)
+    codec::decode(entry.seq, &read_record(view, entry.seq)?).map(Some)
 }
 
 /// The fields of the body stored at `seq`.
-fn read_body(tx: &Tx<'_>, seq: Seq) -> TxResult<Body> {
-    let bytes = read_record(tx, seq)?;
-    let doc = codec::decode(seq, &bytes).map_err(ConflictableTransactionError::Abort)?;
-    decode_body(&doc)
+fn read_body(view: &View<'_>, seq: Seq) -> Result<Body, StoreError> {
+    decode_body(&codec::decode(seq, &read_record(view, seq)?)?)
 }
 
 /// A stored body's fields; undecodable bytes mean a corrupt record.
-fn decode_body(doc: &Document) -> TxResult<Body> {
+fn decode_body(doc: &Document) -> Result<Body, StoreError> {
     doc.body.to_json("body").map_err(|e| {
-        ConflictableTransactionError::Abort(StoreError::corrupt(
+        StoreError::corrupt(
             keys::LOG,
             format!("{}/{} at {}: {e}", doc.collection, doc.id, doc.seq),
-        ))
+        )
     })
 }
 
@@ -289,21 +281,18 @@ fn decode_body(doc: &Document) -> TxResult<Body> {
 /// `current`, found by following the delta log's chain back from it:
 /// version 0 is the empty object, a tombstone is empty too, and a pruned
 /// version is unknown (`None`).
-fn read_base(tx: &Tx<'_>, current: Entry, base: Version) -> TxResult<Option<Body>> {
+fn read_base(view: &View<'_>, current: Entry, base: Version) -> Result<Option<Body>, StoreError> {
     if base.0 == 0 {
         return Ok(Some(Body::new()));
     }
     let mut seq = current.seq;
     loop {
-        let Some(bytes) = tx.log.get(keys::seq_key(seq))? else {
+        let Some(bytes) = view.record(seq)? else {
             return Ok(None);
         };
-        let record = codec::Record::parse(&bytes).map_err(ConflictableTransactionError::Abort)?;
+        let record = codec::Record::parse(&bytes)?;
         if record.version == base {
-            let doc = record
-                .to_document(seq)
-                .map_err(ConflictableTransactionError::Abort)?;
-            return decode_body(&doc).map(Some);
+            return decode_body(&record.to_document(seq)?).map(Some);
         }
         // Versions only go down along the chain; 0 ends it.
         if record.version < base || record.prev.0 == 0 || record.prev >= seq {
@@ -313,51 +302,37 @@ fn read_base(tx: &Tx<'_>, current: Entry, base: Version) -> TxResult<Option<Body
     }
 }
 
-/// Writes the new state of `key` to the log at `seq` and returns it.
+/// Plans the new state of `key` at the next seq and returns it.
 fn write(
-    tx: &Tx<'_>,
+    view: &mut View<'_>,
     key: &DocKey,
     current: Option<Entry>,
     state: NewState,
-    seq: Seq,
     now: SystemTime,
     client_id: &str,
-) -> TxResult<Document> {
-    let (collection, id) = key
-        .parts()
-        .ok_or(ConflictableTransactionError::Abort(StoreError::KeyTooLong))?;
+) -> Result<Document, StoreError> {
+    let (collection, id) = key.parts().ok_or(StoreError::KeyTooLong)?;
     let (deleted, body) = match state {
         NewState::Live(body) => (false, EncodedBody::encode(&body)),
         NewState::Put(body) => (false, body),
         NewState::Tombstone => (true, EncodedBody::default()),
     };
+    let group = &mut view.group;
+    group.head.0 += 1;
     let doc = Document {
         collection: collection.to_owned(),
         id: id.to_owned(),
         version: Version(current.map_or(0, |e| e.version.0) + 1),
         body,
         deleted,
-        seq,
+        seq: group.head,
         updated_at: now,
         updated_by: client_id.to_owned(),
     };
     let prev = current.map_or(Seq(0), |e| e.seq);
-    let record = codec::encode(&doc, key, prev).map_err(ConflictableTransactionError::Abort)?;
-    tx.log.insert(&keys::seq_key(seq), record)?;
+    group.records.push(codec::encode(&doc, key, prev)?);
+    group.changes.push(doc.clone());
     Ok(doc)
-}
-
-fn read_head(tx: &Tx<'_>) -> TxResult<Seq> {
-    read_u64(tx.meta, keys::META, keys::META_HEAD).map(Seq)
-}
-
-fn read_u64(tree: &TransactionalTree, name: &'static str, key: &[u8]) -> TxResult<u64> {
-    match tree.get(key)? {
-        Some(bytes) => keys::parse_u64(&bytes).ok_or_else(|| {
-            ConflictableTransactionError::Abort(StoreError::corrupt(name, "expected a u64"))
-        }),
-        None => Ok(0),
-    }
 }
 
 fn result(
@@ -377,7 +352,6 @@ fn result(
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use sled::Transactional;
 
     use super::*;
     use crate::store::{codec::Record, model::Strategy};
@@ -405,19 +379,13 @@ mod tests {
         }
     }
 
-    /// Applies one group to a fresh store, as the writer does.
-    fn apply(batches: &[PushBatch]) -> (GroupCommit, sled::Tree) {
+    /// Plans one group on an empty store.
+    fn apply(batches: &[PushBatch]) -> GroupCommit {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let [log, clients, meta] = ["log", "clients", "meta"].map(|n| db.open_tree(n).unwrap());
-        let index = Index::default();
+        let trees = Trees { log, clients, meta };
         let batches: Vec<&PushBatch> = batches.iter().collect();
-        let group = (&log, &clients, &meta)
-            .transaction(|(log, clients, meta)| {
-                let tx = Tx { log, clients, meta };
-                apply_group(&tx, &index, &batches, SystemTime::now())
-            })
-            .unwrap();
-        (group, log)
+        apply_group(&trees, &Index::default(), &batches, SystemTime::now()).unwrap()
     }
 
     fn outcomes(outcome: &PushOutcome) -> Vec<Outcome> {
@@ -432,7 +400,7 @@ mod tests {
     #[test]
     fn a_group_sees_its_own_writes_and_drops_a_failed_atomic_batch() {
         let put = |v| Op::Put(fields(v).into());
-        let (group, log) = apply(&[
+        let group = apply(&[
             batch(false, vec![mutation("x", None, put(json!({"a": 1})))]),
             batch(
                 true,
@@ -455,14 +423,10 @@ mod tests {
         assert_eq!(group.outcomes[1].results[0].document, None);
         assert_eq!(outcomes(&group.outcomes[2]), [Outcome::Applied]);
         assert_eq!(group.head, Seq(2));
-        let seqs: Vec<u64> = log
-            .iter()
-            .keys()
-            .map(|k| keys::parse_u64(&k.unwrap()).unwrap())
-            .collect();
-        assert_eq!(seqs, [1, 2], "the atomic batch's plan is not in the log");
-        let second = log.get(keys::seq_key(Seq(2))).unwrap().unwrap();
-        let record = Record::parse(&second).unwrap();
+        let seqs: Vec<u64> = group.changes.iter().map(|d| d.seq.0).collect();
+        assert_eq!(seqs, [1, 2], "the atomic batch's plan is dropped");
+        assert_eq!(group.records.len(), 2);
+        let record = Record::parse(&group.records[1]).unwrap();
         assert_eq!((record.version, record.prev), (Version(2), Seq(1)));
         let x = DocKey::new("c", "x").unwrap();
         assert_eq!(group.index[&x].seq, Seq(2));
@@ -475,7 +439,7 @@ mod tests {
     #[test]
     fn a_base_written_earlier_in_the_batch_is_found() {
         let put = |v| Op::Put(fields(v).into());
-        let (group, _) = apply(&[batch(
+        let group = apply(&[batch(
             false,
             vec![
                 mutation("z", None, put(json!({"a": 1, "k": 1}))),

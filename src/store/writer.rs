@@ -13,7 +13,10 @@ use std::{
     time::{Instant, SystemTime},
 };
 
-use sled::Transactional;
+use sled::{
+    Transactional,
+    transaction::{ConflictableTransactionError, TransactionError},
+};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -23,9 +26,21 @@ use super::{
     feed::{Commit, Feed},
     index::Index,
     keys,
-    model::{PushBatch, PushOutcome},
-    push::{self, Tx},
+    model::{PushBatch, PushOutcome, Seq},
+    push::{self, GroupCommit},
 };
+
+/// Removes records past the head when the store opens: they belong to a
+/// group commit whose head never reached the disk, so it was never
+/// acknowledged or published. Returns how many there were.
+pub fn discard_uncommitted(trees: &Trees, head: Seq) -> Result<usize, StoreError> {
+    let mut removed = 0;
+    for key in trees.log.range(keys::seq_key(Seq(head.0 + 1))..).keys() {
+        trees.log.remove(key?)?;
+        removed += 1;
+    }
+    Ok(removed)
+}
 
 /// A push waiting for the writer.
 pub struct Job {
@@ -112,24 +127,24 @@ impl Writer {
         let now = (self.clock)().max(self.last_time.get());
         self.last_time.set(now);
         let batches: Vec<&PushBatch> = jobs.iter().map(|j| &j.batch).collect();
-        let t = &self.trees;
-        let result = (&t.log, &t.clients, &t.meta).transaction(|(log, clients, meta)| {
-            let tx = Tx { log, clients, meta };
-            push::apply_group(&tx, &self.index, &batches, now)
-        });
-        let group = match result {
+        let group = match push::apply_group(&self.trees, &self.index, &batches, now) {
             Ok(group) => group,
             Err(e) => {
-                tracing::error!(cause = %e, pushes = jobs.len(), "group commit failed");
+                tracing::error!(cause = %e, pushes = jobs.len(), "planning a group commit failed");
                 return fail_all(jobs);
             }
         };
+        let wrote = group.head != group.prev_head || !group.clients.is_empty();
+        if wrote && let Err(e) = self.write(&group) {
+            tracing::error!(cause = %e, pushes = jobs.len(), "group commit failed");
+            return fail_all(jobs);
+        }
         if self.durability == Durability::Fsync
-            && group.head != group.prev_head
+            && wrote
             && let Err(e) = self.db.flush()
         {
-            // The transaction may or may not survive a crash now; callers
-            // retry with the same mutation ids and get APPLIED or DUPLICATE.
+            // The commit may or may not survive a crash now; callers retry
+            // with the same mutation ids and get APPLIED or DUPLICATE.
             tracing::error!(cause = %e, "flush after commit failed");
             return fail_all(jobs);
         }
@@ -145,6 +160,44 @@ impl Writer {
         for (job, outcome) in jobs.into_iter().zip(group.outcomes) {
             let _ = job.reply.send(Ok(outcome));
         }
+    }
+
+    /// Writes a planned group: its records first, as one batch, then the
+    /// clients' mutation ids and the head together, in one transaction.
+    /// The head is the commit mark: sled recovers its log as a prefix, so
+    /// the head is never recovered without the records before it, and
+    /// records past the recovered head (a commit cut short, never
+    /// acknowledged) are removed when the store opens
+    /// ([`discard_uncommitted`]). sled's multi-tree transactions read every
+    /// key before writing it; the records skip that.
+    fn write(&self, group: &GroupCommit) -> Result<(), StoreError> {
+        let t = &self.trees;
+        let mut records = sled::Batch::default();
+        for (seq, record) in (group.prev_head.0 + 1..).zip(&group.records) {
+            records.insert(&keys::seq_key(Seq(seq)), record.as_slice());
+        }
+        t.log.apply_batch(records)?;
+        let marked = (&t.clients, &t.meta).transaction(|(clients, meta)| {
+            for (client, last) in &group.clients {
+                clients.insert(client.as_bytes(), &last.to_be_bytes())?;
+            }
+            if group.head != group.prev_head {
+                meta.insert(keys::META_HEAD, &group.head.0.to_be_bytes())?;
+            }
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
+        });
+        if let Err(e) = marked {
+            // Without the mark the records are not committed: take them
+            // back (a crash now leaves them for discard_uncommitted).
+            for seq in group.prev_head.0 + 1..=group.head.0 {
+                let _ = t.log.remove(keys::seq_key(Seq(seq)));
+            }
+            return Err(match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => e.into(),
+            });
+        }
+        Ok(())
     }
 
     /// Removes delta-log entries and purges tombstones that are still the
@@ -188,7 +241,7 @@ impl Writer {
             if horizon != stored {
                 meta.insert(keys::META_PURGE_HORIZON, &horizon.to_be_bytes())?;
             }
-            Ok::<_, sled::transaction::ConflictableTransactionError<StoreError>>(removed)
+            Ok::<_, ConflictableTransactionError<StoreError>>(removed)
         });
         let removed = result.map_err(|e| {
             tracing::error!(cause = %e, "compaction batch failed");
@@ -209,5 +262,81 @@ impl Writer {
 fn fail_all(jobs: Vec<Job>) {
     for job in jobs {
         let _ = job.reply.send(Err(StoreError::CommitFailed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::{
+        CollectionFilter, Options, PageLimit, Store, codec,
+        keys::DocKey,
+        model::{Document, EncodedBody, Mutation, Op, Outcome, Strategy, Version},
+    };
+
+    fn put(id: &str, mutation_id: u64) -> PushBatch {
+        PushBatch {
+            client_id: "c1".into(),
+            mutations: vec![Mutation {
+                mutation_id,
+                collection: "c".into(),
+                id: id.into(),
+                base_version: None,
+                op: Op::Put(json!({"id": id}).as_object().unwrap().clone().into()),
+                strategy: Strategy::Reject,
+            }],
+            atomic: false,
+        }
+    }
+
+    /// Rule: records past the head (a group commit whose head never reached
+    /// the disk) are removed when the store opens: they are not served, and
+    /// their seq goes to the next real write.
+    #[tokio::test]
+    async fn records_past_the_head_are_discarded_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        store.push(put("a", 1)).await.unwrap();
+        store.close().await;
+        drop(store);
+        {
+            // What a crash between the records and the head leaves.
+            let db = sled::open(dir.path()).unwrap();
+            let log = db.open_tree(keys::LOG).unwrap();
+            let key = DocKey::new("c", "torn").unwrap();
+            let doc = Document {
+                collection: "c".into(),
+                id: "torn".into(),
+                version: Version(1),
+                body: EncodedBody::default(),
+                deleted: false,
+                seq: Seq(2),
+                updated_at: std::time::SystemTime::now(),
+                updated_by: "c1".into(),
+            };
+            let record = codec::encode(&doc, &key, Seq(0)).unwrap();
+            log.insert(keys::seq_key(Seq(2)), record).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        assert_eq!(store.head(), Seq(1));
+        let all = CollectionFilter::default();
+        let limit = PageLimit {
+            docs: 10,
+            bytes: usize::MAX,
+        };
+        let page = store.pull(Seq(0), all.clone(), limit).await.unwrap();
+        assert_eq!(page.documents.len(), 1);
+        let torn = store.get("c".into(), vec!["torn".into()]).await.unwrap();
+        assert!(torn.is_empty());
+        let outcome = store.push(put("b", 2)).await.unwrap();
+        assert_eq!(outcome.results[0].outcome, Outcome::Applied);
+        assert_eq!(outcome.checkpoint, Seq(2));
+        let page = store.pull(Seq(1), all, limit).await.unwrap();
+        let ids: Vec<_> = page.documents.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["b"]);
+        store.close().await;
     }
 }

@@ -159,6 +159,7 @@ mod tests {
     use crate::store::{
         CollectionFilter, Options, PageLimit, Store,
         model::{Mutation, Op, Outcome, PushBatch, Strategy},
+        testing,
     };
 
     /// A layout-1 record (format 2 bodies are Struct bytes, format 1 JSON).
@@ -220,7 +221,7 @@ mod tests {
     async fn layout_1_stores_are_upgraded_in_place() {
         let dir = tempfile::tempdir().unwrap();
         write_v1_store(dir.path());
-        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
         assert_eq!((store.store_id(), store.head()), ("old-store", Seq(4)));
         let page = store
             .pull(
@@ -271,13 +272,13 @@ mod tests {
         store.close().await;
         drop(store);
 
-        let db = sled::open(dir.path()).unwrap();
+        let db = testing::reopen(|| sled::open(dir.path()));
         let names: Vec<_> = db.tree_names();
         for old in [keys::V1_DOCS, keys::V1_CHANGES, keys::V1_HISTORY] {
             assert!(!names.iter().any(|n| n == old.as_bytes()), "{old} left");
         }
         drop(db);
-        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
         assert_eq!(store.head(), Seq(5));
         let got = store.get("todos".into(), vec!["a".into()]).await.unwrap();
         assert_eq!(got[0].version, Version(3));
@@ -294,13 +295,11 @@ mod tests {
             meta.insert(keys::META_SCHEMA, &9u64.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
-        let err = Store::open(dir.path(), Options::default()).err().unwrap();
-        assert!(matches!(
-            err,
-            StoreError::Schema {
-                found: 9,
-                supported: 2
-            }
-        ));
+        let refused = testing::reopen(|| match Store::open(dir.path(), Options::default()) {
+            Ok(_) => panic!("opened a store of layout 9"),
+            Err(StoreError::Schema { found, supported }) => Ok((found, supported)),
+            Err(e) => Err(e),
+        });
+        assert_eq!(refused, (9, 2));
     }
 }

@@ -211,12 +211,19 @@ impl Store {
     /// Applies a validated batch through the group-commit writer.
     pub async fn push(&self, batch: PushBatch) -> Result<PushOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
+        let batch = Arc::new(batch);
+        let job = Job {
+            batch: batch.clone(),
+            reply,
+        };
         self.shared
             .writer
-            .send(Command::Push(Job { batch, reply }))
+            .send(Command::Push(job))
             .await
             .map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        let outcome = rx.await.map_err(|_| StoreError::Closed)?;
+        drop(batch);
+        outcome
     }
 
     /// One page of documents changed after `since`, up to the current head.
@@ -385,4 +392,25 @@ fn recover_head(db: &sled::Db, trees: &Trees) -> Result<Seq, StoreError> {
         db.flush()?;
     }
     Ok(head)
+}
+
+/// Helpers for the store's unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Opens a store directory again in this process. sled lets go of a
+    /// closed store's file lock only when its background I/O threads drop
+    /// their last handle, a moment after ours; there is no event to wait
+    /// for, so this retries (bounded) while the lock is still held.
+    pub fn reopen<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> T {
+        for _ in 0..500 {
+            match open() {
+                Ok(opened) => return opened,
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("reopening failed: {e}"),
+            }
+        }
+        panic!("the store is still locked after 5 s")
+    }
 }

@@ -17,7 +17,7 @@ use super::{
     Trees, codec,
     conflict::{self, BaseCheck, Decision, NewState},
     error::StoreError,
-    index::{Entry, Index},
+    index::{DocMap, Entry, Index},
     keys::{self, DocKey},
     model::{
         Body, Document, EncodedBody, Mutation, MutationResult, Op, Outcome, PushBatch, PushOutcome,
@@ -38,7 +38,7 @@ pub struct GroupCommit {
     /// Clients whose last applied mutation id rose, with the new id.
     pub clients: HashMap<String, u64>,
     /// The index entries the group changed, for the index once committed.
-    pub index: HashMap<DocKey, Entry>,
+    pub index: DocMap<Entry>,
     /// Head seq before the group.
     pub prev_head: Seq,
     /// Head seq after the group.
@@ -55,7 +55,7 @@ struct View<'a> {
     /// The plan so far.
     group: GroupCommit,
     /// Entries written by the batch in progress.
-    batch: HashMap<DocKey, Entry>,
+    batch: DocMap<Entry>,
 }
 
 impl View<'_> {
@@ -105,11 +105,11 @@ pub fn apply_group(
             changes: Vec::new(),
             records: Vec::new(),
             clients: HashMap::new(),
-            index: HashMap::new(),
+            index: DocMap::default(),
             prev_head,
             head: prev_head,
         },
-        batch: HashMap::new(),
+        batch: DocMap::default(),
     };
     let mut applied = Vec::with_capacity(batches.len());
     for batch in batches {

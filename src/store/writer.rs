@@ -44,8 +44,9 @@ pub fn discard_uncommitted(trees: &Trees, head: Seq) -> Result<usize, StoreError
 
 /// A push waiting for the writer.
 pub struct Job {
-    /// The validated batch.
-    pub batch: PushBatch,
+    /// The validated batch. Shared with the caller, which keeps it until
+    /// answered, so freeing it is the caller's work, not the writer's.
+    pub batch: Arc<PushBatch>,
     /// Where its outcome goes.
     pub reply: oneshot::Sender<Result<PushOutcome, StoreError>>,
 }
@@ -126,7 +127,7 @@ impl Writer {
         let started = Instant::now();
         let now = (self.clock)().max(self.last_time.get());
         self.last_time.set(now);
-        let batches: Vec<&PushBatch> = jobs.iter().map(|j| &j.batch).collect();
+        let batches: Vec<&PushBatch> = jobs.iter().map(|j| &*j.batch).collect();
         let group = match push::apply_group(&self.trees, &self.index, &batches, now) {
             Ok(group) => group,
             Err(e) => {
@@ -274,6 +275,7 @@ mod tests {
         CollectionFilter, Options, PageLimit, Store, codec,
         keys::DocKey,
         model::{Document, EncodedBody, Mutation, Op, Outcome, Strategy, Version},
+        testing,
     };
 
     fn put(id: &str, mutation_id: u64) -> PushBatch {
@@ -303,7 +305,7 @@ mod tests {
         drop(store);
         {
             // What a crash between the records and the head leaves.
-            let db = sled::open(dir.path()).unwrap();
+            let db = testing::reopen(|| sled::open(dir.path()));
             let log = db.open_tree(keys::LOG).unwrap();
             let key = DocKey::new("c", "torn").unwrap();
             let doc = Document {
@@ -320,7 +322,7 @@ mod tests {
             log.insert(keys::seq_key(Seq(2)), record).unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
         assert_eq!(store.head(), Seq(1));
         let all = CollectionFilter::default();
         let limit = PageLimit {

@@ -69,7 +69,7 @@ enum Workload {
     /// sled alone, no server: the storage engine's floor for a push of new
     /// documents (one writer thread, one flush per group), by layout.
     Store {
-        #[arg(long, value_enum, default_value_t = store::Layout::Transaction)]
+        #[arg(long, value_enum, default_value_t = store::Layout::Log)]
         layout: store::Layout,
         #[arg(long, default_value_t = 300_000)]
         docs: u64,

@@ -11,15 +11,12 @@ use crate::target::Error;
 /// How the documents are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Layout {
-    /// deltasync's: per document a lookup, the record and a change-index
-    /// entry, in one transaction over five trees per group.
-    Transaction,
-    /// The same writes in one tree (prefixed keys) with `apply_batch`,
-    /// which is atomic within a tree.
-    Batch,
-    /// A lookup and one insert per document: the floor for any layout that
-    /// keeps a persistent record per document.
-    OneInsert,
+    /// deltasync's layout 1: per document a lookup, the record and a
+    /// change-index entry, in one transaction over five trees per group.
+    V1,
+    /// deltasync's layout 2: per group one batch of records keyed by seq,
+    /// then the client's mutation id and the head in a small transaction.
+    Log,
 }
 
 /// Writes `docs` new documents of `body` bytes in groups of `group`;
@@ -40,7 +37,7 @@ pub fn run(dir: &Path, layout: Layout, docs: u64, group: u64, body: usize) -> Re
     while start < docs {
         let end = (start + group).min(docs);
         match layout {
-            Layout::Transaction => {
+            Layout::V1 => {
                 (&docs_t, &changes, &history, &clients, &meta)
                     .transaction(|(d, c, _history, cl, m)| {
                         for i in start..end {
@@ -55,22 +52,21 @@ pub fn run(dir: &Path, layout: Layout, docs: u64, group: u64, body: usize) -> Re
                     })
                     .map_err(|e| format!("transaction failed: {e:?}"))?;
             }
-            Layout::Batch | Layout::OneInsert => {
-                let tree = &all;
+            Layout::Log => {
                 let mut batch = sled::Batch::default();
                 for i in start..end {
-                    let doc = [&b"d"[..], &key(i)].concat();
-                    tree.get(&doc)?;
-                    if layout == Layout::Batch {
-                        let seq = [&b"c"[..], &(i + 1).to_be_bytes()].concat();
-                        batch.insert(seq, key(i));
-                    }
-                    batch.insert(doc, record.clone());
+                    let mut value = key(i);
+                    value.extend_from_slice(&record);
+                    batch.insert(&(i + 1).to_be_bytes()[..], value);
                 }
-                if layout == Layout::Batch {
-                    batch.insert(&b"mhead"[..], &end.to_be_bytes()[..]);
-                }
-                tree.apply_batch(batch)?;
+                all.apply_batch(batch)?;
+                (&clients, &meta)
+                    .transaction(|(cl, m)| {
+                        cl.insert(b"client", &end.to_be_bytes())?;
+                        m.insert(b"head", &end.to_be_bytes())?;
+                        Ok::<_, ConflictableTransactionError<()>>(())
+                    })
+                    .map_err(|e| format!("transaction failed: {e:?}"))?;
             }
         }
         db.flush()?;

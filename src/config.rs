@@ -114,7 +114,7 @@ pub struct Config {
     pub max_streams_per_connection: u32,
 
     /// Commits kept in the shared live ring; a subscriber further behind
-    /// catches up from the change index instead.
+    /// catches up from the log instead.
     #[arg(long, env = "DELTASYNC_FEED_CAPACITY", default_value_t = 1024)]
     pub feed_capacity: usize,
 

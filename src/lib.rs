@@ -15,12 +15,15 @@
 //!   reflection, drains on shutdown and closes the store.
 //! - [`service`]: one file per RPC; `service::convert` holds every proto ↔
 //!   domain conversion.
-//! - [`store`]: the typed sled store: keys, codec, bodies kept in their
-//!   `google.protobuf.Struct` encoding (`store::body`, served without
-//!   re-encoding), the pure conflict check, the push transaction, the
-//!   group-commit writer, reads (with read-ahead for paged pulls), the
-//!   subscriber feed (one broadcast ring, catch-up from the change index) and
-//!   retention (`store::compaction`).
+//! - [`store`]: the typed sled store: a log of records keyed by seq
+//!   (`store::codec`; a superseded record is the delta log's entry of its
+//!   version), the in-memory document index (`store::index`), bodies kept in
+//!   their `google.protobuf.Struct` encoding (`store::body`, served without
+//!   re-encoding), the pure conflict check, push planning, the group-commit
+//!   writer, reads (with read-ahead for paged pulls), the subscriber feed
+//!   (one broadcast ring, catch-up from the log), retention
+//!   (`store::compaction`) and upgrades from earlier layouts
+//!   (`store::migrate`).
 //! - [`error`]: the service-boundary error and its one mapping to `Status`.
 //! - [`telemetry`], [`shutdown`]: logging and signals.
 //! - [`pb`]: generated code.

@@ -148,8 +148,8 @@ async fn history_is_pruned_by_count_and_age() {
     );
 }
 
-/// Rule: expired tombstones are purged from documents, change index and
-/// delta log; the purge horizon moves to the newest purged tombstone's seq;
+/// Rule: expired tombstones are purged from the log with their delta-log
+/// versions; the purge horizon moves to the newest purged tombstone's seq;
 /// checkpoints below it get OUT_OF_RANGE with CHECKPOINT_COMPACTED (Pull
 /// and Subscribe), while 0 and newer checkpoints still work.
 #[tokio::test]
@@ -203,7 +203,7 @@ async fn tombstones_are_purged_and_old_checkpoints_refused() {
     assert_eq!(
         ids,
         vec!["kept"],
-        "the purged tombstone is gone from the change index"
+        "the purged tombstone is gone from the log"
     );
     // A recreated document starts again at version 1: its history is gone too.
     let again = push_one(

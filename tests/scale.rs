@@ -70,7 +70,7 @@ async fn drain(
 
 /// Rule: a subscriber that stops reading blocks neither the writers nor the
 /// other subscribers, and still receives every seq exactly once, in order,
-/// once it reads again (it catches up from the change index).
+/// once it reads again (it catches up from the log).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_subscriber_does_not_throttle_writers_or_lose_changes() {
     let s = TestServer::start_with(|c| {

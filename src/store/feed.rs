@@ -4,9 +4,9 @@
 //! bounded broadcast ring shared by all subscribers. A subscriber holds only
 //! a cursor into it, so memory does not grow with the number of subscribers,
 //! and a slow one never blocks the writer: when the ring overtakes it, it
-//! falls back to reading the change index from its last delivered seq, then
+//! falls back to reading the log from its last delivered seq, then
 //! rejoins the ring. The ring is subscribed *before* the head is read, so the
-//! switch from index to ring can neither lose nor repeat a change.
+//! switch from the log to the ring can neither lose nor repeat a change.
 
 use std::sync::{
     Arc,
@@ -122,7 +122,7 @@ pub enum FeedEvent {
 }
 
 enum Mode {
-    /// Reading the change index up to `upto`; `announce` the switch to live.
+    /// Reading the log up to `upto`; `announce` the switch to live.
     CatchUp { upto: Seq, announce: bool },
     /// Following the ring.
     Live,

@@ -35,7 +35,7 @@ pub const META_SCHEMA: &[u8] = b"schema_version";
 
 /// A document's key: in its log records and the in-memory index.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DocKey(Vec<u8>);
+pub struct DocKey(Box<[u8]>);
 
 /// Lets the index be searched by the key bytes inside a record.
 impl std::borrow::Borrow<[u8]> for DocKey {
@@ -55,12 +55,12 @@ impl DocKey {
         key.extend_from_slice(collection.as_bytes());
         key.extend_from_slice(&id_len.to_be_bytes());
         key.extend_from_slice(id.as_bytes());
-        Ok(Self(key))
+        Ok(Self(key.into()))
     }
 
     /// Wraps bytes read from the store.
     pub fn from_stored(bytes: &[u8]) -> Self {
-        Self(bytes.to_vec())
+        Self(bytes.into())
     }
 
     /// The raw bytes.

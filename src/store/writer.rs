@@ -1,11 +1,12 @@
 //! The single writer: group commit.
 //!
 //! Every push goes through one thread. It takes the first waiting push, then
-//! every other push already queued (up to a cap), applies them all in one
-//! sled transaction, makes that durable with one flush (in `fsync` mode),
-//! publishes the commit to the feed and only then answers each caller. One
-//! writer also means seqs are assigned without contention and transactions
-//! never conflict with each other.
+//! every other push already queued (up to a cap), plans them all against the
+//! committed state (`push`), writes the plan as one commit (records, then the
+//! head as the commit mark), makes that durable with one flush (in `fsync`
+//! mode), updates the index, publishes the commit to the feed and only then
+//! answers each caller. One writer also means seqs are assigned without
+//! contention and nothing else changes the state a plan was made against.
 
 use std::{
     cell::Cell,

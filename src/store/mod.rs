@@ -173,6 +173,7 @@ impl Store {
             clock: options.clock.clone(),
             max_group_mutations: options.max_group_mutations,
             last_time: std::cell::Cell::new(std::time::UNIX_EPOCH),
+            stopped: std::cell::Cell::new(false),
         };
         let thread = std::thread::Builder::new()
             .name("deltasync-writer".into())

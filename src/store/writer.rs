@@ -81,6 +81,10 @@ pub struct Writer {
     /// Time of the last commit: commit times never go backwards, so seq
     /// order is time order even if the system clock is stepped back.
     pub last_time: Cell<SystemTime>,
+    /// Set when a flush fails: what is on disk is then unknown, so the
+    /// writer takes no more commits until a restart recovers from the disk
+    /// (as PostgreSQL does after a failed fsync, rather than retrying it).
+    pub stopped: Cell<bool>,
 }
 
 impl Writer {
@@ -125,6 +129,9 @@ impl Writer {
         if jobs.is_empty() {
             return;
         }
+        if self.stopped.get() {
+            return fail_all(jobs);
+        }
         let started = Instant::now();
         let now = (self.clock)().max(self.last_time.get());
         self.last_time.set(now);
@@ -146,8 +153,10 @@ impl Writer {
             && let Err(e) = self.db.flush()
         {
             // The commit may or may not survive a crash now; callers retry
-            // with the same mutation ids and get APPLIED or DUPLICATE.
-            tracing::error!(cause = %e, "flush after commit failed");
+            // with the same mutation ids and get APPLIED or DUPLICATE. The
+            // index and the feed stay at the last durable commit.
+            tracing::error!(cause = %e, "flush after commit failed; no more writes until restarted");
+            self.stopped.set(true);
             return fail_all(jobs);
         }
         tracing::trace!(pushes = jobs.len(), changes = group.changes.len(), head = %group.head, elapsed = ?started.elapsed(), "group committed");
@@ -207,6 +216,9 @@ impl Writer {
     /// chains. The horizon is raised in memory before the commit, so readers
     /// re-checking it after a read cannot miss a purge.
     fn purge(&self, purge: &Purge) -> Result<Removed, StoreError> {
+        if self.stopped.get() {
+            return Err(StoreError::CommitFailed);
+        }
         // Only this thread changes the index, so what it says now holds
         // through the commit.
         let tombstones: Vec<_> = purge

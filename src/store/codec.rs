@@ -27,10 +27,7 @@ const HEADER: usize = 1 + 1 + 8 + 8 + 8 + 2 + 2;
 pub fn encode(doc: &Document, key: &DocKey, prev: Seq) -> Result<Vec<u8>, StoreError> {
     let by_len = u16::try_from(doc.updated_by.len()).map_err(|_| StoreError::KeyTooLong)?;
     let key_len = u16::try_from(key.as_bytes().len()).map_err(|_| StoreError::KeyTooLong)?;
-    let micros = doc
-        .updated_at
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let micros = micros_of(doc.updated_at);
     let body = if doc.deleted {
         &[][..]
     } else {
@@ -49,6 +46,18 @@ pub fn encode(doc: &Document, key: &DocKey, prev: Seq) -> Result<Vec<u8>, StoreE
     out.extend_from_slice(key.as_bytes());
     out.extend_from_slice(body);
     Ok(out)
+}
+
+/// A time as stored: µs since the Unix epoch (0 before it).
+fn micros_of(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// `time` at the precision records keep, so a time acknowledged to a
+/// client is the time every later read returns.
+pub fn stored_time(time: SystemTime) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(micros_of(time))
 }
 
 /// A parsed view of a stored record; nothing is copied until

@@ -138,7 +138,7 @@ pub struct Subscription {
     filter: CollectionFilter,
     /// Every matching change with seq <= this has been yielded.
     delivered: Seq,
-    /// Reading the index or following the ring.
+    /// Reading the log or following the ring.
     mode: Mode,
     /// Most documents and bytes per catch-up page.
     page: PageLimit,
@@ -207,8 +207,8 @@ impl Subscription {
                             continue;
                         }
                         if commit.prev_head > self.delivered {
-                            // Never expected; if it happens, the index fills the
-                            // hole *and* this commit (it is durable, so indexed).
+                            // Never expected; if it happens, the log fills the
+                            // hole *and* this commit (it is durable, so in the log).
                             self.mode = Mode::CatchUp {
                                 upto: commit.head,
                                 announce: false,
@@ -253,30 +253,18 @@ mod tests {
     use super::*;
     use crate::store::{
         Options,
-        model::{Mutation, Op, PushBatch, Strategy},
+        model::{Body, Op, PushBatch},
+        testing,
     };
 
     fn create(id: &str) -> PushBatch {
-        let op = Op::Put(crate::store::model::Body::new().into());
-        let m = Mutation {
-            mutation_id: 0,
-            collection: "c".into(),
-            id: id.into(),
-            base_version: None,
-            op,
-            strategy: Strategy::Reject,
-        };
-        PushBatch {
-            client_id: String::new(),
-            mutations: vec![m],
-            atomic: false,
-        }
+        testing::batch(vec![testing::mutation(id, Op::Put(Body::new().into()))])
     }
 
     /// Rule: a hole in the live ring (a commit that never arrived) is filled
-    /// from the index, including the commit that revealed the hole.
+    /// from the log, including the commit that revealed the hole.
     #[tokio::test]
-    async fn a_hole_in_the_ring_is_filled_from_the_index() {
+    async fn a_hole_in_the_ring_is_filled_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Options::default()).unwrap();
         store.push(create("a")).await.unwrap();

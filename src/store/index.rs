@@ -200,23 +200,12 @@ mod tests {
     use crate::store::{
         Options, Store,
         compaction::Retention,
-        model::{Mutation, Op, PushBatch, Strategy},
+        model::{Op, PushBatch},
         testing,
     };
 
     fn push(id: &str, op: Op) -> PushBatch {
-        PushBatch {
-            client_id: String::new(),
-            mutations: vec![Mutation {
-                mutation_id: 0,
-                collection: "c".into(),
-                id: id.into(),
-                base_version: None,
-                op,
-                strategy: Strategy::Reject,
-            }],
-            atomic: false,
-        }
+        testing::batch(vec![testing::mutation(id, op)])
     }
 
     #[test]

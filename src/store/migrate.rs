@@ -158,7 +158,7 @@ mod tests {
     use super::*;
     use crate::store::{
         CollectionFilter, Options, PageLimit, Store,
-        model::{Mutation, Op, Outcome, PushBatch, Strategy},
+        model::{Mutation, Op, Outcome},
         testing,
     };
 
@@ -249,19 +249,13 @@ mod tests {
         );
         // Base 1 of `a` is found through the chain: the server changed only
         // `t`, so a change of `n` merges (an unknown base would conflict).
-        let patch = |n: i64| PushBatch {
-            client_id: String::new(),
-            mutations: vec![Mutation {
-                mutation_id: 0,
-                collection: "todos".into(),
-                id: "a".into(),
-                base_version: Some(Version(1)),
-                op: Op::Patch(json!({"n": n}).as_object().unwrap().clone()),
-                strategy: Strategy::Reject,
-            }],
-            atomic: false,
+        let patch = Mutation {
+            collection: "todos".into(),
+            base_version: Some(Version(1)),
+            ..testing::mutation("a", Op::Patch(json!({"n": 2}).as_object().unwrap().clone()))
         };
-        let result = store.push(patch(2)).await.unwrap().results.remove(0);
+        let batch = testing::batch(vec![patch]);
+        let result = store.push(batch).await.unwrap().results.remove(0);
         assert_eq!(result.outcome, Outcome::Merged);
         let doc = result.document.unwrap();
         assert_eq!((doc.version, doc.seq), (Version(3), Seq(5)));

@@ -172,7 +172,7 @@ impl Store {
             durability: options.durability,
             clock: options.clock.clone(),
             max_group_mutations: options.max_group_mutations,
-            last_time: std::cell::Cell::new(std::time::UNIX_EPOCH),
+            last_time: std::cell::Cell::new(last_commit_time(&trees)?),
             stopped: std::cell::Cell::new(false),
         };
         let thread = std::thread::Builder::new()
@@ -383,6 +383,15 @@ fn read_meta_u64(meta: &sled::Tree, key: &[u8]) -> Result<u64, StoreError> {
     pull::read_u64(meta, keys::META, key)
 }
 
+/// The time of the newest record: commit times go on from it, so they do
+/// not go backwards across a restart either.
+fn last_commit_time(trees: &Trees) -> Result<SystemTime, StoreError> {
+    match trees.log.last()? {
+        Some((_, bytes)) => Ok(codec::Record::parse(&bytes)?.updated_at()),
+        None => Ok(SystemTime::UNIX_EPOCH),
+    }
+}
+
 /// Reads the head seq, the commit mark, and removes records past it: a
 /// group commit cut short by a crash (see `Writer::write`).
 fn recover_head(db: &sled::Db, trees: &Trees) -> Result<Seq, StoreError> {
@@ -398,6 +407,31 @@ fn recover_head(db: &sled::Db, trees: &Trees) -> Result<Seq, StoreError> {
 /// Helpers for the store's unit tests.
 #[cfg(test)]
 pub(crate) mod testing {
+    use super::model::{Mutation, Op, PushBatch, Strategy};
+
+    /// A mutation of document `id` in collection `c`: untracked,
+    /// unconditional, rejecting conflicts. Tests change what their rule
+    /// needs with struct update syntax.
+    pub fn mutation(id: &str, op: Op) -> Mutation {
+        Mutation {
+            mutation_id: 0,
+            collection: "c".into(),
+            id: id.into(),
+            base_version: None,
+            op,
+            strategy: Strategy::Reject,
+        }
+    }
+
+    /// An anonymous, non-atomic batch.
+    pub fn batch(mutations: Vec<Mutation>) -> PushBatch {
+        PushBatch {
+            client_id: String::new(),
+            mutations,
+            atomic: false,
+        }
+    }
+
     /// Opens a store directory again in this process. sled lets go of a
     /// closed store's file lock only when its background I/O threads drop
     /// their last handle, a moment after ours; there is no event to wait

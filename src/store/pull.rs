@@ -151,10 +151,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::store::{
-        Options, Store,
-        model::{Mutation, Op, PushBatch, Strategy},
-    };
+    use crate::store::{Options, Store, model::Op, testing};
 
     /// Rule: the store stops a page at its byte limit (a page of big
     /// documents does not read `limit` documents to send a few), never
@@ -168,21 +165,9 @@ mod tests {
             .unwrap()
             .clone();
         let mutations = (0..5)
-            .map(|i| Mutation {
-                mutation_id: 0,
-                collection: "c".into(),
-                id: format!("{i}"),
-                base_version: None,
-                op: Op::Put(fields.clone().into()),
-                strategy: Strategy::Reject,
-            })
+            .map(|i| testing::mutation(&i.to_string(), Op::Put(fields.clone().into())))
             .collect();
-        let batch = PushBatch {
-            client_id: String::new(),
-            mutations,
-            atomic: false,
-        };
-        store.push(batch).await.unwrap();
+        store.push(testing::batch(mutations)).await.unwrap();
         let (trees, index) = (&store.shared.trees, &store.shared.index);
         let all = CollectionFilter::default();
         let read = |since, bytes| {

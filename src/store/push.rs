@@ -354,7 +354,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::store::{codec::Record, model::Strategy};
+    use crate::store::{codec::Record, testing};
 
     fn fields(v: serde_json::Value) -> Body {
         v.as_object().unwrap().clone()
@@ -362,20 +362,15 @@ mod tests {
 
     fn mutation(id: &str, base: Option<u64>, op: Op) -> Mutation {
         Mutation {
-            mutation_id: 0,
-            collection: "c".into(),
-            id: id.into(),
             base_version: base.map(Version),
-            op,
-            strategy: Strategy::Reject,
+            ..testing::mutation(id, op)
         }
     }
 
     fn batch(atomic: bool, mutations: Vec<Mutation>) -> PushBatch {
         PushBatch {
-            client_id: String::new(),
-            mutations,
             atomic,
+            ..testing::batch(mutations)
         }
     }
 

@@ -21,7 +21,7 @@ use sled::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Clock, Durability, Trees,
+    Clock, Durability, Trees, codec,
     compaction::{Purge, Removed},
     error::StoreError,
     feed::{Commit, Feed},
@@ -133,7 +133,7 @@ impl Writer {
             return fail_all(jobs);
         }
         let started = Instant::now();
-        let now = (self.clock)().max(self.last_time.get());
+        let now = codec::stored_time((self.clock)()).max(self.last_time.get());
         self.last_time.set(now);
         let batches: Vec<&PushBatch> = jobs.iter().map(|j| &*j.batch).collect();
         let group = match push::apply_group(&self.trees, &self.index, &batches, now) {
@@ -287,23 +287,44 @@ mod tests {
     use crate::store::{
         CollectionFilter, Options, PageLimit, Store, codec,
         keys::DocKey,
-        model::{Document, EncodedBody, Mutation, Op, Outcome, Strategy, Version},
+        model::{Document, EncodedBody, Op, Outcome, Version},
         testing,
     };
 
-    fn put(id: &str, mutation_id: u64) -> PushBatch {
-        PushBatch {
-            client_id: "c1".into(),
-            mutations: vec![Mutation {
-                mutation_id,
-                collection: "c".into(),
-                id: id.into(),
-                base_version: None,
-                op: Op::Put(json!({"id": id}).as_object().unwrap().clone().into()),
-                strategy: Strategy::Reject,
-            }],
-            atomic: false,
-        }
+    fn put(id: &str) -> PushBatch {
+        let body = json!({ "id": id }).as_object().unwrap().clone();
+        testing::batch(vec![testing::mutation(id, Op::Put(body.into()))])
+    }
+
+    /// Rule: commit times never go backwards, when the clock is stepped back
+    /// and across a restart (retention prunes a chain from its oldest end
+    /// only because seq order is time order); the time acknowledged is the
+    /// time stored.
+    #[tokio::test]
+    async fn commit_times_never_go_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let ahead = Arc::new(std::sync::atomic::AtomicU64::new(3600));
+        let options = || Options {
+            clock: crate::store::offset_clock(ahead.clone()),
+            ..Options::default()
+        };
+        let time = |outcome: PushOutcome| outcome.results[0].document.as_ref().unwrap().updated_at;
+        let store = Store::open(dir.path(), options()).unwrap();
+        let first = time(store.push(put("a")).await.unwrap());
+        let read = store.get("c".into(), vec!["a".into()]).await.unwrap();
+        assert_eq!(
+            read[0].updated_at, first,
+            "a read returns the time acknowledged"
+        );
+        ahead.store(0, std::sync::atomic::Ordering::Relaxed);
+        let second = time(store.push(put("b")).await.unwrap());
+        assert!(second >= first, "the clock went back an hour");
+        store.close().await;
+        drop(store);
+        let store = testing::reopen(|| Store::open(dir.path(), options()));
+        let third = time(store.push(put("c")).await.unwrap());
+        assert!(third >= first, "the clock went back across a restart");
+        store.close().await;
     }
 
     /// Rule: records past the head (a group commit whose head never reached
@@ -313,7 +334,7 @@ mod tests {
     async fn records_past_the_head_are_discarded_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), Options::default()).unwrap();
-        store.push(put("a", 1)).await.unwrap();
+        store.push(put("a")).await.unwrap();
         store.close().await;
         drop(store);
         {
@@ -346,7 +367,7 @@ mod tests {
         assert_eq!(page.documents.len(), 1);
         let torn = store.get("c".into(), vec!["torn".into()]).await.unwrap();
         assert!(torn.is_empty());
-        let outcome = store.push(put("b", 2)).await.unwrap();
+        let outcome = store.push(put("b")).await.unwrap();
         assert_eq!(outcome.results[0].outcome, Outcome::Applied);
         assert_eq!(outcome.checkpoint, Seq(2));
         let page = store.pull(Seq(1), all, limit).await.unwrap();

@@ -238,13 +238,7 @@ async fn push(
             Ok::<_, Error>((h, n))
         }));
     }
-    let mut all = histogram();
-    let mut requests = 0;
-    for t in tasks {
-        let (h, n) = t.await??;
-        all.add(h)?;
-        requests += n;
-    }
+    let (all, requests) = gather(tasks).await?;
     let secs = start.elapsed().as_secs_f64();
     let docs = requests * batch;
     eprintln!(
@@ -280,19 +274,29 @@ async fn ping(args: &Args, clients: usize, duration: Duration) -> Result<String,
             Ok::<_, Error>((h, n))
         }));
     }
-    let mut all = histogram();
-    let mut calls = 0;
-    for t in tasks {
-        let (h, n) = t.await??;
-        all.add(h)?;
-        calls += n;
-    }
+    let (all, calls) = gather(tasks).await?;
     let per_s = calls as f64 / start.elapsed().as_secs_f64();
     eprintln!("ping: {clients} clients: {per_s:.0} calls/s");
     Ok(format!(
         "workload=ping clients={clients} calls_per_s={per_s:.0} {}",
         latency_fields(&all)
     ))
+}
+
+/// What one closed-loop client measured: its latencies and how many calls
+/// it made.
+type ClientRun = Result<(Histogram<u64>, usize), Error>;
+
+/// Merges the latencies and call counts of closed-loop clients.
+async fn gather(clients: Vec<tokio::task::JoinHandle<ClientRun>>) -> ClientRun {
+    let mut all = histogram();
+    let mut calls = 0;
+    for client in clients {
+        let (h, n) = client.await??;
+        all.add(h)?;
+        calls += n;
+    }
+    Ok((all, calls))
 }
 
 /// Writes `docs` documents of `body` bytes from 4 concurrent loaders

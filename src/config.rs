@@ -14,6 +14,10 @@ pub const DEFAULT_DATA_DIR: &str = "./data/deltasync";
 pub const DEFAULT_PULL_LIMIT: u32 = 1000;
 /// Room for a document's metadata and the message framing next to its body.
 pub const MESSAGE_OVERHEAD_BYTES: usize = 4096;
+/// Most a Push result takes without its body and conflicting fields: the
+/// mutation id, the outcome and a document's metadata at the longest names
+/// validation allows (collection 128, id and client id 256 bytes each).
+pub const RESULT_SKELETON_BYTES: usize = 1024;
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -93,6 +97,13 @@ pub struct Config {
     #[arg(long, env = "DELTASYNC_TOMBSTONE_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
     pub tombstone_retention: Duration,
 
+    /// Clients that have not pushed for this long are forgotten, with what
+    /// the server remembers of their mutation ids (must be >=
+    /// --history-retention). A retry arriving later than this is taken as a
+    /// new mutation and may be applied a second time.
+    #[arg(long, env = "DELTASYNC_CLIENT_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub client_retention: Duration,
+
     /// How often retention runs.
     #[arg(long, env = "DELTASYNC_COMPACTION_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub compaction_interval: Duration,
@@ -117,6 +128,12 @@ pub struct Config {
     /// catches up from the log instead.
     #[arg(long, env = "DELTASYNC_FEED_CAPACITY", default_value_t = 1024)]
     pub feed_capacity: usize,
+
+    /// Most document bytes the shared live ring holds (bodies plus
+    /// metadata, as sent); past it the oldest commits' documents are
+    /// dropped and a subscriber still behind them reads them from the log.
+    #[arg(long, env = "DELTASYNC_FEED_MAX_BYTES", default_value_t = 64 << 20)]
+    pub feed_max_bytes: usize,
 
     /// HTTP/2 keepalive ping interval: detects dead peers and keeps proxies
     /// from cutting idle streams.
@@ -150,6 +167,21 @@ impl Config {
                 "--tombstone-retention ({}) must be at least --history-retention ({})",
                 humantime::format_duration(self.tombstone_retention),
                 humantime::format_duration(self.history_retention)
+            ));
+        }
+        if self.client_retention < self.history_retention {
+            return Err(format!(
+                "--client-retention ({}) must be at least --history-retention ({})",
+                humantime::format_duration(self.client_retention),
+                humantime::format_duration(self.history_retention)
+            ));
+        }
+        let skeletons = self.max_batch.saturating_mul(RESULT_SKELETON_BYTES);
+        if skeletons.saturating_add(MESSAGE_OVERHEAD_BYTES) > self.max_message_bytes {
+            return Err(format!(
+                "--max-batch ({}) results of up to {RESULT_SKELETON_BYTES} bytes each (without bodies) must fit in \
+                 --max-message-bytes ({}), so that every Push can be answered",
+                self.max_batch, self.max_message_bytes
             ));
         }
         if self.history_max_versions == 0 || self.compaction_batch == 0 || self.feed_capacity == 0 {
@@ -190,6 +222,7 @@ impl Config {
             history: self.history_retention,
             max_versions: self.history_max_versions,
             tombstones: self.tombstone_retention,
+            clients: self.client_retention,
             batch: self.compaction_batch,
         }
     }

@@ -67,6 +67,12 @@ impl From<Error> for Status {
             Error::Store(StoreError::Closed) => {
                 Status::unavailable("server is shutting down; retry")
             }
+            Error::Store(StoreError::Stopped) => Status::unavailable(
+                "this server stopped taking writes after a storage failure; retry on another replica or after it restarts",
+            ),
+            Error::Store(
+                e @ (StoreError::BodyTooLarge { .. } | StoreError::OutcomeForgotten { .. }),
+            ) => Status::failed_precondition(e.to_string()),
             Error::Store(e) => {
                 tracing::error!(cause = %e, "storage failure");
                 Status::internal("internal storage error")

@@ -54,6 +54,8 @@ pub async fn serve_with(
         durability: config.durability,
         flush_interval: config.flush_interval,
         feed_capacity: config.feed_capacity,
+        feed_max_bytes: config.feed_max_bytes,
+        max_body_bytes: config.max_body_bytes,
         ..options
     };
     let store = Store::open(&config.data_dir, options)?;
@@ -83,6 +85,17 @@ async fn run(
         config.compaction_interval,
         streams.clone(),
     ));
+    // A store that stops taking writes (a failed flush) is reported not
+    // serving, so probes and clients move away.
+    let mut writable = store.writable();
+    let failed_health = health.clone();
+    let watch_writes = tokio::spawn(async move {
+        if writable.wait_for(|w| !w).await.is_ok() {
+            failed_health
+                .set_not_serving::<SyncServiceServer<SyncApi>>()
+                .await;
+        }
+    });
     let api = SyncApi::new(store, Settings::from_config(config), streams.clone());
     let sync = SyncServiceServer::new(api)
         .max_decoding_message_size(config.max_request_bytes)
@@ -121,6 +134,7 @@ async fn run(
         }
     }
     streams.cancel();
+    watch_writes.abort();
     let _ = compaction.await;
     Ok(())
 }

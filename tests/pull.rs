@@ -172,6 +172,8 @@ async fn store_identity_and_client_progress() {
 async fn pages_are_cut_to_the_message_cap() {
     let s = TestServer::start_with(|c| {
         c.max_message_bytes = 64 * 1024;
+        // Every result of a full batch must fit a message: 1024 bytes each.
+        c.max_batch = c.max_batch.min(50);
         c.max_body_bytes = 40 * 1024;
     })
     .await;

@@ -13,10 +13,18 @@ use crate::{
 /// A domain document as sent on the wire.
 pub fn document(doc: &Document) -> pb::Document {
     pb::Document {
+        body: (!doc.deleted).then(|| doc.body.clone()),
+        ..metadata(doc)
+    }
+}
+
+/// A document's metadata: everything but the body.
+pub fn metadata(doc: &Document) -> pb::Document {
+    pb::Document {
         collection: doc.collection.clone(),
         id: doc.id.clone(),
         version: doc.version.0,
-        body: (!doc.deleted).then(|| doc.body.clone()),
+        body: None,
         deleted: doc.deleted,
         seq: doc.seq.0,
         updated_at: Some(timestamp(doc.updated_at)),

@@ -19,7 +19,7 @@ use crate::{
     error::Error,
     pb::{self, sync_service_server::SyncService},
     shutdown::CancellationToken,
-    store::Store,
+    store::{Store, model::Seq},
 };
 
 /// Limits and defaults the handlers enforce, taken from [`Config`].
@@ -65,7 +65,7 @@ pub struct SyncApi {
     store: Store,
     /// Limits and defaults.
     settings: Arc<Settings>,
-    /// Cancelled on shutdown, so open Subscribe streams end cleanly.
+    /// Cancelled on shutdown: open Subscribe streams end with UNAVAILABLE.
     shutdown: CancellationToken,
     /// One permit per open Subscribe stream.
     subscribers: Arc<Semaphore>,
@@ -84,20 +84,19 @@ impl SyncApi {
     }
 
     /// Fails if the caller's checkpoint comes from another store, or from
-    /// further than this store has reached.
-    fn check_checkpoint(&self, store_id: &str, since: u64) -> Result<(), Error> {
+    /// further than this store has reached. A checkpoint a buffered push
+    /// was given that is not durable yet is waited for.
+    async fn check_checkpoint(&self, store_id: &str, since: u64) -> Result<(), Error> {
         if !store_id.is_empty() && store_id != self.store.store_id() {
             return Err(Error::WrongStore {
                 current: self.store.store_id().to_owned(),
             });
         }
-        let head = self.store.head().0;
-        if since > head {
+        if !self.store.await_durable(Seq(since)).await {
+            let head = self.store.head().0;
             return Err(Error::CheckpointAhead { since, head });
         }
-        Ok(self
-            .store
-            .check_checkpoint(crate::store::model::Seq(since))?)
+        Ok(self.store.check_checkpoint(Seq(since))?)
     }
 }
 
@@ -127,10 +126,9 @@ impl SyncService for SyncApi {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Ok(Response::new(subscribe::handle(
-            self,
-            request.into_inner(),
-        )?))
+        Ok(Response::new(
+            subscribe::handle(self, request.into_inner()).await?,
+        ))
     }
 
     async fn get(

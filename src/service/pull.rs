@@ -12,7 +12,7 @@ use crate::{
 pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullResponse, Error> {
     validate::collections(&req.collections)?;
     validate::client_id(&req.client_id)?;
-    api.check_checkpoint(&req.store_id, req.since)?;
+    api.check_checkpoint(&req.store_id, req.since).await?;
     let limit = match req.limit {
         0 => DEFAULT_PULL_LIMIT,
         n => n,
@@ -44,7 +44,7 @@ pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullRespo
     };
     let last_mutation_id = match req.client_id.as_str() {
         "" => 0,
-        client => api.store.last_mutation_id(client)?,
+        client => api.store.last_mutation_id(client),
     };
     Ok(pb::PullResponse {
         documents,

@@ -6,7 +6,9 @@ use super::{SyncApi, convert, validate};
 use crate::{
     error::Error,
     pb,
-    store::model::{Body, EncodedBody, Mutation, Op, PushBatch, Version},
+    store::model::{
+        Body, EncodedBody, Mutation, MutationResult, Op, PushBatch, PushOutcome, Version,
+    },
 };
 
 /// Handles one Push.
@@ -15,37 +17,85 @@ pub async fn handle(api: &SyncApi, req: pb::PushRequest) -> Result<pb::PushRespo
     let count = batch.mutations.len();
     let outcome = api.store.push(batch).await?;
     tracing::debug!(mutations = count, checkpoint = %outcome.checkpoint, "push committed");
-    // Bodies echo back while they fit the message cap; past it, documents
-    // carry their metadata only (the caller can Get the rest).
-    let mut budget = api.settings.message_budget;
-    let results = outcome
-        .results
-        .iter()
-        .map(|r| {
-            let mut document = r.document.as_ref().map(convert::document);
-            if let Some(doc) = &mut document {
-                let len = doc.encoded_len();
-                if len > budget {
-                    doc.body = None;
-                    budget = budget.saturating_sub(doc.encoded_len());
-                } else {
-                    budget -= len;
-                }
-            }
-            pb::MutationResult {
-                mutation_id: r.mutation_id,
-                outcome: convert::outcome(r.outcome).into(),
-                document,
-                conflicting_fields: r.conflicting_fields.clone(),
-            }
-        })
-        .collect();
-    Ok(pb::PushResponse {
-        results,
+    Ok(answer(
+        &outcome,
+        api.store.store_id(),
+        api.settings.message_budget,
+    ))
+}
+
+/// The answer to a committed push, within `budget` bytes encoded, counting
+/// everything. Every result keeps its id, outcome and document metadata
+/// (the configuration guarantees those fit: see `RESULT_SKELETON_BYTES`);
+/// in request order, each result then gets its conflicting fields and its
+/// body while they fit. A cut list is flagged; a missing body is told by
+/// `body` being absent on a document that is not `deleted`.
+fn answer(outcome: &PushOutcome, store_id: &str, budget: usize) -> pb::PushResponse {
+    let mut response = pb::PushResponse {
+        results: outcome.results.iter().map(skeleton).collect(),
         last_mutation_id: outcome.last_mutation_id,
         checkpoint: outcome.checkpoint.0,
-        store_id: api.store.store_id().to_owned(),
-    })
+        store_id: store_id.to_owned(),
+    };
+    let mut room = budget.saturating_sub(response.encoded_len());
+    for (full, result) in outcome.results.iter().zip(&mut response.results) {
+        let before = framed(result);
+        // Fields first: a body can be fetched with Get, an overlap cannot.
+        let mut cost = 0;
+        for field in &full.conflicting_fields {
+            let len = field.len();
+            let next = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+            if cost + next > room {
+                break;
+            }
+            cost += next;
+            result.conflicting_fields.push(field.clone());
+        }
+        result.conflicting_fields_truncated =
+            result.conflicting_fields.len() < full.conflicting_fields.len();
+        // The result's own length prefix may have grown: give back fields
+        // until the exact size fits.
+        while framed(result).saturating_sub(before) > room {
+            result.conflicting_fields.pop();
+            result.conflicting_fields_truncated = true;
+        }
+        room -= framed(result).saturating_sub(before);
+        let before = framed(result);
+        if let (Some(doc), Some(full_doc)) = (&mut result.document, &full.document)
+            && !full_doc.deleted
+        {
+            doc.body = Some(full_doc.body.clone());
+            let after = framed(result);
+            if after.saturating_sub(before) <= room {
+                room -= after.saturating_sub(before);
+            } else if let Some(doc) = &mut result.document {
+                doc.body = None;
+            }
+        }
+    }
+    debug_assert!(response.encoded_len() <= budget);
+    response
+}
+
+/// A result with its document's metadata only: no body, no fields (flagged
+/// as cut if there are any, until they are added).
+fn skeleton(r: &MutationResult) -> pb::MutationResult {
+    pb::MutationResult {
+        mutation_id: r.mutation_id,
+        outcome: convert::outcome(r.outcome).into(),
+        document: r.document.as_ref().map(|d| pb::Document {
+            body: None,
+            ..convert::metadata(d)
+        }),
+        conflicting_fields: Vec::new(),
+        conflicting_fields_truncated: !r.conflicting_fields.is_empty(),
+    }
+}
+
+/// What a result takes inside the response: tag, length prefix, message.
+fn framed(result: &pb::MutationResult) -> usize {
+    let len = result.encoded_len();
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
 }
 
 /// Validates everything before anything is written; the first problem fails

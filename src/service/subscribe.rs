@@ -23,9 +23,9 @@ pub type SubscribeStream =
 
 /// Opens a subscription (checks happen before the stream starts, so a bad
 /// request fails the call itself).
-pub fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<SubscribeStream, Error> {
+pub async fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<SubscribeStream, Error> {
     validate::collections(&req.collections)?;
-    api.check_checkpoint(&req.store_id, req.since)?;
+    api.check_checkpoint(&req.store_id, req.since).await?;
     let permit = api.subscribers.clone().try_acquire_owned().map_err(|_| {
         Error::ResourceExhausted(format!(
             "too many subscribers: this server allows {} open Subscribe streams; retry later or use another replica",
@@ -68,7 +68,7 @@ struct Feed {
     pending: VecDeque<pb::SubscribeResponse>,
     /// Progress timer, reset by every message sent.
     heartbeat: Interval,
-    /// Ends the stream on server shutdown.
+    /// Ends the stream (with UNAVAILABLE) on server shutdown.
     shutdown: CancellationToken,
     /// Byte budget for one message's documents.
     budget: usize,
@@ -90,7 +90,13 @@ impl Feed {
             }
             tokio::select! {
                 biased;
-                () = self.shutdown.cancelled() => return None,
+                () = self.shutdown.cancelled() => {
+                    // Not a normal end: the client reconnects and resumes.
+                    self.failed = true;
+                    return Some(Err(Status::unavailable(
+                        "server is shutting down; reconnect and resume from your last checkpoint",
+                    )));
+                }
                 event = self.subscription.next() => match event {
                     Ok(FeedEvent::Changes { docs, checkpoint }) => self.queue_changes(&docs, checkpoint),
                     Ok(FeedEvent::CaughtUp { checkpoint }) => self.queue_progress(checkpoint, true),

@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 
 use super::{
     Store, StoreError, Trees,
+    clients::ClientState,
     codec::Record,
     index::{self, Index},
     keys::{self, DocKey},
@@ -26,6 +27,9 @@ pub struct Retention {
     pub max_versions: usize,
     /// Tombstones older than this are purged (>= `history`).
     pub tombstones: Duration,
+    /// Clients unseen (no push) for longer than this are forgotten (>=
+    /// `history`): a retry older than that is taken as a new mutation.
+    pub clients: Duration,
     /// Most keys handed to the writer at once.
     pub batch: usize,
 }
@@ -51,6 +55,15 @@ pub struct Tombstone {
     pub chain: Vec<Seq>,
 }
 
+/// Clients to forget, each only if still unseen since `cutoff`.
+#[derive(Debug)]
+pub struct Forget {
+    /// Their ids.
+    pub clients: Vec<String>,
+    /// The time they must not have been seen since.
+    pub cutoff: SystemTime,
+}
+
 /// What one batch removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Removed {
@@ -58,6 +71,8 @@ pub struct Removed {
     pub history: usize,
     /// Tombstones purged.
     pub tombstones: usize,
+    /// Clients forgotten.
+    pub clients: usize,
 }
 
 /// What a compaction round did.
@@ -96,6 +111,7 @@ impl Store {
                 &mut planner,
             )?;
             planner.send()?;
+            planner.forget_clients(&shared.trees, cutoff(now, retention.clients))?;
             Ok::<_, StoreError>(planner.removed)
         })
         .await
@@ -146,6 +162,38 @@ impl Planner<'_> {
             self.send()
         } else {
             Ok(())
+        }
+    }
+
+    /// Forgets, through the writer, the clients unseen since `cutoff`.
+    fn forget_clients(&mut self, trees: &Trees, cutoff: SystemTime) -> Result<(), StoreError> {
+        let mut clients = Vec::new();
+        let mut entries = trees.clients.iter();
+        loop {
+            let next = entries.next().transpose()?;
+            if let Some((key, value)) = &next
+                && ClientState::decode(value)?.unseen_since(cutoff)
+            {
+                let client = String::from_utf8(key.to_vec())
+                    .map_err(|_| StoreError::corrupt(keys::CLIENTS, "client id is not UTF-8"))?;
+                clients.push(client);
+            }
+            if clients.len() >= self.limit || (next.is_none() && !clients.is_empty()) {
+                let forget = Forget {
+                    clients: std::mem::take(&mut clients),
+                    cutoff,
+                };
+                let (reply, done) = oneshot::channel();
+                self.store
+                    .shared
+                    .writer
+                    .blocking_send(Command::Forget(forget, reply))
+                    .map_err(|_| StoreError::Closed)?;
+                self.removed.clients += done.blocking_recv().map_err(|_| StoreError::Closed)??;
+            }
+            if next.is_none() {
+                return Ok(());
+            }
         }
     }
 
@@ -205,9 +253,15 @@ fn plan(
             continue;
         };
         if record.prev.0 != 0 {
-            // `record` superseded its previous version just now.
+            // `record` superseded its previous version. The count rule is
+            // judged against the document as of `head`, the same for every
+            // record of the round: a document written since (its current
+            // state is past `head`) keeps its count-pruning for the next
+            // round, or a newer version could be pruned while an older one
+            // was kept, breaking the chain.
             let prev_version = record.version.0.saturating_sub(1);
-            let too_many = current.version.0.saturating_sub(prev_version) > max_versions;
+            let too_many = current.seq <= head
+                && current.version.0.saturating_sub(prev_version) > max_versions;
             if too_many || record.updated_at() < history_cutoff {
                 planner.add_history(record.prev)?;
             }
@@ -258,6 +312,7 @@ pub async fn run(
                 Ok(r) => tracing::info!(
                     history_pruned = r.removed.history,
                     tombstones_purged = r.removed.tombstones,
+                    clients_forgotten = r.removed.clients,
                     purge_horizon = %r.horizon,
                     elapsed_ms = r.elapsed.as_millis(),
                     "compaction finished"

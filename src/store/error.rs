@@ -38,6 +38,36 @@ pub enum StoreError {
     /// The group commit failed; the writer logged the cause.
     #[error("commit failed")]
     CommitFailed,
+    /// A flush failed earlier, so the writer takes no more commits until the
+    /// store is opened again (what is on disk is unknown).
+    #[error("the store stopped taking writes after a failed flush")]
+    Stopped,
+    /// A mutation would store a body over the limit; its push is refused
+    /// whole and nothing of it is written.
+    #[error(
+        "mutations[{mutation}]: the resulting body would be {size} bytes encoded; the limit is {limit}, so nothing of this push was written"
+    )]
+    BodyTooLarge {
+        /// Index of the mutation in its push.
+        mutation: usize,
+        /// Encoded size of the body it would produce.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A retried mutation id is older than the outcomes the store keeps for
+    /// its client; its push is refused whole.
+    #[error(
+        "mutations[{mutation}].mutation_id: the outcome of mutation_id {mutation_id} is no longer known \
+         (the server keeps a bounded record of each client's unapplied ids); Get the document, reconcile and \
+         send the change under a new mutation_id; nothing of this push was written"
+    )]
+    OutcomeForgotten {
+        /// Index of the mutation in its push.
+        mutation: usize,
+        /// Its mutation id.
+        mutation_id: u64,
+    },
     /// A read task panicked; the cause is logged.
     #[error("read failed")]
     ReadFailed,

@@ -8,18 +8,25 @@
 //! rejoins the ring. The ring is subscribed *before* the head is read, so the
 //! switch from the log to the ring can neither lose nor repeat a change.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex, PoisonError, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::{
+    sync::broadcast::{self, error::RecvError},
+    task::JoinHandle,
+};
 
 use super::{
     Store,
     error::StoreError,
-    model::{Document, Seq},
-    pull::{CollectionFilter, PageLimit},
+    model::{Document, PullPage, Seq},
+    pull::{self, CollectionFilter, PageLimit},
 };
 
 /// One group commit as subscribers see it.
@@ -29,8 +36,36 @@ pub struct Commit {
     pub prev_head: Seq,
     /// Head after the commit.
     pub head: Seq,
-    /// New document states in seq order.
-    pub docs: Vec<Arc<Document>>,
+    /// New document states in seq order; `None` once the ring's byte bound
+    /// evicted them (a subscriber then reads the commit from the log).
+    docs: RwLock<Option<Arc<[Arc<Document>]>>>,
+    /// What the documents take, as counted against the ring's byte bound.
+    bytes: usize,
+}
+
+impl Commit {
+    /// A commit of `docs` (in seq order).
+    pub fn new(prev_head: Seq, head: Seq, docs: Vec<Arc<Document>>) -> Self {
+        let bytes = docs.iter().map(|d| pull::wire_size(d)).sum();
+        Self {
+            prev_head,
+            head,
+            docs: RwLock::new(Some(docs.into())),
+            bytes,
+        }
+    }
+
+    /// Its documents, unless evicted.
+    pub fn docs(&self) -> Option<Arc<[Arc<Document>]>> {
+        self.docs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn evict(&self) {
+        *self.docs.write().unwrap_or_else(PoisonError::into_inner) = None;
+    }
 }
 
 /// The broadcast point: a cheap `Clone` handle.
@@ -43,21 +78,37 @@ pub struct Feed {
 struct FeedShared {
     /// Highest seq published (durable and visible to readers).
     head: AtomicU64,
+    /// Highest seq written (acknowledged in `buffered` mode, maybe not
+    /// durable yet): a checkpoint up to it is waited for, not refused.
+    written: AtomicU64,
     /// Purge horizon: raised *before* a purge commits, so a reader that
     /// re-checks it after reading cannot miss a purge that hid something.
     horizon: AtomicU64,
     /// The ring all subscribers read from.
     tx: broadcast::Sender<Arc<Commit>>,
+    /// The commits whose documents the ring holds, oldest first, and their
+    /// bytes: what bounds the ring's memory in bytes, not only in commits.
+    retained: Mutex<(VecDeque<Arc<Commit>>, usize)>,
+    /// Most commits in the ring.
+    capacity: usize,
+    /// Most document bytes in the ring.
+    max_bytes: usize,
 }
 
 impl Feed {
-    /// A feed whose head is `head`, keeping the last `capacity` commits.
-    pub fn new(head: Seq, horizon: Seq, capacity: usize) -> Self {
-        let (tx, _) = broadcast::channel(capacity.max(1));
+    /// A feed whose head is `head`, keeping the documents of at most the
+    /// last `capacity` commits and `max_bytes` bytes.
+    pub fn new(head: Seq, horizon: Seq, capacity: usize, max_bytes: usize) -> Self {
+        let capacity = capacity.max(1);
+        let (tx, _) = broadcast::channel(capacity);
         let shared = FeedShared {
             head: AtomicU64::new(head.0),
+            written: AtomicU64::new(head.0),
             horizon: AtomicU64::new(horizon.0),
             tx,
+            retained: Mutex::new((VecDeque::new(), 0)),
+            capacity,
+            max_bytes,
         };
         Self {
             shared: Arc::new(shared),
@@ -67,6 +118,16 @@ impl Feed {
     /// Highest published seq.
     pub fn head(&self) -> Seq {
         Seq(self.shared.head.load(Ordering::Acquire))
+    }
+
+    /// Highest written seq (at least the head).
+    pub fn written(&self) -> Seq {
+        Seq(self.shared.written.load(Ordering::Acquire))
+    }
+
+    /// Notes a commit written (not yet published).
+    pub fn set_written(&self, seq: Seq) {
+        self.shared.written.fetch_max(seq.0, Ordering::AcqRel);
     }
 
     /// The purge horizon.
@@ -91,12 +152,48 @@ impl Feed {
         Ok(())
     }
 
+    /// Waits until `seq` is published, at most `timeout`; whether it is.
+    pub async fn wait_published(&self, seq: Seq, timeout: Duration) -> bool {
+        let mut rx = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.head() < seq {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Ok(_) | Err(RecvError::Lagged(_))) => {}
+                Ok(Err(RecvError::Closed)) | Err(_) => break,
+            }
+        }
+        self.head() >= seq
+    }
+
     /// Publishes a commit: the head moves first, so anyone who reads the head
     /// after subscribing either sees the commit in the ring or below the head.
+    /// The oldest commits' documents are evicted to keep the ring within its
+    /// bounds.
     pub fn publish(&self, commit: Commit) {
+        let commit = Arc::new(commit);
         self.shared.head.store(commit.head.0, Ordering::Release);
+        self.shared
+            .written
+            .fetch_max(commit.head.0, Ordering::AcqRel);
+        {
+            let mut retained = self
+                .shared
+                .retained
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let (commits, bytes) = &mut *retained;
+            commits.push_back(commit.clone());
+            *bytes += commit.bytes;
+            while commits.len() > self.shared.capacity || *bytes > self.shared.max_bytes {
+                let Some(old) = commits.pop_front() else {
+                    break;
+                };
+                old.evict();
+                *bytes -= old.bytes;
+            }
+        }
         // No receivers is not an error: nobody is listening.
-        let _ = self.shared.tx.send(Arc::new(commit));
+        let _ = self.shared.tx.send(commit);
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<Commit>> {
@@ -142,6 +239,10 @@ pub struct Subscription {
     mode: Mode,
     /// Most documents and bytes per catch-up page.
     page: PageLimit,
+    /// The catch-up read in progress and the checkpoint it reads from. It
+    /// is kept here, not in the future of [`Subscription::next`], so a
+    /// caller that stops waiting (a heartbeat is due) loses no work.
+    reading: Option<(Seq, JoinHandle<Result<PullPage, StoreError>>)>,
 }
 
 impl Subscription {
@@ -161,6 +262,7 @@ impl Subscription {
                 docs: page.docs.max(1),
                 ..page
             },
+            reading: None,
         }
     }
 
@@ -188,10 +290,21 @@ impl Subscription {
                         }
                         continue;
                     }
-                    let page = self
-                        .store
-                        .read_changes(self.delivered, upto, self.filter.clone(), self.page)
-                        .await?;
+                    if self.reading.is_none() {
+                        let read = self.store.start_read(
+                            self.delivered,
+                            upto,
+                            self.filter.clone(),
+                            self.page,
+                        )?;
+                        self.reading = Some((self.delivered, read));
+                    }
+                    let Some((since, read)) = &mut self.reading else {
+                        continue;
+                    };
+                    let page = self.store.finish_read(*since, read).await;
+                    self.reading = None;
+                    let page = page?;
                     self.delivered = page.checkpoint;
                     if !page.documents.is_empty() {
                         let docs = page.documents.into_iter().map(Arc::new).collect();
@@ -215,8 +328,15 @@ impl Subscription {
                             };
                             continue;
                         }
-                        let docs: Vec<Arc<Document>> = commit
-                            .docs
+                        let Some(docs) = commit.docs() else {
+                            // Evicted by the ring's byte bound: read it from the log.
+                            self.mode = Mode::CatchUp {
+                                upto: commit.head,
+                                announce: false,
+                            };
+                            continue;
+                        };
+                        let docs: Vec<Arc<Document>> = docs
                             .iter()
                             .filter(|d| {
                                 d.seq > self.delivered
@@ -233,7 +353,7 @@ impl Subscription {
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {
-                        tracing::debug!(missed, delivered = %self.delivered, "subscriber lagged; catching up from the index");
+                        tracing::debug!(missed, delivered = %self.delivered, "subscriber lagged; catching up from the log");
                         self.mode = Mode::CatchUp {
                             upto: self.store.feed().head(),
                             announce: false,

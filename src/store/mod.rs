@@ -8,6 +8,7 @@
 //! [`model`].
 
 pub mod body;
+pub mod clients;
 pub mod codec;
 pub mod compaction;
 pub mod conflict;
@@ -29,19 +30,21 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
-pub use self::{
-    error::StoreError,
-    feed::{FeedEvent, Subscription},
-    pull::{CollectionFilter, PageLimit},
-};
 use self::{
+    clients::LastIds,
     feed::Feed,
     index::Index,
     model::{Document, PullPage, PushBatch, PushOutcome, Seq},
     readahead::ReadAhead,
     writer::{Command, Job, Writer},
+};
+pub use self::{
+    error::StoreError,
+    feed::{FeedEvent, Subscription},
+    pull::{CollectionFilter, PageLimit},
+    writer::Faults,
 };
 
 /// The on-disk layout this build reads and writes (`migrate` upgrades
@@ -66,7 +69,8 @@ pub enum Durability {
     /// After its commit is flushed to disk.
     #[default]
     Fsync,
-    /// After its commit is in memory; sled flushes in the background.
+    /// After its commit is in memory; a flusher makes it durable within a
+    /// flush interval. Readers see it only then.
     Buffered,
 }
 
@@ -81,8 +85,15 @@ pub struct Options {
     pub clock: Clock,
     /// Commits kept in the broadcast ring before a subscriber counts as lagging.
     pub feed_capacity: usize,
+    /// Most document bytes kept in the broadcast ring.
+    pub feed_max_bytes: usize,
     /// Most mutations gathered into one group commit.
     pub max_group_mutations: usize,
+    /// Largest body a document may be stored with (encoded bytes): a push
+    /// whose patch or merge would make a larger one is refused.
+    pub max_body_bytes: usize,
+    /// Failure injection for tests.
+    pub faults: Faults,
 }
 
 impl Default for Options {
@@ -92,7 +103,10 @@ impl Default for Options {
             flush_interval: Duration::from_millis(500),
             clock: Arc::new(SystemTime::now),
             feed_capacity: 1024,
+            feed_max_bytes: 64 << 20,
             max_group_mutations: 10_000,
+            max_body_bytes: 1 << 20,
+            faults: Faults::default(),
         }
     }
 }
@@ -116,12 +130,20 @@ pub struct Store {
 }
 
 struct Shared {
-    /// The database, for flushes.
-    db: sled::Db,
     /// Read handles.
     trees: Trees,
-    /// Where each document's current state is in the log.
+    /// Where each document's current state is in the log (as of the last
+    /// published commit).
     index: Index,
+    /// Each client's highest processed mutation id, as published.
+    last_ids: LastIds,
+    /// False once the writer stopped taking writes.
+    writable: watch::Receiver<bool>,
+    /// Dropped on close to end the flusher thread, which is then joined
+    /// (it holds the database open).
+    flusher: Mutex<Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>>,
+    /// How long a buffered commit may take to become durable.
+    flush_interval: Duration,
     /// The store's identity, made at creation.
     store_id: String,
     /// Post-commit broadcast point.
@@ -139,19 +161,19 @@ struct Shared {
 impl Store {
     /// Opens (or creates) the store in `dir` and starts its writer.
     pub fn open(dir: &Path, options: Options) -> Result<Self, StoreError> {
-        let flush_ms = u64::try_from(options.flush_interval.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(Some(flush_ms))
-            .open()?;
+        // The flusher below flushes, so the store knows what is durable.
+        let db = sled::Config::new().path(dir).flush_every_ms(None).open()?;
         let trees = Trees {
             log: db.open_tree(keys::LOG)?,
             clients: db.open_tree(keys::CLIENTS)?,
             meta: db.open_tree(keys::META)?,
         };
         migrate::upgrade(&db, &trees)?;
+        let upgraded = clients::upgrade(&trees.clients, (options.clock)())?;
+        if upgraded > 0 {
+            tracing::info!(clients = upgraded, "client states upgraded");
+        }
+        let last_ids = LastIds::load(&trees.clients)?;
         let store_id = init_store_id(&trees.meta)?;
         let head = recover_head(&db, &trees)?;
         let started = std::time::Instant::now();
@@ -162,29 +184,54 @@ impl Store {
             "document index rebuilt"
         );
         let horizon = read_meta_u64(&trees.meta, keys::META_PURGE_HORIZON)?;
-        let feed = Feed::new(head, Seq(horizon), options.feed_capacity);
+        let feed = Feed::new(
+            head,
+            Seq(horizon),
+            options.feed_capacity,
+            options.feed_max_bytes,
+        );
         let (tx, rx) = mpsc::channel(1024);
+        let (writable_tx, writable) = watch::channel(true);
+        let dirty = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = Writer {
             db: db.clone(),
             trees: trees.clone(),
             index: index.clone(),
+            last_ids: last_ids.clone(),
             feed: feed.clone(),
             durability: options.durability,
             clock: options.clock.clone(),
             max_group_mutations: options.max_group_mutations,
+            max_body_bytes: options.max_body_bytes,
             last_time: std::cell::Cell::new(last_commit_time(&trees)?),
             stopped: std::cell::Cell::new(false),
+            writable: writable_tx,
+            faults: options.faults.clone(),
+            dirty: dirty.clone(),
         };
+        let spawn_failed = |e| StoreError::Storage(sled::Error::Io(e));
         let thread = std::thread::Builder::new()
             .name("deltasync-writer".into())
             .spawn(move || writer.run(rx))
-            .map_err(|e| StoreError::Storage(sled::Error::Io(e)))?;
+            .map_err(spawn_failed)?;
+        let (flusher_stop, stop) = std::sync::mpsc::channel();
+        let flusher = {
+            let (db, feed, tx) = (db.clone(), feed.clone(), tx.clone());
+            let (faults, interval) = (options.faults.clone(), options.flush_interval);
+            std::thread::Builder::new()
+                .name("deltasync-flusher".into())
+                .spawn(move || writer::run_flusher(db, feed, dirty, faults, interval, tx, stop))
+                .map_err(spawn_failed)?
+        };
         tracing::info!(dir = %dir.display(), %store_id, head = %head, "store opened");
         Ok(Self {
             shared: Arc::new(Shared {
-                db,
                 trees,
                 index,
+                last_ids,
+                writable,
+                flusher: Mutex::new(Some((flusher_stop, flusher))),
+                flush_interval: options.flush_interval,
                 store_id,
                 feed,
                 clock: options.clock,
@@ -237,11 +284,11 @@ impl Store {
     ) -> Result<PullPage, StoreError> {
         let upto = self.head();
         self.feed().check_horizon(since)?;
-        let read = match self.shared.readahead.take(since, upto, &filter, limit) {
+        let mut read = match self.shared.readahead.take(since, upto, &filter, limit) {
             Some(read) => read,
             None => self.spawn_read(since, upto, filter.clone(), limit),
         };
-        let page = self.finish_read(since, read).await?;
+        let page = self.finish_read(since, &mut read).await?;
         if page.has_more {
             let next = page.checkpoint;
             self.shared
@@ -253,26 +300,26 @@ impl Store {
         Ok(page)
     }
 
-    /// Reads changes in `(since, upto]`. Fails with [`StoreError::Compacted`]
-    /// if `since` is below the purge horizon.
-    pub(crate) async fn read_changes(
+    /// Starts reading changes in `(since, upto]`. Fails with
+    /// [`StoreError::Compacted`] if `since` is below the purge horizon.
+    pub(crate) fn start_read(
         &self,
         since: Seq,
         upto: Seq,
         filter: CollectionFilter,
         limit: PageLimit,
-    ) -> Result<PullPage, StoreError> {
+    ) -> Result<tokio::task::JoinHandle<Result<PullPage, StoreError>>, StoreError> {
         self.feed().check_horizon(since)?;
-        let read = self.spawn_read(since, upto, filter, limit);
-        self.finish_read(since, read).await
+        Ok(self.spawn_read(since, upto, filter, limit))
     }
 
     /// Waits for a read started after `since` passed the horizon check, and
     /// checks again: a purge racing with the read cannot go unnoticed.
-    async fn finish_read(
+    /// Cancel-safe: the read goes on in `read` if the caller stops waiting.
+    pub(crate) async fn finish_read(
         &self,
         since: Seq,
-        read: tokio::task::JoinHandle<Result<PullPage, StoreError>>,
+        read: &mut tokio::task::JoinHandle<Result<PullPage, StoreError>>,
     ) -> Result<PullPage, StoreError> {
         let page = joined(read.await)?;
         self.feed().check_horizon(since)?;
@@ -299,6 +346,27 @@ impl Store {
         self.feed().check_horizon(since)
     }
 
+    /// Waits until `seq` is readable, if it was acknowledged but is not yet
+    /// durable (`buffered` mode: at most about one flush interval); returns
+    /// whether it is readable. A seq that was never written is not waited for.
+    pub async fn await_durable(&self, seq: Seq) -> bool {
+        let feed = self.feed();
+        if seq <= feed.head() {
+            return true;
+        }
+        if seq > feed.written() {
+            return false;
+        }
+        let patience = self.shared.flush_interval * 2 + Duration::from_secs(5);
+        feed.wait_published(seq, patience).await
+    }
+
+    /// Changes to `false` once the store stops taking writes (after a
+    /// failed flush): the server then reports itself not serving.
+    pub fn writable(&self) -> watch::Receiver<bool> {
+        self.shared.writable.clone()
+    }
+
     /// The purge horizon: checkpoints below it (other than 0) are refused.
     pub fn purge_horizon(&self) -> Seq {
         self.feed().horizon()
@@ -314,9 +382,10 @@ impl Store {
         blocking(move || pull::get(&shared.trees, &shared.index, &collection, &ids)).await
     }
 
-    /// The highest applied mutation id of a client.
-    pub fn last_mutation_id(&self, client_id: &str) -> Result<u64, StoreError> {
-        pull::last_mutation_id(&self.shared.trees, client_id)
+    /// The highest processed mutation id of a client, as of the last
+    /// durable commit.
+    pub fn last_mutation_id(&self, client_id: &str) -> u64 {
+        self.shared.last_ids.get(client_id)
     }
 
     /// A live feed of changes after `since`: backlog first, then live.
@@ -340,8 +409,10 @@ impl Store {
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
-        if let Err(e) = self.shared.db.flush_async().await {
-            tracing::error!(cause = %e, "flush on close failed");
+        let flusher = self.shared.flusher.lock().ok().and_then(|mut f| f.take());
+        if let Some((stop, thread)) = flusher {
+            drop(stop);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
 }

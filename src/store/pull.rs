@@ -29,6 +29,11 @@ impl CollectionFilter {
     }
 }
 
+/// Most log records one page examines, matching or not: a filter that
+/// matches little never turns one read into a scan of the whole log. The
+/// page then ends early with an advanced checkpoint and `has_more`.
+pub const MAX_EXAMINED: usize = 20_000;
+
 /// How much one page may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageLimit {
@@ -40,7 +45,7 @@ pub struct PageLimit {
 }
 
 /// Reads documents changed in `(since, upto]`, in seq order, within `limit`,
-/// each at its latest state.
+/// each at its latest state, examining at most [`MAX_EXAMINED`] records.
 ///
 /// The checkpoint is the seq of the last change examined; when every change
 /// up to `upto` has been examined it is `upto` itself, so filtered readers and
@@ -66,10 +71,10 @@ pub fn read_changes(
         });
     }
     let range = keys::seq_key(Seq(since.0 + 1))..=keys::seq_key(upto);
-    for entry in trees.log.range(range) {
+    for (examined, entry) in trees.log.range(range).enumerate() {
         let (seq, value) = entry?;
         let seq = index::parse_seq(&seq)?;
-        if documents.len() >= limit.docs {
+        if documents.len() >= limit.docs || examined >= MAX_EXAMINED {
             return Ok(PullPage {
                 documents,
                 checkpoint,
@@ -106,7 +111,7 @@ pub fn read_changes(
 
 /// About what `doc` takes in a response: its variable parts plus room for
 /// the fixed fields, tags and length prefixes.
-fn wire_size(doc: &Document) -> usize {
+pub fn wire_size(doc: &Document) -> usize {
     doc.body.len() + doc.collection.len() + doc.id.len() + doc.updated_by.len() + 64
 }
 
@@ -129,11 +134,6 @@ pub fn get(
         }
     }
     Ok(out)
-}
-
-/// The highest applied mutation id of a client (0 if none).
-pub fn last_mutation_id(trees: &Trees, client_id: &str) -> Result<u64, StoreError> {
-    read_u64(&trees.clients, keys::CLIENTS, client_id.as_bytes())
 }
 
 /// A big-endian u64 value of `tree` (named for errors), 0 if absent.

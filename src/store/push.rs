@@ -14,7 +14,9 @@
 use std::{collections::HashMap, time::SystemTime};
 
 use super::{
-    Trees, codec,
+    Trees,
+    clients::{ClientState, IdStatus},
+    codec,
     conflict::{self, BaseCheck, Decision, NewState},
     error::StoreError,
     index::{DocMap, Entry, Index},
@@ -29,14 +31,15 @@ use super::{
 /// What one group commit is to write and answer.
 #[derive(Debug)]
 pub struct GroupCommit {
-    /// One outcome per batch, in the order given.
-    pub outcomes: Vec<PushOutcome>,
+    /// One outcome per batch, in the order given: a batch refused whole
+    /// (nothing of it planned) has its error here.
+    pub outcomes: Vec<Result<PushOutcome, StoreError>>,
     /// Every new document state, in seq order, for the feed.
     pub changes: Vec<Document>,
     /// The encoded records of `changes`: seqs `prev_head + 1 ..= head`.
     pub records: Vec<Vec<u8>>,
-    /// Clients whose last applied mutation id rose, with the new id.
-    pub clients: HashMap<String, u64>,
+    /// Clients whose mutation-id state changed, with the new state.
+    pub clients: HashMap<String, ClientState>,
     /// The index entries the group changed, for the index once committed.
     pub index: DocMap<Entry>,
     /// Head seq before the group.
@@ -45,13 +48,26 @@ pub struct GroupCommit {
     pub head: Seq,
 }
 
+/// The rules a plan is held to besides the documents themselves.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body a document may be stored with (encoded bytes).
+    pub max_body_bytes: usize,
+    /// The purge horizon: every version a purged document ever had is at
+    /// most this (a version never exceeds its record's seq), so a document
+    /// the index does not know starts above it and no version is reused.
+    pub purge_horizon: Seq,
+}
+
 /// The state a group is planned against: what is committed, overlaid with
 /// what the group (and the batch in progress) has planned so far.
 struct View<'a> {
     /// Committed records and client ids.
     trees: &'a Trees,
-    /// The committed index.
+    /// The published index.
     index: &'a Index,
+    /// Entries committed but not yet published (durable).
+    unpublished: &'a DocMap<Entry>,
     /// The plan so far.
     group: GroupCommit,
     /// Entries written by the batch in progress.
@@ -64,6 +80,7 @@ impl View<'_> {
         self.batch
             .get(key)
             .or_else(|| self.group.index.get(key))
+            .or_else(|| self.unpublished.get(key))
             .copied()
             .or_else(|| self.index.get(key.as_bytes()))
     }
@@ -79,27 +96,41 @@ impl View<'_> {
         }
     }
 
-    /// A client's last applied mutation id, counting earlier batches of
-    /// the group.
-    fn last_mutation_id(&self, client: &str) -> Result<u64, StoreError> {
-        match self.group.clients.get(client) {
-            Some(&last) => Ok(last),
-            None => pull::read_u64(&self.trees.clients, keys::CLIENTS, client.as_bytes()),
+    /// A client's mutation-id state, counting earlier batches of the group.
+    fn client(&self, client: &str) -> Result<ClientState, StoreError> {
+        if let Some(state) = self.group.clients.get(client) {
+            return Ok(state.clone());
         }
+        match self.trees.clients.get(client.as_bytes())? {
+            Some(bytes) => ClientState::decode(&bytes),
+            None => Ok(ClientState::default()),
+        }
+    }
+
+    /// Takes back what the batch in progress planned.
+    fn rollback(&mut self, head: Seq, changes: usize) {
+        self.group.changes.truncate(changes);
+        self.group.records.truncate(changes);
+        self.group.head = head;
+        self.batch.clear();
     }
 }
 
-/// Plans every batch of a group, in order.
+/// Plans every batch of a group, in order. `unpublished` holds the index
+/// entries of commits written but not yet durable.
 pub fn apply_group(
     trees: &Trees,
     index: &Index,
+    unpublished: &DocMap<Entry>,
     batches: &[&PushBatch],
     now: SystemTime,
+    limits: Limits,
 ) -> Result<GroupCommit, StoreError> {
     let prev_head = Seq(pull::read_u64(&trees.meta, keys::META, keys::META_HEAD)?);
     let mut view = View {
         trees,
         index,
+        unpublished,
         group: GroupCommit {
             outcomes: Vec::with_capacity(batches.len()),
             changes: Vec::new(),
@@ -111,64 +142,100 @@ pub fn apply_group(
         },
         batch: DocMap::default(),
     };
-    let mut applied = Vec::with_capacity(batches.len());
+    let mut planned = Vec::with_capacity(batches.len());
     for batch in batches {
-        applied.push(apply_batch(&mut view, batch, now)?);
+        planned.push(apply_batch(&mut view, batch, now, limits)?);
     }
     let mut group = view.group;
     // Every push of the group reports the head once the group committed.
     let head = group.head;
-    group.outcomes = applied
+    group.outcomes = planned
         .into_iter()
-        .map(|(results, last_mutation_id)| PushOutcome {
-            results,
-            last_mutation_id,
-            checkpoint: head,
+        .map(|p| {
+            p.map(|(results, last_mutation_id)| PushOutcome {
+                results,
+                last_mutation_id,
+                checkpoint: head,
+            })
         })
         .collect();
     Ok(group)
 }
 
-/// Plans one batch: its results and the client's last applied mutation id.
-/// Later mutations (and base lookups) of the batch see its earlier writes;
-/// an atomic batch with a conflict takes its writes back.
+/// Plans one batch: its results and the client's highest processed
+/// mutation id, or the reason it is refused whole (then nothing of it is
+/// planned). Later mutations (and base lookups) of the batch see its earlier
+/// writes; an atomic batch with a conflict takes its writes back.
 fn apply_batch(
     view: &mut View<'_>,
     batch: &PushBatch,
     now: SystemTime,
-) -> Result<(Vec<MutationResult>, u64), StoreError> {
-    let stored_last = match batch.client_id.as_str() {
-        "" => 0,
-        client => view.last_mutation_id(client)?,
+    limits: Limits,
+) -> Result<Result<(Vec<MutationResult>, u64), StoreError>, StoreError> {
+    let client = Some(batch.client_id.as_str()).filter(|c| !c.is_empty());
+    let stored = match client {
+        Some(client) => view.client(client)?,
+        None => ClientState::default(),
     };
-    let mut last = stored_last;
+    let mut state = stored.clone();
     let start_head = view.group.head;
     let first_change = view.group.changes.len();
     view.batch.clear();
     let mut results = Vec::with_capacity(batch.mutations.len());
-    let mut any_conflict = false;
+    let mut rejected = Vec::new();
 
-    for m in &batch.mutations {
+    for (i, m) in batch.mutations.iter().enumerate() {
         let key = DocKey::new(&m.collection, &m.id)?;
         let current = view.entry(&key);
-        if m.mutation_id != 0 && m.mutation_id <= stored_last {
-            let document = read_current(view, current)?;
-            results.push(result(
-                m.mutation_id,
-                Outcome::Duplicate,
-                document,
-                Vec::new(),
-            ));
-            continue;
+        let status = match m.mutation_id {
+            0 => IdStatus::New,
+            id => state.status(id),
+        };
+        let decision = match status {
+            IdStatus::New => decide(view, current, m, limits)?,
+            IdStatus::Applied => Decision {
+                outcome: Outcome::Duplicate,
+                write: None,
+                conflicting_fields: Vec::new(),
+            },
+            // Rejected before: rejected again, with the overlap as it is now.
+            IdStatus::Rejected => Decision {
+                outcome: Outcome::Conflict,
+                write: None,
+                ..decide(view, current, m, limits)?
+            },
+            IdStatus::Forgotten => {
+                view.rollback(start_head, first_change);
+                return Ok(Err(StoreError::OutcomeForgotten {
+                    mutation: i,
+                    mutation_id: m.mutation_id,
+                }));
+            }
+        };
+        let conflict = decision.outcome == Outcome::Conflict;
+        if m.mutation_id != 0 && status != IdStatus::Applied {
+            state.processed(m.mutation_id, conflict);
+            if conflict {
+                rejected.push(m.mutation_id);
+            }
         }
-        let decision = decide(view, current, m)?;
-        if m.mutation_id != 0 {
-            last = m.mutation_id;
-        }
-        any_conflict |= decision.outcome == Outcome::Conflict;
         let document = match decision.write {
-            Some(state) => {
-                let doc = write(view, &key, current, state, now, &batch.client_id)?;
+            Some(new) => {
+                let body = match new {
+                    NewState::Live(body) => Some(EncodedBody::encode(&body)),
+                    NewState::Put(body) => Some(body),
+                    NewState::Tombstone => None,
+                };
+                let size = body.as_ref().map_or(0, EncodedBody::len);
+                if size > limits.max_body_bytes {
+                    view.rollback(start_head, first_change);
+                    return Ok(Err(StoreError::BodyTooLarge {
+                        mutation: i,
+                        size,
+                        limit: limits.max_body_bytes,
+                    }));
+                }
+                let doc = write(view, &key, current, body, now, &batch.client_id, limits)?;
                 view.batch.insert(
                     key,
                     Entry {
@@ -181,47 +248,60 @@ fn apply_batch(
             }
             None => read_current(view, current)?,
         };
-        results.push(result(
-            m.mutation_id,
-            decision.outcome,
+        results.push(MutationResult {
+            mutation_id: m.mutation_id,
+            outcome: decision.outcome,
             document,
-            decision.conflicting_fields,
-        ));
+            conflicting_fields: decision.conflicting_fields,
+        });
     }
 
-    if batch.atomic && any_conflict {
-        view.group.changes.truncate(first_change);
-        view.group.records.truncate(first_change);
-        view.group.head = start_head;
-        view.batch.clear();
-        for r in &mut results {
-            if r.outcome != Outcome::Conflict {
+    if batch.atomic && has_conflict(&results) {
+        view.rollback(start_head, first_change);
+        for (r, m) in results.iter_mut().zip(&batch.mutations) {
+            if !matches!(r.outcome, Outcome::Conflict | Outcome::Duplicate) {
                 r.outcome = Outcome::NotApplied;
                 r.conflicting_fields.clear();
             }
+            // Report what is really stored, not the discarded plan.
+            let key = DocKey::new(&m.collection, &m.id)?;
+            r.document = read_current(view, view.entry(&key))?;
         }
-        // Report what is really stored, not the discarded plan.
-        for (r, m) in results.iter_mut().zip(&batch.mutations) {
-            if r.outcome == Outcome::NotApplied {
-                let key = DocKey::new(&m.collection, &m.id)?;
-                r.document = read_current(view, view.entry(&key))?;
-            }
+        // Only the rejected ids are consumed; the rest stay unprocessed.
+        state = stored.clone();
+        for id in rejected {
+            state.rejected_alone(id);
         }
-        return Ok((results, stored_last));
+    } else {
+        let written = std::mem::take(&mut view.batch);
+        view.group.index.extend(written);
     }
+    if let Some(client) = client {
+        // A client that only ever sent untracked mutations has nothing to
+        // remember.
+        let changed = state != stored;
+        let seen = state.see(now);
+        if changed || (seen && stored != ClientState::default()) {
+            view.group.clients.insert(client.to_owned(), state.clone());
+        }
+    }
+    Ok(Ok((results, state.last)))
+}
 
-    let written = std::mem::take(&mut view.batch);
-    view.group.index.extend(written);
-    if last > stored_last {
-        view.group.clients.insert(batch.client_id.clone(), last);
-    }
-    Ok((results, last))
+fn has_conflict(results: &[MutationResult]) -> bool {
+    results.iter().any(|r| r.outcome == Outcome::Conflict)
 }
 
 /// Runs the version check and, for a stale base, the three-way field check.
 /// The current record is read only when a rule reads its fields.
-fn decide(view: &View<'_>, current: Option<Entry>, m: &Mutation) -> Result<Decision, StoreError> {
-    let version = current.map_or(Version(0), |e| e.version);
+fn decide(
+    view: &View<'_>,
+    current: Option<Entry>,
+    m: &Mutation,
+    limits: Limits,
+) -> Result<Decision, StoreError> {
+    // A document the index does not know is deleted at the horizon.
+    let version = current.map_or(Version(limits.purge_horizon.0), |e| e.version);
     let live = current.filter(|e| !e.deleted);
     let check = conflict::check_base(m.base_version, version, live.is_none());
     let needs_fields = matches!(m.op, Op::Patch(_)) || matches!(check, BaseCheck::Stale(_));
@@ -279,11 +359,12 @@ fn decode_body(doc: &Document) -> Result<Body, StoreError> {
 
 /// The body at version `base` of the document whose current state is
 /// `current`, found by following the delta log's chain back from it:
-/// version 0 is the empty object, a tombstone is empty too, and a pruned
-/// version is unknown (`None`).
+/// a tombstone is empty, and a pruned version is unknown (`None`). Base 0
+/// ("must not exist") against a live document is unknown too: the client
+/// saw no document, so the server counts as having changed every field.
 fn read_base(view: &View<'_>, current: Entry, base: Version) -> Result<Option<Body>, StoreError> {
     if base.0 == 0 {
-        return Ok(Some(Body::new()));
+        return Ok(None);
     }
     let mut seq = current.seq;
     loop {
@@ -302,28 +383,27 @@ fn read_base(view: &View<'_>, current: Entry, base: Version) -> Result<Option<Bo
     }
 }
 
-/// Plans the new state of `key` at the next seq and returns it.
+/// Plans the new state of `key` at the next seq (a tombstone when `body`
+/// is `None`) and returns it.
 fn write(
     view: &mut View<'_>,
     key: &DocKey,
     current: Option<Entry>,
-    state: NewState,
+    body: Option<EncodedBody>,
     now: SystemTime,
     client_id: &str,
+    limits: Limits,
 ) -> Result<Document, StoreError> {
     let (collection, id) = key.parts().ok_or(StoreError::KeyTooLong)?;
-    let (deleted, body) = match state {
-        NewState::Live(body) => (false, EncodedBody::encode(&body)),
-        NewState::Put(body) => (false, body),
-        NewState::Tombstone => (true, EncodedBody::default()),
-    };
+    let deleted = body.is_none();
     let group = &mut view.group;
     group.head.0 += 1;
+    let version = current.map_or(limits.purge_horizon.0, |e| e.version.0) + 1;
     let doc = Document {
         collection: collection.to_owned(),
         id: id.to_owned(),
-        version: Version(current.map_or(0, |e| e.version.0) + 1),
-        body,
+        version: Version(version),
+        body: body.unwrap_or_default(),
         deleted,
         seq: group.head,
         updated_at: now,
@@ -333,20 +413,6 @@ fn write(
     group.records.push(codec::encode(&doc, key, prev)?);
     group.changes.push(doc.clone());
     Ok(doc)
-}
-
-fn result(
-    mutation_id: u64,
-    outcome: Outcome,
-    document: Option<Document>,
-    conflicting_fields: Vec<String>,
-) -> MutationResult {
-    MutationResult {
-        mutation_id,
-        outcome,
-        document,
-        conflicting_fields,
-    }
 }
 
 #[cfg(test)]
@@ -380,7 +446,20 @@ mod tests {
         let [log, clients, meta] = ["log", "clients", "meta"].map(|n| db.open_tree(n).unwrap());
         let trees = Trees { log, clients, meta };
         let batches: Vec<&PushBatch> = batches.iter().collect();
-        apply_group(&trees, &Index::default(), &batches, SystemTime::now()).unwrap()
+        let limits = Limits {
+            max_body_bytes: usize::MAX,
+            purge_horizon: Seq(0),
+        };
+        let unpublished = DocMap::default();
+        apply_group(
+            &trees,
+            &Index::default(),
+            &unpublished,
+            &batches,
+            SystemTime::now(),
+            limits,
+        )
+        .unwrap()
     }
 
     fn outcomes(outcome: &PushOutcome) -> Vec<Outcome> {
@@ -410,13 +489,14 @@ mod tests {
                 vec![mutation("x", Some(1), Op::Patch(fields(json!({"a": 2}))))],
             ),
         ]);
-        assert_eq!(outcomes(&group.outcomes[0]), [Outcome::Applied]);
+        let outcome = |i: usize| group.outcomes[i].as_ref().unwrap();
+        assert_eq!(outcomes(outcome(0)), [Outcome::Applied]);
         assert_eq!(
-            outcomes(&group.outcomes[1]),
+            outcomes(outcome(1)),
             [Outcome::NotApplied, Outcome::NotApplied, Outcome::Conflict]
         );
-        assert_eq!(group.outcomes[1].results[0].document, None);
-        assert_eq!(outcomes(&group.outcomes[2]), [Outcome::Applied]);
+        assert_eq!(outcome(1).results[0].document, None);
+        assert_eq!(outcomes(outcome(2)), [Outcome::Applied]);
         assert_eq!(group.head, Seq(2));
         let seqs: Vec<u64> = group.changes.iter().map(|d| d.seq.0).collect();
         assert_eq!(seqs, [1, 2], "the atomic batch's plan is dropped");
@@ -442,9 +522,10 @@ mod tests {
                 mutation("z", Some(1), Op::Patch(fields(json!({"k": 9})))),
             ],
         )]);
-        let results = &group.outcomes[0].results;
+        let outcome = group.outcomes[0].as_ref().unwrap();
+        let results = &outcome.results;
         assert_eq!(
-            outcomes(&group.outcomes[0]),
+            outcomes(outcome),
             [Outcome::Applied, Outcome::Applied, Outcome::Merged]
         );
         let doc = results[2].document.as_ref().unwrap();

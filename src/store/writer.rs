@@ -3,32 +3,44 @@
 //! Every push goes through one thread. It takes the first waiting push, then
 //! every other push already queued (up to a cap), plans them all against the
 //! committed state (`push`), writes the plan as one commit (records, then the
-//! head as the commit mark), makes that durable with one flush (in `fsync`
-//! mode), updates the index, publishes the commit to the feed and only then
-//! answers each caller. One writer also means seqs are assigned without
-//! contention and nothing else changes the state a plan was made against.
+//! head as the commit mark) and makes it durable: in `fsync` mode with one
+//! flush before anyone is answered; in `buffered` mode the callers are
+//! answered at once and a flusher thread flushes every flush interval.
+//!
+//! Readers see a commit only once it is durable: only then does the writer
+//! *publish* it, updating the index, the clients' published mutation ids
+//! and the feed. Until then its index entries stay in an overlay that only
+//! planning reads. So a crash never takes back anything a reader saw. One
+//! writer also means seqs are assigned without contention and nothing else
+//! changes the state a plan was made against.
 
 use std::{
-    cell::Cell,
-    sync::Arc,
-    time::{Instant, SystemTime},
+    cell::{Cell, RefCell},
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use sled::{
     Transactional,
     transaction::{ConflictableTransactionError, TransactionError},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    Clock, Durability, Trees, codec,
-    compaction::{Purge, Removed},
+    Clock, Durability, Trees,
+    clients::{ClientState, LastIds},
+    codec,
+    compaction::{Forget, Purge, Removed},
     error::StoreError,
     feed::{Commit, Feed},
-    index::Index,
+    index::{DocMap, Entry, Index},
     keys,
-    model::{PushBatch, PushOutcome, Seq},
-    push::{self, GroupCommit},
+    model::{Document, PushBatch, PushOutcome, Seq},
+    push::{self, GroupCommit, Limits},
 };
 
 /// Removes records past the head when the store opens: they belong to a
@@ -58,8 +70,47 @@ pub enum Command {
     Push(Job),
     /// Apply one batch of retention deletions.
     Compact(Purge, oneshot::Sender<Result<Removed, StoreError>>),
+    /// Forget clients unseen since a cutoff.
+    Forget(Forget, oneshot::Sender<Result<usize, StoreError>>),
+    /// The flusher made everything up to this head durable.
+    Durable(Seq),
+    /// The flusher's flush failed.
+    FlushFailed,
     /// Finish queued work, flush, and stop.
     Close(oneshot::Sender<()>),
+}
+
+/// Test hooks for failures that cannot be caused from outside.
+#[derive(Clone, Default)]
+pub struct Faults {
+    /// When set, every flush fails as a full or failing disk would.
+    pub fail_flush: Arc<AtomicBool>,
+}
+
+impl Faults {
+    /// Flushes `db`, or fails if told to.
+    pub fn flush(&self, db: &sled::Db) -> Result<usize, sled::Error> {
+        if self.fail_flush.load(Ordering::Relaxed) {
+            return Err(sled::Error::Io(std::io::Error::other(
+                "injected flush failure",
+            )));
+        }
+        db.flush()
+    }
+}
+
+/// A commit written but not yet published (not yet durable).
+struct Unpublished {
+    /// Head before it.
+    prev_head: Seq,
+    /// Head after it.
+    head: Seq,
+    /// Its new document states, for the feed.
+    changes: Vec<Document>,
+    /// Its index entries.
+    index: DocMap<Entry>,
+    /// Its clients' new highest processed ids.
+    clients: Vec<(String, u64)>,
 }
 
 /// The writer's state; runs on its own thread.
@@ -68,8 +119,10 @@ pub struct Writer {
     pub db: sled::Db,
     /// The trees a push touches.
     pub trees: Trees,
-    /// The document index, changed only here, after each commit.
+    /// The document index, changed only here, when a commit is published.
     pub index: Index,
+    /// Clients' published mutation ids, changed only here, likewise.
+    pub last_ids: LastIds,
     /// Where commits are published.
     pub feed: Feed,
     /// fsync before acknowledging, or not.
@@ -78,6 +131,8 @@ pub struct Writer {
     pub clock: Clock,
     /// Most mutations gathered into one group commit.
     pub max_group_mutations: usize,
+    /// Largest body a document may be stored with.
+    pub max_body_bytes: usize,
     /// Time of the last commit: commit times never go backwards, so seq
     /// order is time order even if the system clock is stepped back.
     pub last_time: Cell<SystemTime>,
@@ -85,11 +140,27 @@ pub struct Writer {
     /// writer takes no more commits until a restart recovers from the disk
     /// (as PostgreSQL does after a failed fsync, rather than retrying it).
     pub stopped: Cell<bool>,
+    /// Tells the server the store stopped taking writes (false).
+    pub writable: watch::Sender<bool>,
+    /// Failure injection for tests.
+    pub faults: Faults,
+    /// Set after any write, cleared by the flusher before it flushes.
+    pub dirty: Arc<AtomicBool>,
+}
+
+/// State only the writer thread touches.
+#[derive(Default)]
+struct Local {
+    /// Commits written, oldest first, waiting to be durable.
+    unpublished: VecDeque<Unpublished>,
+    /// The newest unpublished index entry of each document they touch.
+    overlay: DocMap<Entry>,
 }
 
 impl Writer {
     /// Serves commands until closed.
     pub fn run(self, mut rx: mpsc::Receiver<Command>) {
+        let local = RefCell::new(Local::default());
         let mut jobs = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut close = None;
@@ -103,9 +174,15 @@ impl Writer {
                     }
                     Command::Compact(purge, reply) => {
                         // Pushes gathered so far commit first, keeping queue order.
-                        self.commit(std::mem::take(&mut jobs));
-                        let _ = reply.send(self.purge(&purge));
+                        self.commit(&local, std::mem::take(&mut jobs));
+                        let _ = reply.send(self.purge(&local.borrow(), &purge));
                     }
+                    Command::Forget(forget, reply) => {
+                        self.commit(&local, std::mem::take(&mut jobs));
+                        let _ = reply.send(self.forget(&forget));
+                    }
+                    Command::Durable(head) => self.publish(&mut local.borrow_mut(), head),
+                    Command::FlushFailed => self.stop(),
                     Command::Close(ack) => {
                         close = Some(ack);
                         break;
@@ -115,69 +192,150 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
-            self.commit(std::mem::take(&mut jobs));
+            self.commit(&local, std::mem::take(&mut jobs));
             if let Some(ack) = close {
-                self.flush();
+                self.close(&mut local.borrow_mut());
                 let _ = ack.send(());
                 return;
             }
         }
-        self.flush();
+        self.close(&mut local.borrow_mut());
     }
 
-    fn commit(&self, jobs: Vec<Job>) {
+    fn commit(&self, local: &RefCell<Local>, jobs: Vec<Job>) {
         if jobs.is_empty() {
             return;
         }
         if self.stopped.get() {
-            return fail_all(jobs);
+            return fail_all(jobs, || StoreError::Stopped);
         }
         let started = Instant::now();
         let now = codec::stored_time((self.clock)()).max(self.last_time.get());
         self.last_time.set(now);
         let batches: Vec<&PushBatch> = jobs.iter().map(|j| &*j.batch).collect();
-        let group = match push::apply_group(&self.trees, &self.index, &batches, now) {
+        let limits = Limits {
+            max_body_bytes: self.max_body_bytes,
+            purge_horizon: self.feed.horizon(),
+        };
+        let planned = push::apply_group(
+            &self.trees,
+            &self.index,
+            &local.borrow().overlay,
+            &batches,
+            now,
+            limits,
+        );
+        let group = match planned {
             Ok(group) => group,
             Err(e) => {
                 tracing::error!(cause = %e, pushes = jobs.len(), "planning a group commit failed");
-                return fail_all(jobs);
+                return fail_all(jobs, || StoreError::CommitFailed);
             }
         };
         let wrote = group.head != group.prev_head || !group.clients.is_empty();
         if wrote && let Err(e) = self.write(&group) {
             tracing::error!(cause = %e, pushes = jobs.len(), "group commit failed");
-            return fail_all(jobs);
+            return fail_all(jobs, || StoreError::CommitFailed);
         }
-        if self.durability == Durability::Fsync
-            && wrote
-            && let Err(e) = self.db.flush()
-        {
-            // The commit may or may not survive a crash now; callers retry
-            // with the same mutation ids and get APPLIED or DUPLICATE. The
-            // index and the feed stay at the last durable commit.
-            tracing::error!(cause = %e, "flush after commit failed; no more writes until restarted");
-            self.stopped.set(true);
-            return fail_all(jobs);
-        }
-        tracing::trace!(pushes = jobs.len(), changes = group.changes.len(), head = %group.head, elapsed = ?started.elapsed(), "group committed");
-        self.index.apply(group.index);
-        if group.head != group.prev_head {
-            self.feed.publish(Commit {
-                prev_head: group.prev_head,
-                head: group.head,
-                docs: group.changes.into_iter().map(Arc::new).collect(),
+        let GroupCommit {
+            outcomes,
+            changes,
+            clients,
+            index,
+            prev_head,
+            head,
+            ..
+        } = group;
+        if wrote {
+            self.feed.set_written(head);
+            let mut local = local.borrow_mut();
+            local
+                .overlay
+                .extend(index.iter().map(|(k, e)| (k.clone(), *e)));
+            local.unpublished.push_back(Unpublished {
+                prev_head,
+                head,
+                changes,
+                index,
+                clients: clients.into_iter().map(|(c, s)| (c, s.last)).collect(),
             });
+            match self.durability {
+                Durability::Fsync => {
+                    if let Err(e) = self.faults.flush(&self.db) {
+                        // The commit may or may not survive a crash now;
+                        // callers retry with the same mutation ids and get
+                        // the truth. Readers stay at the last durable commit.
+                        tracing::error!(cause = %e, "flush after commit failed; no more writes until restarted");
+                        drop(local);
+                        self.stop();
+                        return fail_all(jobs, || StoreError::CommitFailed);
+                    }
+                    self.publish(&mut local, head);
+                }
+                Durability::Buffered => self.dirty.store(true, Ordering::Release),
+            }
         }
-        for (job, outcome) in jobs.into_iter().zip(group.outcomes) {
-            let _ = job.reply.send(Ok(outcome));
+        tracing::trace!(pushes = jobs.len(), head = %head, elapsed = ?started.elapsed(), "group committed");
+        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            let _ = job.reply.send(outcome);
+        }
+    }
+
+    /// Publishes the commits up to `durable`: index, clients' ids, feed.
+    fn publish(&self, local: &mut Local, durable: Seq) {
+        while local.unpublished.front().is_some_and(|c| c.head <= durable) {
+            let Some(commit) = local.unpublished.pop_front() else {
+                break;
+            };
+            for (key, entry) in &commit.index {
+                if local.overlay.get(key) == Some(entry) {
+                    local.overlay.remove(key);
+                }
+            }
+            self.index.apply(commit.index);
+            self.last_ids
+                .set(commit.clients.iter().map(|(c, last)| (c, *last)));
+            if commit.head != commit.prev_head {
+                self.feed.publish(Commit::new(
+                    commit.prev_head,
+                    commit.head,
+                    commit.changes.into_iter().map(Arc::new).collect(),
+                ));
+            }
+        }
+    }
+
+    /// Takes no more writes and says so.
+    fn stop(&self) {
+        if !self.stopped.replace(true) {
+            tracing::error!(
+                "the store stopped taking writes after a failed flush; restart to recover"
+            );
+            let _ = self.writable.send(false);
+        }
+    }
+
+    /// Flushes what is left and publishes it.
+    fn close(&self, local: &mut Local) {
+        if self.stopped.get() {
+            return;
+        }
+        match self.faults.flush(&self.db) {
+            Ok(_) => {
+                let written = local.unpublished.back().map(|c| c.head);
+                if let Some(head) = written {
+                    self.publish(local, head);
+                }
+            }
+            Err(e) => tracing::error!(cause = %e, "final flush failed"),
         }
     }
 
     /// Writes a planned group: its records first, as one batch, then the
-    /// clients' mutation ids and the head together, in one transaction.
-    /// The head is the commit mark: sled recovers its log as a prefix, so
-    /// the head is never recovered without the records before it, and
-    /// records past the recovered head (a commit cut short, never
+    /// clients' mutation-id states and the head together, in one
+    /// transaction. The head is the commit mark: sled recovers its log as a
+    /// prefix, so the head is never recovered without the records before
+    /// it, and records past the recovered head (a commit cut short, never
     /// acknowledged) are removed when the store opens
     /// ([`discard_uncommitted`]). sled's multi-tree transactions read every
     /// key before writing it; the records skip that.
@@ -188,9 +346,14 @@ impl Writer {
             records.insert(&keys::seq_key(Seq(seq)), record.as_slice());
         }
         t.log.apply_batch(records)?;
+        let states: Vec<(&String, Vec<u8>)> = group
+            .clients
+            .iter()
+            .map(|(client, state)| (client, state.encode()))
+            .collect();
         let marked = (&t.clients, &t.meta).transaction(|(clients, meta)| {
-            for (client, last) in &group.clients {
-                clients.insert(client.as_bytes(), &last.to_be_bytes())?;
+            for (client, state) in &states {
+                clients.insert(client.as_bytes(), state.as_slice())?;
             }
             if group.head != group.prev_head {
                 meta.insert(keys::META_HEAD, &group.head.0.to_be_bytes())?;
@@ -212,12 +375,13 @@ impl Writer {
     }
 
     /// Removes delta-log entries and purges tombstones that are still the
-    /// tombstone planned (a rewritten document is left alone), with their
-    /// chains. The horizon is raised in memory before the commit, so readers
-    /// re-checking it after a read cannot miss a purge.
-    fn purge(&self, purge: &Purge) -> Result<Removed, StoreError> {
+    /// tombstone planned (a rewritten document is left alone, even by a
+    /// commit not yet durable), with their chains. The horizon is raised in
+    /// memory before the commit, so readers re-checking it after a read
+    /// cannot miss a purge.
+    fn purge(&self, local: &Local, purge: &Purge) -> Result<Removed, StoreError> {
         if self.stopped.get() {
-            return Err(StoreError::CommitFailed);
+            return Err(StoreError::Stopped);
         }
         // Only this thread changes the index, so what it says now holds
         // through the commit.
@@ -225,8 +389,11 @@ impl Writer {
             .tombstones
             .iter()
             .filter(|t| {
-                self.index
-                    .get(t.key.as_bytes())
+                local
+                    .overlay
+                    .get(&t.key)
+                    .copied()
+                    .or_else(|| self.index.get(t.key.as_bytes()))
                     .is_some_and(|e| e.deleted && e.seq == t.seq)
             })
             .collect();
@@ -261,21 +428,68 @@ impl Writer {
             tracing::error!(cause = %e, "compaction batch failed");
             StoreError::CommitFailed
         })?;
+        self.dirty.store(true, Ordering::Release);
         self.index.remove(tombstones.iter().map(|t| &t.key));
         Ok(removed)
     }
 
-    fn flush(&self) {
-        if let Err(e) = self.db.flush() {
-            tracing::error!(cause = %e, "final flush failed");
+    /// Forgets the clients of `forget` that are still unseen since its
+    /// cutoff (a push may have come in since they were chosen).
+    fn forget(&self, forget: &Forget) -> Result<usize, StoreError> {
+        if self.stopped.get() {
+            return Err(StoreError::Stopped);
+        }
+        let mut gone = Vec::new();
+        for client in &forget.clients {
+            let Some(bytes) = self.trees.clients.get(client.as_bytes())? else {
+                continue;
+            };
+            if ClientState::decode(&bytes)?.unseen_since(forget.cutoff) {
+                self.trees.clients.remove(client.as_bytes())?;
+                gone.push(client);
+            }
+        }
+        self.dirty.store(true, Ordering::Release);
+        self.last_ids.remove(gone.iter().copied());
+        Ok(gone.len())
+    }
+}
+
+/// Flushes every `interval` while something was written (`buffered` mode)
+/// and tells the writer how far that made the log durable. Ends when `stop`
+/// is dropped or the writer is gone.
+pub fn run_flusher(
+    db: sled::Db,
+    feed: Feed,
+    dirty: Arc<AtomicBool>,
+    faults: Faults,
+    interval: Duration,
+    writer: mpsc::Sender<Command>,
+    stop: std::sync::mpsc::Receiver<()>,
+) {
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        if !dirty.swap(false, Ordering::AcqRel) {
+            continue;
+        }
+        // Everything written before this read is covered by the flush.
+        let written = feed.written();
+        let told = match faults.flush(&db) {
+            Ok(_) => writer.blocking_send(Command::Durable(written)),
+            Err(e) => {
+                tracing::error!(cause = %e, "background flush failed");
+                writer.blocking_send(Command::FlushFailed)
+            }
+        };
+        if told.is_err() {
+            return;
         }
     }
 }
 
 /// Answers every job of a failed group; the cause is already logged.
-fn fail_all(jobs: Vec<Job>) {
+fn fail_all(jobs: Vec<Job>, error: impl Fn() -> StoreError) {
     for job in jobs {
-        let _ = job.reply.send(Err(StoreError::CommitFailed));
+        let _ = job.reply.send(Err(error()));
     }
 }
 

@@ -1,0 +1,455 @@
+//! What the store remembers of each client's mutation ids, so that a retry
+//! is told the truth.
+//!
+//! Mutation ids increase per client. The store keeps, per client, the highest
+//! id it has processed (`last`) and the exceptions below it: ids whose
+//! mutation was **rejected** (answered CONFLICT) and ids that were **never
+//! processed** (skipped over by a later id, or left NOT_APPLIED by a failed
+//! atomic batch and then passed). Every other id at or below `last` was
+//! applied. So a retry is answered from this alone:
+//!
+//! | the id is                          | the retry answers                    |
+//! |------------------------------------|--------------------------------------|
+//! | above `last`, or never processed   | processed now, like any new mutation |
+//! | applied (merged, resolved)         | DUPLICATE                            |
+//! | rejected                           | CONFLICT again, with the current doc |
+//! | at or below `floor`, no exception  | refused: its outcome was forgotten   |
+//!
+//! Exceptions are kept as ranges, merged when adjacent, at most
+//! [`MAX_EXCEPTIONS`] per client. When more are needed the oldest ones are
+//! dropped and `floor` rises past them: an id at or below the floor that has
+//! no exception may have been rejected, so the store no longer claims to
+//! know its outcome rather than guess. The state is written in the same
+//! commit as the mutations' effects.
+//!
+//! Everything here is pure; `push` reads and plans with it, the writer
+//! stores it.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, PoisonError, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use super::{error::StoreError, keys};
+
+/// Most exception ranges kept per client (the bound on what a client's
+/// state costs: 17 bytes a range, so at most ~17 KiB per client).
+pub const MAX_EXCEPTIONS: usize = 1024;
+
+/// `seen` is refreshed by a push that changes nothing else only when it is
+/// older than this, so that pure retries do not cost a write each.
+pub const SEEN_GRANULARITY: Duration = Duration::from_secs(60);
+
+/// The format written.
+const FORMAT: u8 = 1;
+/// `[format][last][seen µs][floor][count: u32]`.
+const HEADER: usize = 1 + 8 + 8 + 8 + 4;
+/// `[start][end][kind]`.
+const RANGE: usize = 8 + 8 + 1;
+
+/// Why an id at or below `last` was not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exception {
+    /// Answered CONFLICT: a retry is answered CONFLICT again.
+    Rejected,
+    /// Never processed: it may still be applied.
+    Unprocessed,
+}
+
+/// An inclusive range of ids sharing one exception.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Range {
+    start: u64,
+    end: u64,
+    kind: Exception,
+}
+
+/// What a mutation id is, for the client that sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdStatus {
+    /// Above anything processed, or never processed: process it.
+    New,
+    /// Applied earlier: answer DUPLICATE.
+    Applied,
+    /// Rejected earlier: answer CONFLICT again.
+    Rejected,
+    /// At or below the floor with no exception left: its outcome is not
+    /// known any more.
+    Forgotten,
+}
+
+/// One client's mutation-id state.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientState {
+    /// Highest id processed (applied or rejected); 0 = none.
+    pub last: u64,
+    /// Time of the last push seen from the client, µs since the epoch.
+    pub seen_micros: u64,
+    /// Ids at or below this without an exception have an unknown outcome.
+    pub floor: u64,
+    /// Sorted, disjoint exception ranges.
+    exceptions: Vec<Range>,
+}
+
+impl ClientState {
+    /// The status of `id` (not 0).
+    pub fn status(&self, id: u64) -> IdStatus {
+        match self.exception(id) {
+            Some(Exception::Rejected) => IdStatus::Rejected,
+            Some(Exception::Unprocessed) => IdStatus::New,
+            None if id > self.last => IdStatus::New,
+            None if id <= self.floor => IdStatus::Forgotten,
+            None => IdStatus::Applied,
+        }
+    }
+
+    fn exception(&self, id: u64) -> Option<Exception> {
+        let i = self.exceptions.partition_point(|r| r.end < id);
+        self.exceptions
+            .get(i)
+            .filter(|r| r.start <= id)
+            .map(|r| r.kind)
+    }
+
+    /// Records that `id` was processed: applied, or rejected if `rejected`.
+    /// Ids skipped between the old `last` and `id` become unprocessed.
+    pub fn processed(&mut self, id: u64, rejected: bool) {
+        if id > self.last {
+            if id - self.last > 1 {
+                self.fill(self.last + 1, id - 1, Exception::Unprocessed);
+            }
+            self.last = id;
+        }
+        self.set(id, rejected.then_some(Exception::Rejected));
+    }
+
+    /// Records that `id` was rejected by an atomic batch that wrote nothing:
+    /// `last` does not move, the other ids of the batch stay unprocessed.
+    pub fn rejected_alone(&mut self, id: u64) {
+        self.set(id, Some(Exception::Rejected));
+    }
+
+    /// Adds `kind` over `[start, end]` where no exception is recorded yet.
+    fn fill(&mut self, start: u64, end: u64, kind: Exception) {
+        let mut holes = Vec::new();
+        let mut from = start;
+        for r in self
+            .exceptions
+            .iter()
+            .filter(|r| r.end >= start && r.start <= end)
+        {
+            if r.start > from {
+                holes.push((from, r.start - 1));
+            }
+            from = r.end.saturating_add(1);
+        }
+        if from <= end && from >= start {
+            holes.push((from, end));
+        }
+        for (s, e) in holes {
+            self.exceptions.push(Range {
+                start: s,
+                end: e,
+                kind,
+            });
+        }
+        self.normalize();
+    }
+
+    /// Sets (or clears, with `None`) the exception of one id.
+    fn set(&mut self, id: u64, kind: Option<Exception>) {
+        if self.exception(id) == kind {
+            return;
+        }
+        let i = self.exceptions.partition_point(|r| r.end < id);
+        if let Some(r) = self.exceptions.get(i).copied().filter(|r| r.start <= id) {
+            // Split the range around `id`.
+            self.exceptions.remove(i);
+            if r.start < id {
+                self.exceptions.push(Range { end: id - 1, ..r });
+            }
+            if id < r.end {
+                self.exceptions.push(Range { start: id + 1, ..r });
+            }
+        }
+        if let Some(kind) = kind {
+            self.exceptions.push(Range {
+                start: id,
+                end: id,
+                kind,
+            });
+        }
+        self.normalize();
+    }
+
+    /// Sorts, merges adjacent ranges of one kind, and keeps the newest
+    /// [`MAX_EXCEPTIONS`], raising the floor past the ones dropped.
+    fn normalize(&mut self) {
+        self.exceptions.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range> = Vec::with_capacity(self.exceptions.len());
+        for r in self.exceptions.drain(..) {
+            match merged.last_mut() {
+                Some(prev) if prev.kind == r.kind && prev.end.saturating_add(1) == r.start => {
+                    prev.end = r.end;
+                }
+                _ => merged.push(r),
+            }
+        }
+        if merged.len() > MAX_EXCEPTIONS {
+            let dropped = merged.len() - MAX_EXCEPTIONS;
+            self.floor = self.floor.max(merged[dropped - 1].end);
+            merged.drain(..dropped);
+        }
+        self.exceptions = merged;
+    }
+
+    /// Marks the client as seen at `now`; returns whether that is news
+    /// worth a write (see [`SEEN_GRANULARITY`]).
+    pub fn see(&mut self, now: SystemTime) -> bool {
+        let now = micros(now);
+        let stale = now.saturating_sub(self.seen_micros) >= micros_of(SEEN_GRANULARITY);
+        if stale {
+            self.seen_micros = now;
+        }
+        stale
+    }
+
+    /// Whether the client was last seen before `cutoff`.
+    pub fn unseen_since(&self, cutoff: SystemTime) -> bool {
+        self.seen_micros < micros(cutoff)
+    }
+
+    /// The stored form.
+    pub fn encode(&self) -> Vec<u8> {
+        let count = u32::try_from(self.exceptions.len()).unwrap_or(u32::MAX);
+        let mut out = Vec::with_capacity(HEADER + RANGE * self.exceptions.len());
+        out.push(FORMAT);
+        out.extend_from_slice(&self.last.to_be_bytes());
+        out.extend_from_slice(&self.seen_micros.to_be_bytes());
+        out.extend_from_slice(&self.floor.to_be_bytes());
+        out.extend_from_slice(&count.to_be_bytes());
+        for r in &self.exceptions {
+            out.extend_from_slice(&r.start.to_be_bytes());
+            out.extend_from_slice(&r.end.to_be_bytes());
+            out.push(match r.kind {
+                Exception::Rejected => 1,
+                Exception::Unprocessed => 2,
+            });
+        }
+        out
+    }
+
+    /// Parses the stored form. The first layout's value (8 bytes: `last`
+    /// alone) reads as a client with no exceptions, never seen.
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let corrupt = |detail: &str| StoreError::corrupt(keys::CLIENTS, detail);
+        if let Some(last) = keys::parse_u64(bytes) {
+            return Ok(Self {
+                last,
+                ..Self::default()
+            });
+        }
+        let (header, mut rest) = bytes
+            .split_first_chunk::<HEADER>()
+            .ok_or_else(|| corrupt("short client state"))?;
+        if header[0] != FORMAT {
+            return Err(corrupt("unknown client state format"));
+        }
+        let u64_at = |at: usize| keys::parse_u64(&header[at..at + 8]).unwrap_or_default();
+        let count = u32::from_be_bytes([header[25], header[26], header[27], header[28]]);
+        let mut exceptions = Vec::new();
+        for _ in 0..count {
+            let (range, tail) = rest
+                .split_first_chunk::<RANGE>()
+                .ok_or_else(|| corrupt("short client state"))?;
+            rest = tail;
+            let start = keys::parse_u64(&range[..8]).unwrap_or_default();
+            let end = keys::parse_u64(&range[8..16]).unwrap_or_default();
+            let kind = match range[16] {
+                1 => Exception::Rejected,
+                2 => Exception::Unprocessed,
+                _ => return Err(corrupt("unknown exception kind")),
+            };
+            if start > end || exceptions.last().is_some_and(|p: &Range| p.end >= start) {
+                return Err(corrupt("exception ranges out of order"));
+            }
+            exceptions.push(Range { start, end, kind });
+        }
+        Ok(Self {
+            last: u64_at(1),
+            seen_micros: u64_at(9),
+            floor: u64_at(17),
+            exceptions,
+        })
+    }
+}
+
+fn micros(t: SystemTime) -> u64 {
+    micros_of(t.duration_since(UNIX_EPOCH).unwrap_or_default())
+}
+
+fn micros_of(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The highest processed mutation id of every client, as of the last
+/// durable commit: what Pull reports. The writer updates it when it
+/// publishes a commit, never before, so a reader is never told about an id
+/// that a crash could take back.
+#[derive(Clone, Default)]
+pub struct LastIds(Arc<RwLock<HashMap<String, u64>>>);
+
+impl LastIds {
+    /// Loads every client's `last` from the clients tree (all durable when
+    /// the store opens).
+    pub fn load(tree: &sled::Tree) -> Result<Self, StoreError> {
+        let mut map = HashMap::new();
+        for entry in tree.iter() {
+            let (key, value) = entry?;
+            let client = String::from_utf8(key.to_vec())
+                .map_err(|_| StoreError::corrupt(keys::CLIENTS, "client id is not UTF-8"))?;
+            map.insert(client, ClientState::decode(&value)?.last);
+        }
+        Ok(Self(Arc::new(RwLock::new(map))))
+    }
+
+    /// A client's highest durable processed id (0 if unknown).
+    pub fn get(&self, client: &str) -> u64 {
+        let map = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        map.get(client).copied().unwrap_or(0)
+    }
+
+    /// Publishes clients' new ids.
+    pub fn set<'a>(&self, ids: impl IntoIterator<Item = (&'a String, u64)>) {
+        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        for (client, last) in ids {
+            map.insert(client.clone(), last);
+        }
+    }
+
+    /// Forgets clients.
+    pub fn remove<'a>(&self, clients: impl IntoIterator<Item = &'a String>) {
+        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        for client in clients {
+            map.remove(client);
+        }
+    }
+}
+
+/// Gives every client stored by an earlier build (no `seen` time) the time
+/// of this open, so client retention counts from the upgrade rather than
+/// forgetting them all at the first round.
+pub fn upgrade(tree: &sled::Tree, now: SystemTime) -> Result<usize, StoreError> {
+    let mut upgraded = 0;
+    for entry in tree.iter() {
+        let (key, value) = entry?;
+        if value.len() == 8 {
+            let mut state = ClientState::decode(&value)?;
+            state.seen_micros = micros(now);
+            tree.insert(key, state.encode())?;
+            upgraded += 1;
+        }
+    }
+    Ok(upgraded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn applied_rejected_skipped_and_new_ids() {
+        let mut s = ClientState::default();
+        s.processed(1, false);
+        s.processed(2, true);
+        s.processed(5, false);
+        assert_eq!(s.last, 5);
+        assert_eq!(s.status(1), IdStatus::Applied);
+        assert_eq!(s.status(2), IdStatus::Rejected);
+        assert_eq!(s.status(3), IdStatus::New, "skipped over, never processed");
+        assert_eq!(s.status(4), IdStatus::New);
+        assert_eq!(s.status(5), IdStatus::Applied);
+        assert_eq!(s.status(6), IdStatus::New);
+        // A skipped id applied later, and a rejected one that stays so.
+        s.processed(3, false);
+        s.processed(4, true);
+        assert_eq!(s.status(3), IdStatus::Applied);
+        assert_eq!(s.status(4), IdStatus::Rejected);
+        assert_eq!(s.last, 5);
+    }
+
+    #[test]
+    fn a_failed_atomic_batch_consumes_only_its_rejected_ids() {
+        let mut s = ClientState::default();
+        s.processed(4, false);
+        // Atomic [5 not applied, 6 conflict]: 6 is rejected, 5 stays new.
+        s.rejected_alone(6);
+        assert_eq!(s.last, 4);
+        assert_eq!(s.status(5), IdStatus::New);
+        assert_eq!(s.status(6), IdStatus::Rejected);
+        // A later id passes both: 5 is still unprocessed, 6 still rejected.
+        s.processed(9, false);
+        assert_eq!(s.status(5), IdStatus::New);
+        assert_eq!(s.status(6), IdStatus::Rejected);
+        assert_eq!(s.status(7), IdStatus::New);
+        assert_eq!(s.status(9), IdStatus::Applied);
+    }
+
+    #[test]
+    fn the_oldest_exceptions_go_first_and_their_ids_are_forgotten() {
+        let mut s = ClientState::default();
+        // Every other id rejected: one range each.
+        for id in 1..=2 * MAX_EXCEPTIONS as u64 + 4 {
+            s.processed(id, id % 2 == 1);
+        }
+        assert_eq!(s.exceptions.len(), MAX_EXCEPTIONS);
+        assert!(s.floor > 0);
+        assert_eq!(s.status(1), IdStatus::Forgotten, "rejected, then dropped");
+        assert_eq!(s.status(2), IdStatus::Forgotten, "applied, below the floor");
+        let newest = 2 * MAX_EXCEPTIONS as u64 + 3;
+        assert_eq!(s.status(newest), IdStatus::Rejected);
+        assert_eq!(s.status(newest + 1), IdStatus::Applied);
+    }
+
+    #[test]
+    fn adjacent_ranges_merge_and_splits_keep_the_rest() {
+        let mut s = ClientState::default();
+        s.processed(100, false); // 1..=99 unprocessed: one range
+        assert_eq!(s.exceptions.len(), 1);
+        s.processed(50, false);
+        assert_eq!(s.exceptions.len(), 2);
+        assert_eq!(s.status(49), IdStatus::New);
+        assert_eq!(s.status(51), IdStatus::New);
+        s.processed(50, true);
+        assert_eq!(s.status(50), IdStatus::Rejected);
+        assert_eq!(s.exceptions.len(), 3);
+    }
+
+    #[test]
+    fn round_trips_and_reads_the_first_layout() {
+        let mut s = ClientState::default();
+        s.processed(3, true);
+        s.processed(10, false);
+        s.see(UNIX_EPOCH + Duration::from_secs(1_000_000));
+        assert_eq!(ClientState::decode(&s.encode()).unwrap(), s);
+        let old = ClientState::decode(&7u64.to_be_bytes()).unwrap();
+        assert_eq!((old.last, old.seen_micros), (7, 0));
+        for bad in [&[1u8, 2, 3][..], &[9u8; HEADER]] {
+            assert!(ClientState::decode(bad).is_err());
+        }
+        let mut truncated = s.encode();
+        truncated.pop();
+        assert!(ClientState::decode(&truncated).is_err());
+    }
+
+    #[test]
+    fn seen_is_refreshed_coarsely() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut s = ClientState::default();
+        assert!(s.see(t0));
+        assert!(!s.see(t0 + Duration::from_secs(1)));
+        assert!(s.see(t0 + SEEN_GRANULARITY));
+        assert!(s.unseen_since(t0 + SEEN_GRANULARITY + Duration::from_secs(1)));
+    }
+}

@@ -92,7 +92,7 @@ impl SyncApi {
                 current: self.store.store_id().to_owned(),
             });
         }
-        if !self.store.await_durable(Seq(since)).await {
+        if !self.store.await_durable(Seq(since)).await? {
             let head = self.store.head().0;
             return Err(Error::CheckpointAhead { since, head });
         }

@@ -381,6 +381,54 @@ mod tests {
         testing::batch(vec![testing::mutation(id, Op::Put(Body::new().into()))])
     }
 
+    /// Rule: the ring holds at most `max_bytes` of documents (and at most
+    /// `capacity` commits): older commits' documents are dropped first, the
+    /// newest commit's even when it alone is over the bound.
+    #[test]
+    fn the_ring_is_bounded_in_bytes() {
+        let doc = |seq| {
+            Arc::new(Document {
+                collection: "c".into(),
+                id: "x".into(),
+                version: crate::store::model::Version(1),
+                body: crate::store::model::EncodedBody::default(),
+                deleted: false,
+                seq: Seq(seq),
+                updated_at: std::time::SystemTime::now(),
+                updated_by: String::new(),
+            })
+        };
+        let one = crate::store::pull::wire_size(&doc(1));
+        let feed = Feed::new(Seq(0), Seq(0), 100, 3 * one);
+        let commits: Vec<_> = (1..=5)
+            .map(|seq| {
+                feed.publish(Commit::new(Seq(seq - 1), Seq(seq), vec![doc(seq)]));
+                feed.shared
+                    .retained
+                    .lock()
+                    .unwrap()
+                    .0
+                    .back()
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        let kept: Vec<bool> = commits.iter().map(|c| c.docs().is_some()).collect();
+        assert_eq!(kept, [false, false, true, true, true]);
+        assert_eq!(feed.shared.retained.lock().unwrap().1, 3 * one);
+        feed.publish(Commit::new(Seq(5), Seq(6), (6..=9).map(doc).collect()));
+        let retained = feed.shared.retained.lock().unwrap();
+        assert!(
+            retained.0.is_empty() && retained.1 == 0,
+            "over the bound alone"
+        );
+        let small = Feed::new(Seq(0), Seq(0), 2, usize::MAX);
+        for seq in 1..=3 {
+            small.publish(Commit::new(Seq(seq - 1), Seq(seq), vec![doc(seq)]));
+        }
+        assert_eq!(small.shared.retained.lock().unwrap().0.len(), 2, "capacity");
+    }
+
     /// Rule: a hole in the live ring (a commit that never arrived) is filled
     /// from the log, including the commit that revealed the hole.
     #[tokio::test]

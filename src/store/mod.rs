@@ -348,17 +348,23 @@ impl Store {
 
     /// Waits until `seq` is readable, if it was acknowledged but is not yet
     /// durable (`buffered` mode: at most about one flush interval); returns
-    /// whether it is readable. A seq that was never written is not waited for.
-    pub async fn await_durable(&self, seq: Seq) -> bool {
+    /// whether it is readable. A seq that was never written is not waited
+    /// for. Fails with [`StoreError::Stopped`] if the writer stopped before
+    /// it became durable: then it never will be here.
+    pub async fn await_durable(&self, seq: Seq) -> Result<bool, StoreError> {
         let feed = self.feed();
         if seq <= feed.head() {
-            return true;
+            return Ok(true);
         }
         if seq > feed.written() {
-            return false;
+            return Ok(false);
         }
         let patience = self.shared.flush_interval * 2 + Duration::from_secs(5);
-        feed.wait_published(seq, patience).await
+        let mut writable = self.writable();
+        tokio::select! {
+            published = feed.wait_published(seq, patience) => Ok(published),
+            _ = writable.wait_for(|w| !w) => Err(StoreError::Stopped),
+        }
     }
 
     /// Changes to `false` once the store stops taking writes (after a

@@ -442,12 +442,17 @@ mod tests {
 
     /// Plans one group on an empty store.
     fn apply(batches: &[PushBatch]) -> GroupCommit {
+        apply_limited(batches, usize::MAX)
+    }
+
+    /// As [`apply`], with a body limit.
+    fn apply_limited(batches: &[PushBatch], max_body_bytes: usize) -> GroupCommit {
         let db = sled::Config::new().temporary(true).open().unwrap();
         let [log, clients, meta] = ["log", "clients", "meta"].map(|n| db.open_tree(n).unwrap());
         let trees = Trees { log, clients, meta };
         let batches: Vec<&PushBatch> = batches.iter().collect();
         let limits = Limits {
-            max_body_bytes: usize::MAX,
+            max_body_bytes,
             purge_horizon: Seq(0),
         };
         let unpublished = DocMap::default();
@@ -506,6 +511,55 @@ mod tests {
         let x = DocKey::new("c", "x").unwrap();
         assert_eq!(group.index[&x].seq, Seq(2));
         assert!(!group.index.contains_key(&DocKey::new("c", "y").unwrap()));
+    }
+
+    /// Rule: a batch whose patch would store a body over the limit is
+    /// refused whole (its earlier writes and its client's ids taken back),
+    /// and the other batches of the same group commit are unaffected, with
+    /// gap-free seqs.
+    #[test]
+    fn an_oversized_result_refuses_only_its_own_batch() {
+        let put = |v| Op::Put(fields(v).into());
+        let tracked = |b: PushBatch| PushBatch {
+            client_id: "c1".into(),
+            ..b
+        };
+        let group = apply_limited(
+            &[
+                batch(false, vec![mutation("a", None, put(json!({"n": 1})))]),
+                tracked(batch(
+                    false,
+                    vec![
+                        Mutation {
+                            mutation_id: 1,
+                            ..mutation("b", None, put(json!({"n": 1})))
+                        },
+                        Mutation {
+                            mutation_id: 2,
+                            ..mutation("a", None, Op::Patch(fields(json!({"big": "x".repeat(64)}))))
+                        },
+                    ],
+                )),
+                batch(false, vec![mutation("c", None, put(json!({"n": 1})))]),
+            ],
+            48,
+        );
+        assert!(group.outcomes[0].is_ok());
+        assert!(matches!(
+            group.outcomes[1],
+            Err(StoreError::BodyTooLarge { mutation: 1, .. })
+        ));
+        assert!(group.outcomes[2].is_ok());
+        let written: Vec<(&str, u64)> = group
+            .changes
+            .iter()
+            .map(|d| (d.id.as_str(), d.seq.0))
+            .collect();
+        assert_eq!(written, [("a", 1), ("c", 2)]);
+        assert!(
+            group.clients.is_empty(),
+            "the refused batch's ids are not consumed"
+        );
     }
 
     /// Rule: a base version written earlier in the same batch is found

@@ -555,6 +555,45 @@ async fn a_merge_or_resolution_past_the_limit_fails_the_request() {
     }
 }
 
+/// Rule: a stored document that no longer fits a message (the limits were
+/// lowered after it was written) is reported as RESOURCE_EXHAUSTED naming
+/// it, by Pull, Subscribe and Get alike, never OUT_OF_RANGE (which tells a
+/// client to resync from 0 and would loop it forever).
+#[tokio::test]
+async fn a_document_over_the_message_cap_is_never_out_of_range() {
+    let mut s = TestServer::start().await;
+    let mut c = s.client.clone();
+    push_one(&mut c, "", put("docs", "large", json!({"a": text(40_000)}))).await;
+    s.config.max_message_bytes = 32 * 1024;
+    s.config.max_body_bytes = 16 * 1024;
+    s.config.max_batch = 10;
+    let s = s.restart().await;
+    let mut c = s.client.clone();
+    let exhausted = |status: Status, call: &str| {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{call}: {status:?}");
+        assert!(
+            status.message().contains("docs/large"),
+            "{call}: {status:?}"
+        );
+    };
+    let pulled = c.pull(PullRequest::default()).await.unwrap_err();
+    exhausted(pulled, "Pull");
+    let mut stream = open_stream(&mut c, 0).await;
+    let streamed = tokio::time::timeout(PATIENCE, stream.message())
+        .await
+        .expect("the stream answers")
+        .unwrap_err();
+    exhausted(streamed, "Subscribe");
+    let got = c
+        .get(pb::GetRequest {
+            collection: "docs".into(),
+            ids: vec!["large".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(got.code(), Code::ResourceExhausted, "Get: {got:?}");
+}
+
 // Rule 7: Push answers always fit.
 
 /// A ~60-character field name; zero-padded so names sort by `i`.

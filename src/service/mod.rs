@@ -31,6 +31,8 @@ pub struct Settings {
     pub max_batch: usize,
     /// Largest encoded body.
     pub max_body_bytes: usize,
+    /// Largest message the server sends.
+    pub max_message_bytes: usize,
     /// Byte budget for the documents of one response message.
     pub message_budget: usize,
     /// Largest Pull page.
@@ -48,6 +50,7 @@ impl Settings {
             policy: config.conflict_strategy.clone(),
             max_batch: config.max_batch,
             max_body_bytes: config.max_body_bytes,
+            max_message_bytes: config.max_message_bytes,
             message_budget: config
                 .max_message_bytes
                 .saturating_sub(MESSAGE_OVERHEAD_BYTES),
@@ -98,6 +101,17 @@ impl SyncApi {
         }
         Ok(self.store.check_checkpoint(Seq(since))?)
     }
+}
+
+/// A stored document that cannot be sent within the message cap: only
+/// possible for one stored before the body limit applied to every write, or
+/// after the limits were lowered. Not OUT_OF_RANGE, which means "resync".
+pub fn unservable(doc: &pb::Document, size: usize, max: usize) -> Error {
+    Error::ResourceExhausted(format!(
+        "document {}/{} (seq {}) takes {size} bytes in a message, over the {max} bytes this server sends; \
+         raise --max-message-bytes, or replace the document with a smaller one",
+        doc.collection, doc.id, doc.seq
+    ))
 }
 
 #[tonic::async_trait]

@@ -1,5 +1,7 @@
 //! Pull: one page of changes after a checkpoint.
 
+use prost::Message;
+
 use super::{SyncApi, convert, validate};
 use crate::{
     config::DEFAULT_PULL_LIMIT,
@@ -46,11 +48,18 @@ pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullRespo
         "" => 0,
         client => api.store.last_mutation_id(client),
     };
-    Ok(pb::PullResponse {
+    let response = pb::PullResponse {
         documents,
         checkpoint,
         has_more,
         last_mutation_id,
         store_id: api.store.store_id().to_owned(),
-    })
+    };
+    let size = response.encoded_len();
+    match response.documents.first() {
+        Some(doc) if size > api.settings.max_message_bytes => {
+            Err(super::unservable(doc, size, api.settings.max_message_bytes))
+        }
+        _ => Ok(response),
+    }
 }

@@ -4,6 +4,7 @@
 use std::{collections::VecDeque, pin::Pin};
 
 use futures_util::Stream;
+use prost::Message;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Interval, MissedTickBehavior, interval_at};
 use tonic::Status;
@@ -48,6 +49,7 @@ pub async fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<Subscrib
         heartbeat,
         shutdown: api.shutdown.clone(),
         budget: api.settings.message_budget,
+        max_message_bytes: api.settings.max_message_bytes,
         failed: false,
         _permit: permit,
     };
@@ -64,14 +66,17 @@ pub async fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<Subscrib
 struct Feed {
     /// The store-side cursor.
     subscription: Subscription,
-    /// Messages ready to send (a large event is split by size).
-    pending: VecDeque<pb::SubscribeResponse>,
+    /// Messages ready to send (a large event is split by size), or the
+    /// error that ends the stream.
+    pending: VecDeque<Result<pb::SubscribeResponse, Status>>,
     /// Progress timer, reset by every message sent.
     heartbeat: Interval,
     /// Ends the stream (with UNAVAILABLE) on server shutdown.
     shutdown: CancellationToken,
     /// Byte budget for one message's documents.
     budget: usize,
+    /// Largest message the server sends.
+    max_message_bytes: usize,
     /// An error was sent; the stream ends.
     failed: bool,
     /// This stream's place under --max-subscribers, released on drop.
@@ -83,7 +88,8 @@ impl Feed {
         loop {
             if let Some(message) = self.pending.pop_front() {
                 self.heartbeat.reset();
-                return Some(Ok(message));
+                self.failed |= message.is_err();
+                return Some(message);
             }
             if self.failed {
                 return None;
@@ -128,21 +134,31 @@ impl Feed {
             } else {
                 documents.last().map_or(checkpoint.0, |d| d.seq)
             };
-            self.pending.push_back(pb::SubscribeResponse {
+            let message = pb::SubscribeResponse {
                 event: Some(Event::Changes(pb::ChangeBatch {
                     documents,
                     checkpoint,
                 })),
-            });
+            };
+            let size = message.encoded_len();
+            if size > self.max_message_bytes
+                && let Some(Event::Changes(batch)) = &message.event
+                && let Some(doc) = batch.documents.first()
+            {
+                let error = super::unservable(doc, size, self.max_message_bytes);
+                self.pending.push_back(Err(error.into()));
+                return;
+            }
+            self.pending.push_back(Ok(message));
         }
     }
 
     fn queue_progress(&mut self, checkpoint: Seq, caught_up: bool) {
-        self.pending.push_back(pb::SubscribeResponse {
+        self.pending.push_back(Ok(pb::SubscribeResponse {
             event: Some(Event::Progress(pb::Progress {
                 checkpoint: checkpoint.0,
                 caught_up,
             })),
-        });
+        }));
     }
 }

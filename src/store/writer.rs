@@ -247,18 +247,14 @@ impl Writer {
             ..
         } = group;
         if wrote {
-            self.feed.set_written(head);
-            let mut local = local.borrow_mut();
-            local
-                .overlay
-                .extend(index.iter().map(|(k, e)| (k.clone(), *e)));
-            local.unpublished.push_back(Unpublished {
+            let commit = Unpublished {
                 prev_head,
                 head,
                 changes,
                 index,
                 clients: clients.into_iter().map(|(c, s)| (c, s.last)).collect(),
-            });
+            };
+            self.feed.set_written(head);
             match self.durability {
                 Durability::Fsync => {
                     if let Err(e) = self.faults.flush(&self.db) {
@@ -266,13 +262,20 @@ impl Writer {
                         // callers retry with the same mutation ids and get
                         // the truth. Readers stay at the last durable commit.
                         tracing::error!(cause = %e, "flush after commit failed; no more writes until restarted");
-                        drop(local);
                         self.stop();
                         return fail_all(jobs, || StoreError::CommitFailed);
                     }
-                    self.publish(&mut local, head);
+                    // Nothing is planned between this commit and its flush,
+                    // so it needs no overlay.
+                    self.publish_one(commit);
                 }
-                Durability::Buffered => self.dirty.store(true, Ordering::Release),
+                Durability::Buffered => {
+                    let mut local = local.borrow_mut();
+                    let overlay = commit.index.iter().map(|(k, e)| (k.clone(), *e));
+                    local.overlay.extend(overlay);
+                    local.unpublished.push_back(commit);
+                    self.dirty.store(true, Ordering::Release);
+                }
             }
         }
         tracing::trace!(pushes = jobs.len(), head = %head, elapsed = ?started.elapsed(), "group committed");
@@ -281,7 +284,7 @@ impl Writer {
         }
     }
 
-    /// Publishes the commits up to `durable`: index, clients' ids, feed.
+    /// Publishes the buffered commits up to `durable`.
     fn publish(&self, local: &mut Local, durable: Seq) {
         while local.unpublished.front().is_some_and(|c| c.head <= durable) {
             let Some(commit) = local.unpublished.pop_front() else {
@@ -292,16 +295,21 @@ impl Writer {
                     local.overlay.remove(key);
                 }
             }
-            self.index.apply(commit.index);
-            self.last_ids
-                .set(commit.clients.iter().map(|(c, last)| (c, *last)));
-            if commit.head != commit.prev_head {
-                self.feed.publish(Commit::new(
-                    commit.prev_head,
-                    commit.head,
-                    commit.changes.into_iter().map(Arc::new).collect(),
-                ));
-            }
+            self.publish_one(commit);
+        }
+    }
+
+    /// Makes a durable commit visible: index, clients' ids, feed.
+    fn publish_one(&self, commit: Unpublished) {
+        self.index.apply(commit.index);
+        self.last_ids
+            .set(commit.clients.iter().map(|(c, last)| (c, *last)));
+        if commit.head != commit.prev_head {
+            self.feed.publish(Commit::new(
+                commit.prev_head,
+                commit.head,
+                commit.changes.into_iter().map(Arc::new).collect(),
+            ));
         }
     }
 

@@ -14,15 +14,12 @@ use std::{
 };
 
 use common::*;
-use deltasync::{
-    pb::{self, ConflictStrategy, Outcome, PullRequest, PushRequest, subscribe_response::Event},
-    store,
+use deltasync::pb::{
+    self, ConflictStrategy, Outcome, PullRequest, PushRequest, subscribe_response::Event,
 };
 use prost::Message;
 use serde_json::{Map, Value, json};
 use tonic::{Code, Status};
-
-const HOUR: u64 = 3600;
 
 /// Guards against a hung stream or server; never reached when the rule holds.
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -34,53 +31,6 @@ fn outcomes(resp: &pb::PushResponse) -> Vec<Outcome> {
 /// A string of `len` bytes, to make bodies of a known size.
 fn text(len: usize) -> String {
     "x".repeat(len)
-}
-
-/// A server with an injected clock (`ahead` seconds in the future) and
-/// retention short enough to be crossed by moving that clock.
-async fn server_with_clock(
-    ahead: &Arc<AtomicU64>,
-    configure: impl FnOnce(&mut deltasync::Config),
-) -> TestServer {
-    let options = store::Options {
-        clock: store::offset_clock(ahead.clone()),
-        ..Default::default()
-    };
-    TestServer::start_with_options(
-        |c| {
-            c.history_retention = Duration::from_secs(HOUR);
-            c.tombstone_retention = Duration::from_secs(2 * HOUR);
-            c.compaction_interval = Duration::from_millis(20);
-            configure(c);
-        },
-        options,
-    )
-    .await
-}
-
-/// Waits (bounded) until `done` holds; compaction runs every 20 ms.
-async fn eventually<F: std::future::Future<Output = bool>>(mut done: impl FnMut() -> F) {
-    for _ in 0..500 {
-        if done().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not reached in 5 s");
-}
-
-/// The last mutation id the server reports for `client_id`, asked by Pull.
-async fn last_mutation_id(c: &mut Client, client_id: &str) -> u64 {
-    let req = PullRequest {
-        client_id: client_id.into(),
-        limit: 1,
-        ..Default::default()
-    };
-    c.pull(req)
-        .await
-        .expect("pull")
-        .into_inner()
-        .last_mutation_id
 }
 
 /// Pushes a request that must fail and returns its status.
@@ -422,7 +372,7 @@ async fn create_only_put_on_a_tombstone_applies() {
 #[tokio::test]
 async fn versions_are_not_reused_after_a_purge() {
     let ahead = Arc::new(AtomicU64::new(0));
-    let s = server_with_clock(&ahead, |_| {}).await;
+    let s = TestServer::start_with_clock(&ahead, |_| {}).await;
     let mut c = s.client.clone();
     for id in ["x", "y"] {
         push_one(&mut c, "", put("todos", id, json!({"life": 1})).base(0)).await; // v1
@@ -751,7 +701,7 @@ async fn shutdown_ends_streams_with_unavailable() {
 #[tokio::test]
 async fn clients_are_forgotten_after_client_retention() {
     let ahead = Arc::new(AtomicU64::new(0));
-    let s = server_with_clock(&ahead, |c| {
+    let s = TestServer::start_with_clock(&ahead, |c| {
         c.client_retention = Duration::from_secs(3 * HOUR);
     })
     .await;

@@ -9,48 +9,22 @@ use std::{
 };
 
 use common::*;
-use deltasync::{
-    pb::{self, Outcome, PullRequest, SubscribeRequest, subscribe_response::Event},
-    store,
-};
+use deltasync::pb::{self, Outcome, PullRequest, SubscribeRequest, subscribe_response::Event};
 use serde_json::json;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
-
-const HOUR: u64 = 3600;
 
 async fn server(
     ahead: &Arc<AtomicU64>,
     configure: impl FnOnce(&mut deltasync::Config),
 ) -> TestServer {
-    let options = store::Options {
-        clock: store::offset_clock(ahead.clone()),
-        ..Default::default()
-    };
-    TestServer::start_with_options(
-        |c| {
-            c.history_retention = Duration::from_secs(HOUR);
-            c.tombstone_retention = Duration::from_secs(2 * HOUR);
-            c.history_max_versions = 3;
-            c.compaction_interval = Duration::from_millis(20);
-            // Tiny batches: every round spans several writer batches.
-            c.compaction_batch = 2;
-            configure(c);
-        },
-        options,
-    )
+    TestServer::start_with_clock(ahead, |c| {
+        c.history_max_versions = 3;
+        // Tiny batches: every round spans several writer batches.
+        c.compaction_batch = 2;
+        configure(c);
+    })
     .await
-}
-
-/// Waits (bounded) until `done` holds; compaction runs every 20 ms.
-async fn eventually<F: std::future::Future<Output = bool>>(mut done: impl FnMut() -> F) {
-    for _ in 0..500 {
-        if done().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not reached in 5 s");
 }
 
 fn assert_compacted(status: &Status, horizon: u64) {

@@ -217,16 +217,7 @@ async fn a_mutation_id_is_reported_only_once_durable() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Internal, "{err:?}");
-    let page = pull_with(
-        &mut c,
-        PullRequest {
-            client_id: "phone".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    assert_eq!(page.last_mutation_id, 1);
+    assert_eq!(last_mutation_id(&mut c, "phone").await, 1);
     assert!(get(&mut c, "todos", "b").await.is_none());
 }
 

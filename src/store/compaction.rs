@@ -183,13 +183,7 @@ impl Planner<'_> {
                     clients: std::mem::take(&mut clients),
                     cutoff,
                 };
-                let (reply, done) = oneshot::channel();
-                self.store
-                    .shared
-                    .writer
-                    .blocking_send(Command::Forget(forget, reply))
-                    .map_err(|_| StoreError::Closed)?;
-                self.removed.clients += done.blocking_recv().map_err(|_| StoreError::Closed)??;
+                self.removed.clients += self.ask(|reply| Command::Forget(forget, reply))?;
             }
             if next.is_none() {
                 return Ok(());
@@ -202,16 +196,24 @@ impl Planner<'_> {
         if purge.history.is_empty() && purge.tombstones.is_empty() {
             return Ok(());
         }
+        let removed = self.ask(|reply| Command::Compact(purge, reply))?;
+        self.removed.history += removed.history;
+        self.removed.tombstones += removed.tombstones;
+        Ok(())
+    }
+
+    /// Sends the writer a command and waits for its answer.
+    fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, StoreError> {
         let (reply, done) = oneshot::channel();
         self.store
             .shared
             .writer
-            .blocking_send(Command::Compact(purge, reply))
+            .blocking_send(command(reply))
             .map_err(|_| StoreError::Closed)?;
-        let removed = done.blocking_recv().map_err(|_| StoreError::Closed)??;
-        self.removed.history += removed.history;
-        self.removed.tombstones += removed.tombstones;
-        Ok(())
+        done.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 }
 

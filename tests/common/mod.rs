@@ -18,6 +18,21 @@ use tonic::transport::Channel;
 
 pub type Client = SyncServiceClient<Channel>;
 
+/// An hour, in the seconds an offset clock is moved by.
+pub const HOUR: u64 = 3600;
+
+/// Waits (bounded) until `done` holds: for what a background task (such as
+/// compaction, every 20 ms in `start_with_clock`) makes true.
+pub async fn eventually<F: std::future::Future<Output = bool>>(mut done: impl FnMut() -> F) {
+    for _ in 0..500 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached in 5 s");
+}
+
 pub struct TestServer {
     /// Where the server listens.
     pub addr: SocketAddr,
@@ -54,6 +69,29 @@ impl TestServer {
         let mut config = Config::for_data_dir(dir.path().join("store"));
         configure(&mut config);
         Self::launch(config, dir, options).await
+    }
+
+    /// A server whose clock runs `ahead` seconds in the future (tests move
+    /// it to make data old), with retention short enough to be crossed that
+    /// way (history 1 h, tombstones 2 h) and compaction every 20 ms.
+    pub async fn start_with_clock(
+        ahead: &Arc<std::sync::atomic::AtomicU64>,
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
+        let options = store::Options {
+            clock: store::offset_clock(ahead.clone()),
+            ..Default::default()
+        };
+        Self::start_with_options(
+            |c| {
+                c.history_retention = std::time::Duration::from_secs(HOUR);
+                c.tombstone_retention = std::time::Duration::from_secs(2 * HOUR);
+                c.compaction_interval = std::time::Duration::from_millis(20);
+                configure(c);
+            },
+            options,
+        )
+        .await
     }
 
     async fn launch(config: Config, dir: Arc<tempfile::TempDir>, options: store::Options) -> Self {
@@ -260,4 +298,18 @@ pub async fn pull_page(client: &mut Client, since: u64) -> pb::PullResponse {
         ..Default::default()
     };
     client.pull(req).await.expect("pull").into_inner()
+}
+
+/// The last mutation id the server reports for `client_id`, asked by Pull.
+pub async fn last_mutation_id(c: &mut Client, client_id: &str) -> u64 {
+    let req = pb::PullRequest {
+        client_id: client_id.into(),
+        limit: 1,
+        ..Default::default()
+    };
+    c.pull(req)
+        .await
+        .expect("pull")
+        .into_inner()
+        .last_mutation_id
 }

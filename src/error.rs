@@ -67,6 +67,12 @@ impl From<Error> for Status {
             Error::Store(StoreError::Closed) => {
                 Status::unavailable("server is shutting down; retry")
             }
+            Error::Store(StoreError::OutcomeUnknown) => Status::unavailable(
+                "a storage failure left this push's outcome unknown; retry it with the same mutation ids (they are answered with the truth) on another replica or after a restart",
+            ),
+            Error::Store(StoreError::NotYetDurable(since)) => Status::unavailable(format!(
+                "checkpoint {since} was acknowledged but is not durable yet; retry"
+            )),
             Error::Store(StoreError::Stopped) => Status::unavailable(
                 "this server stopped taking writes after a storage failure; retry on another replica or after it restarts",
             ),

@@ -11,10 +11,6 @@ use std::{
     collections::{HashMap, HashSet},
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -22,21 +18,28 @@ use common::*;
 use deltasync::pb::{self, GetRequest, Outcome, PullRequest, PushRequest};
 use serde_json::{Value, json};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 const COLLECTION: &str = "compaction";
 /// Concurrent writers; each owns its documents, so it knows their order.
 const WRITERS: usize = 4;
-const DOCS_PER_WRITER: u64 = 6;
+/// Enough documents that a document's last two records are far apart in
+/// the log, so a round's scan between them is long.
+const DOCS_PER_WRITER: u64 = 8;
 /// Kill cycles under load.
-const KILLS: usize = 10;
-/// A live document is deleted on about one visit in this many.
-const DELETE_ONE_IN: u64 = 25;
+const KILLS: usize = 24;
+/// A live document is deleted on about one visit in this many: it lives
+/// long enough (hundreds of versions, many rounds) to be compacted while
+/// written, and enough tombstones are purged under load.
+const DELETE_ONE_IN: u64 = 100;
 /// A deleted document is re-created only after this long, so its tombstone
 /// (1 s retention) has usually been purged by then.
 const RECREATE_AFTER: Duration = Duration::from_millis(1300);
-/// Pull page size: several pages for the documents written here.
-const PAGE: u32 = 7;
+/// Pull page size: every document fits one page. Smaller pages cannot be
+/// read from 0 once the purge horizon is above the first page's checkpoint
+/// (the next page is OUT_OF_RANGE however often the pull starts over).
+const PAGE: u32 = 1000;
 
 /// Aggressive retention: rounds every 10 ms that take many writer batches,
 /// so a round overlaps many writes, and tombstones purged after 1 s.
@@ -55,7 +58,9 @@ const RETENTION: [&str; 10] = [
 
 /// The server binary on `127.0.0.1:0`; its address comes from its own log.
 struct Server {
+    /// The server process.
     child: Child,
+    /// Where it listens.
     addr: String,
     /// Rounds that purged at least one tombstone, counted from the log.
     purges: watch::Receiver<u64>,
@@ -129,8 +134,8 @@ impl Drop for Server {
     }
 }
 
-/// A small deterministic generator (SplitMix64), so a failing run can be
-/// replayed with `COMPACTION_CRASH_SEED`.
+/// A small generator (SplitMix64). Every failure names its seed;
+/// `COMPACTION_CRASH_SEED` replays the same choices (not the same timing).
 #[derive(Clone)]
 struct Rng(u64);
 
@@ -182,6 +187,7 @@ impl State {
 
 /// A document owned by one writer.
 struct Doc {
+    /// Its id in [`COLLECTION`].
     id: String,
     /// The state of its last acknowledged write.
     acked: State,
@@ -203,9 +209,13 @@ struct Pending {
 
 /// One writer: a client id, its documents and its next mutation id.
 struct Writer {
+    /// Its client id, for mutation ids.
     client_id: String,
+    /// The documents only it writes.
     docs: Vec<Doc>,
+    /// Its next mutation id.
     next_id: u64,
+    /// Its own choices.
     rng: Rng,
     /// Set by a push that failed, until it is retried after a restart.
     pending: Option<Pending>,
@@ -282,11 +292,11 @@ impl Writer {
         };
     }
 
-    /// Writes until the server dies or `stop` is set.
-    async fn run(mut self, mut client: Client, stop: Arc<AtomicBool>) -> Self {
-        // Bounded: a kill or `stop` ends it long before.
+    /// Writes until `killed`; a push without an answer by then is pending.
+    async fn run(mut self, mut client: Client, killed: CancellationToken) -> Self {
+        // Bounded: the kill ends it long before.
         for _ in 0..1_000_000 {
-            if stop.load(Ordering::Relaxed) {
+            if killed.is_cancelled() {
                 break;
             }
             let doc = usize::try_from(self.rng.below(DOCS_PER_WRITER)).expect("small");
@@ -303,8 +313,12 @@ impl Writer {
                     atomic: false,
                 };
                 let sent_at = Instant::now();
-                match client.push(request).await {
-                    Ok(response) => {
+                let answer = tokio::select! {
+                    answer = client.push(request) => answer.ok(),
+                    () = killed.cancelled() => None,
+                };
+                match answer {
+                    Some(response) => {
                         let result = &response.into_inner().results[0];
                         assert_eq!(outcome(result), Outcome::Applied, "{result:?}");
                         let deleted = effect == State::Gone;
@@ -313,7 +327,7 @@ impl Writer {
                             break;
                         }
                     }
-                    Err(_) => {
+                    None => {
                         self.pending = Some(Pending {
                             doc,
                             mutation,
@@ -496,23 +510,24 @@ async fn compaction_never_brings_back_what_it_removed() {
     let mut purge_rounds = 0;
 
     for kill in 0..KILLS {
-        let stop = Arc::new(AtomicBool::new(false));
+        let killed = CancellationToken::new();
         let mut tasks = Vec::new();
         for w in writers.drain(..) {
             let client = server.client().await;
-            tasks.push(tokio::spawn(w.run(client, stop.clone())));
+            tasks.push(tokio::spawn(w.run(client, killed.clone())));
         }
-        let after_purge = rng.below(2) == 0;
-        tokio::time::sleep(rng.millis(200, 1200)).await;
+        let after_purge = rng.below(3) != 0;
+        tokio::time::sleep(rng.millis(100, 800)).await;
         if after_purge {
             // Right after a round that purged tombstones: its orphans (if
             // any) are pruned only by the next round.
             let mut purges = server.purges.clone();
             purges.mark_unchanged();
-            let _ = tokio::time::timeout(Duration::from_secs(2), purges.changed()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(1500), purges.changed()).await;
         }
         purge_rounds += *server.purges.borrow();
         server.kill_9();
+        killed.cancel();
         for task in tasks {
             writers.push(task.await.expect("writer"));
         }

@@ -1,7 +1,7 @@
 //! Subscribe: the backlog, a `Progress{caught_up}`, then live changes, with
 //! heartbeats, until the client leaves or the server shuts down.
 
-use std::{collections::VecDeque, pin::Pin};
+use std::{collections::VecDeque, pin::Pin, sync::Arc};
 
 use futures_util::Stream;
 use prost::Message;
@@ -15,7 +15,10 @@ use crate::{
     error::Error,
     pb::{self, subscribe_response::Event},
     shutdown::CancellationToken,
-    store::{CollectionFilter, FeedEvent, PageLimit, Subscription, model::Seq},
+    store::{
+        CollectionFilter, FeedEvent, PageLimit, Subscription,
+        model::{Document, Seq},
+    },
 };
 
 /// The response stream of one subscriber.
@@ -46,6 +49,7 @@ pub async fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<Subscrib
     let state = Feed {
         subscription,
         pending: VecDeque::new(),
+        changes: None,
         heartbeat,
         shutdown: api.shutdown.clone(),
         budget: api.settings.message_budget,
@@ -62,13 +66,26 @@ pub async fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<Subscrib
     )))
 }
 
+/// The rest of a changes event.
+struct Changes {
+    /// Its documents, in seq order.
+    docs: Vec<Arc<Document>>,
+    /// The first one not sent yet.
+    next: usize,
+    /// The event's checkpoint, for its last message.
+    checkpoint: Seq,
+}
+
 /// One stream's state.
 struct Feed {
     /// The store-side cursor.
     subscription: Subscription,
-    /// Messages ready to send (a large event is split by size), or the
-    /// error that ends the stream.
+    /// Messages ready to send, or the error that ends the stream.
     pending: VecDeque<Result<pb::SubscribeResponse, Status>>,
+    /// Changes not sent yet: one message is made of them at a time (a large
+    /// event is split by size), so a stream holds at most one encoded
+    /// message however big the commits it is given.
+    changes: Option<Changes>,
     /// Progress timer, reset by every message sent.
     heartbeat: Interval,
     /// Ends the stream (with UNAVAILABLE) on server shutdown.
@@ -86,6 +103,9 @@ struct Feed {
 impl Feed {
     async fn next(&mut self) -> Option<Result<pb::SubscribeResponse, Status>> {
         loop {
+            if self.pending.is_empty() {
+                self.queue_next_run();
+            }
             if let Some(message) = self.pending.pop_front() {
                 self.heartbeat.reset();
                 self.failed |= message.is_err();
@@ -104,7 +124,9 @@ impl Feed {
                     )));
                 }
                 event = self.subscription.next() => match event {
-                    Ok(FeedEvent::Changes { docs, checkpoint }) => self.queue_changes(&docs, checkpoint),
+                    Ok(FeedEvent::Changes { docs, checkpoint }) => {
+                        self.changes = Some(Changes { docs, next: 0, checkpoint });
+                    }
                     Ok(FeedEvent::CaughtUp { checkpoint }) => self.queue_progress(checkpoint, true),
                     Err(e) => {
                         self.failed = true;
@@ -119,38 +141,49 @@ impl Feed {
         }
     }
 
-    /// Queues changes as one message, or several if they exceed the budget;
-    /// each message's checkpoint is its last seq, the last one's the event's.
-    fn queue_changes(
-        &mut self,
-        docs: &[std::sync::Arc<crate::store::model::Document>],
-        checkpoint: Seq,
-    ) {
-        let runs = convert::fit(docs.iter().map(|d| convert::document(d)), self.budget);
-        let last = runs.len().saturating_sub(1);
-        for (i, documents) in runs.into_iter().enumerate() {
-            let checkpoint = if i == last {
-                checkpoint.0
-            } else {
-                documents.last().map_or(checkpoint.0, |d| d.seq)
-            };
-            let message = pb::SubscribeResponse {
-                event: Some(Event::Changes(pb::ChangeBatch {
-                    documents,
-                    checkpoint,
-                })),
-            };
-            let size = message.encoded_len();
-            if size > self.max_message_bytes
-                && let Some(Event::Changes(batch)) = &message.event
-                && let Some(doc) = batch.documents.first()
-            {
-                let error = super::unservable(doc, size, self.max_message_bytes);
-                self.pending.push_back(Err(error.into()));
-                return;
+    /// Queues the next message of the changes not sent yet: as many
+    /// documents as fit the budget (one at least). Its checkpoint is its last
+    /// seq, or the event's for the event's last message.
+    fn queue_next_run(&mut self) {
+        let Some(changes) = &mut self.changes else {
+            return;
+        };
+        let mut documents = Vec::new();
+        let mut size = 0;
+        while let Some(doc) = changes.docs.get(changes.next) {
+            let doc = convert::document(doc);
+            let len = doc.encoded_len() + 8; // field tag and length prefix
+            if !documents.is_empty() && size + len > self.budget {
+                break;
             }
-            self.pending.push_back(Ok(message));
+            size += len;
+            documents.push(doc);
+            changes.next += 1;
         }
+        let checkpoint = match changes.docs.get(changes.next) {
+            Some(_) => documents.last().map_or(changes.checkpoint.0, |d| d.seq),
+            None => {
+                let checkpoint = changes.checkpoint.0;
+                self.changes = None;
+                checkpoint
+            }
+        };
+        let message = pb::SubscribeResponse {
+            event: Some(Event::Changes(pb::ChangeBatch {
+                documents,
+                checkpoint,
+            })),
+        };
+        let size = message.encoded_len();
+        if size > self.max_message_bytes
+            && let Some(Event::Changes(batch)) = &message.event
+            && let Some(doc) = batch.documents.first()
+        {
+            let error = super::unservable(doc, size, self.max_message_bytes);
+            self.pending.push_back(Err(error.into()));
+            return;
+        }
+        self.pending.push_back(Ok(message));
     }
 
     fn queue_progress(&mut self, checkpoint: Seq, caught_up: bool) {

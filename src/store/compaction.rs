@@ -229,8 +229,11 @@ fn cutoff(now: SystemTime, keep: Duration) -> SystemTime {
 ///   when it is not among the newest `max_versions` of its document;
 /// - a current tombstone older than `now - retention.tombstones` is purged
 ///   with its chain;
-/// - a record of a document the index no longer has (purged), or of an
-///   earlier life of a document purged and created again, is an orphan.
+/// - a record of a document the index no longer has, or not older than its
+///   current version (an earlier life whose versions restarted, as builds
+///   before versions outlived purges did), is an orphan. A purge removes a
+///   tombstone with its whole chain in one batch, so this build leaves
+///   none: these are what a chain broken by an earlier build left.
 ///
 /// Commit times never go backwards (the writer sees to it), so what is
 /// pruned of a chain is always its oldest part and the rest stays reachable.

@@ -38,6 +38,14 @@ pub enum StoreError {
     /// The group commit failed; the writer logged the cause.
     #[error("commit failed")]
     CommitFailed,
+    /// The flush of this push's commit failed: it may or may not be on disk.
+    /// A retry with the same mutation ids (after a restart, or on another
+    /// node) gets the truth.
+    #[error("the flush of this commit failed; its outcome is unknown")]
+    OutcomeUnknown,
+    /// A checkpoint acknowledged to a pusher did not become durable in time.
+    #[error("checkpoint {0} is acknowledged but not yet durable")]
+    NotYetDurable(u64),
     /// A flush failed earlier, so the writer takes no more commits until the
     /// store is opened again (what is on disk is unknown).
     #[error("the store stopped taking writes after a failed flush")]

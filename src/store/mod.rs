@@ -192,7 +192,7 @@ impl Store {
         );
         let (tx, rx) = mpsc::channel(1024);
         let (writable_tx, writable) = watch::channel(true);
-        let dirty = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = Writer {
             db: db.clone(),
             trees: trees.clone(),
@@ -207,7 +207,8 @@ impl Store {
             stopped: std::cell::Cell::new(false),
             writable: writable_tx,
             faults: options.faults.clone(),
-            dirty: dirty.clone(),
+            writes: writes.clone(),
+            max_unflushed_bytes: options.feed_max_bytes,
         };
         let spawn_failed = |e| StoreError::Storage(sled::Error::Io(e));
         let thread = std::thread::Builder::new()
@@ -216,11 +217,11 @@ impl Store {
             .map_err(spawn_failed)?;
         let (flusher_stop, stop) = std::sync::mpsc::channel();
         let flusher = {
-            let (db, feed, tx) = (db.clone(), feed.clone(), tx.clone());
+            let (db, tx) = (db.clone(), tx.clone());
             let (faults, interval) = (options.faults.clone(), options.flush_interval);
             std::thread::Builder::new()
                 .name("deltasync-flusher".into())
-                .spawn(move || writer::run_flusher(db, feed, dirty, faults, interval, tx, stop))
+                .spawn(move || writer::run_flusher(db, writes, faults, interval, tx, stop))
                 .map_err(spawn_failed)?
         };
         tracing::info!(dir = %dir.display(), %store_id, head = %head, "store opened");
@@ -347,10 +348,13 @@ impl Store {
     }
 
     /// Waits until `seq` is readable, if it was acknowledged but is not yet
-    /// durable (`buffered` mode: at most about one flush interval); returns
-    /// whether it is readable. A seq that was never written is not waited
-    /// for. Fails with [`StoreError::Stopped`] if the writer stopped before
-    /// it became durable: then it never will be here.
+    /// durable (`buffered` mode: about one flush interval); returns whether
+    /// it was ever acknowledged (`false`: the checkpoint is not this
+    /// store's). Fails with [`StoreError::Stopped`] if the writer stopped
+    /// before it became durable (it never will be here),
+    /// [`StoreError::Closed`] on shutdown and [`StoreError::NotYetDurable`]
+    /// if flushes are far slower than their interval: never with a
+    /// "resync" answer for a checkpoint this store gave out.
     pub async fn await_durable(&self, seq: Seq) -> Result<bool, StoreError> {
         let feed = self.feed();
         if seq <= feed.head() {
@@ -361,9 +365,19 @@ impl Store {
         }
         let patience = self.shared.flush_interval * 2 + Duration::from_secs(5);
         let mut writable = self.writable();
-        tokio::select! {
-            published = feed.wait_published(seq, patience) => Ok(published),
-            _ = writable.wait_for(|w| !w) => Err(StoreError::Stopped),
+        let published = tokio::select! {
+            published = feed.wait_published(seq, patience) => published,
+            stopped = writable.wait_for(|w| !w) => {
+                return Err(match stopped {
+                    Ok(_) => StoreError::Stopped,
+                    Err(_) => StoreError::Closed,
+                });
+            }
+        };
+        if published {
+            Ok(true)
+        } else {
+            Err(StoreError::NotYetDurable(seq.0))
         }
     }
 

@@ -19,7 +19,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -40,8 +40,13 @@ use super::{
     index::{DocMap, Entry, Index},
     keys,
     model::{Document, PushBatch, PushOutcome, Seq},
+    pull,
     push::{self, GroupCommit, Limits},
 };
+
+/// Most document bytes in one commit published to subscribers when durable
+/// commits are merged (one commit bigger than this stays whole).
+const FEED_CHUNK_BYTES: usize = 1 << 20;
 
 /// Removes records past the head when the store opens: they belong to a
 /// group commit whose head never reached the disk, so it was never
@@ -72,8 +77,8 @@ pub enum Command {
     Compact(Purge, oneshot::Sender<Result<Removed, StoreError>>),
     /// Forget clients unseen since a cutoff.
     Forget(Forget, oneshot::Sender<Result<usize, StoreError>>),
-    /// The flusher made everything up to this head durable.
-    Durable(Seq),
+    /// The flusher made every write up to this count durable.
+    Durable(u64),
     /// The flusher's flush failed.
     FlushFailed,
     /// Finish queued work, flush, and stop.
@@ -101,6 +106,8 @@ impl Faults {
 
 /// A commit written but not yet published (not yet durable).
 struct Unpublished {
+    /// Its number in the writer's count of writes.
+    write: u64,
     /// Head before it.
     prev_head: Seq,
     /// Head after it.
@@ -144,8 +151,13 @@ pub struct Writer {
     pub writable: watch::Sender<bool>,
     /// Failure injection for tests.
     pub faults: Faults,
-    /// Set after any write, cleared by the flusher before it flushes.
-    pub dirty: Arc<AtomicBool>,
+    /// Counts every write to sled (commits, purges, forgotten clients); the
+    /// flusher reads it before a flush and reports it durable after. A seq
+    /// cannot serve: a commit that only records clients' ids has none.
+    pub writes: Arc<AtomicU64>,
+    /// Most document bytes written but not yet durable in `buffered` mode:
+    /// past it the writer flushes at once rather than hold more.
+    pub max_unflushed_bytes: usize,
 }
 
 /// State only the writer thread touches.
@@ -153,6 +165,8 @@ pub struct Writer {
 struct Local {
     /// Commits written, oldest first, waiting to be durable.
     unpublished: VecDeque<Unpublished>,
+    /// What their documents take (as the feed counts them).
+    unpublished_bytes: usize,
     /// The newest unpublished index entry of each document they touch.
     overlay: DocMap<Entry>,
 }
@@ -181,7 +195,7 @@ impl Writer {
                         self.commit(&local, std::mem::take(&mut jobs));
                         let _ = reply.send(self.forget(&forget));
                     }
-                    Command::Durable(head) => self.publish(&mut local.borrow_mut(), head),
+                    Command::Durable(write) => self.publish(&mut local.borrow_mut(), write),
                     Command::FlushFailed => self.stop(),
                     Command::Close(ack) => {
                         close = Some(ack);
@@ -248,6 +262,7 @@ impl Writer {
         } = group;
         if wrote {
             let commit = Unpublished {
+                write: self.writes.fetch_add(1, Ordering::AcqRel) + 1,
                 prev_head,
                 head,
                 changes,
@@ -255,26 +270,37 @@ impl Writer {
                 clients: clients.into_iter().map(|(c, s)| (c, s.last)).collect(),
             };
             self.feed.set_written(head);
-            match self.durability {
-                Durability::Fsync => {
-                    if let Err(e) = self.faults.flush(&self.db) {
-                        // The commit may or may not survive a crash now;
-                        // callers retry with the same mutation ids and get
-                        // the truth. Readers stay at the last durable commit.
-                        tracing::error!(cause = %e, "flush after commit failed; no more writes until restarted");
-                        self.stop();
-                        return fail_all(jobs, || StoreError::CommitFailed);
-                    }
-                    // Nothing is planned between this commit and its flush,
-                    // so it needs no overlay.
-                    self.publish_one(commit);
-                }
+            let mut local = local.borrow_mut();
+            let (direct, flush_now) = match self.durability {
+                Durability::Fsync => (Some(commit), true),
                 Durability::Buffered => {
-                    let mut local = local.borrow_mut();
                     let overlay = commit.index.iter().map(|(k, e)| (k.clone(), *e));
                     local.overlay.extend(overlay);
+                    local.unpublished_bytes +=
+                        commit.changes.iter().map(pull::wire_size).sum::<usize>();
                     local.unpublished.push_back(commit);
-                    self.dirty.store(true, Ordering::Release);
+                    // Bounded memory: a backlog past the bound is flushed
+                    // now instead of waiting for the flusher.
+                    (None, local.unpublished_bytes > self.max_unflushed_bytes)
+                }
+            };
+            if flush_now {
+                let write = self.writes.load(Ordering::Acquire);
+                if let Err(e) = self.faults.flush(&self.db) {
+                    // The commit may or may not survive a crash now: its
+                    // callers are told to retry with the same mutation ids,
+                    // which get the truth. Readers stay at the last durable
+                    // commit.
+                    tracing::error!(cause = %e, "flush after commit failed; no more writes until restarted");
+                    drop(local);
+                    self.stop();
+                    return fail_all(jobs, || StoreError::OutcomeUnknown);
+                }
+                match direct {
+                    // Nothing is planned between an fsync commit and its
+                    // flush, so it needs no overlay.
+                    Some(commit) => self.publish_all(vec![commit]),
+                    None => self.publish(&mut local, write),
                 }
             }
         }
@@ -284,9 +310,14 @@ impl Writer {
         }
     }
 
-    /// Publishes the buffered commits up to `durable`.
-    fn publish(&self, local: &mut Local, durable: Seq) {
-        while local.unpublished.front().is_some_and(|c| c.head <= durable) {
+    /// Publishes the buffered commits among the first `durable` writes.
+    fn publish(&self, local: &mut Local, durable: u64) {
+        let mut ready = Vec::new();
+        while local
+            .unpublished
+            .front()
+            .is_some_and(|c| c.write <= durable)
+        {
             let Some(commit) = local.unpublished.pop_front() else {
                 break;
             };
@@ -295,21 +326,40 @@ impl Writer {
                     local.overlay.remove(key);
                 }
             }
-            self.publish_one(commit);
+            local.unpublished_bytes -= commit.changes.iter().map(pull::wire_size).sum::<usize>();
+            ready.push(commit);
         }
+        self.publish_all(ready);
     }
 
-    /// Makes a durable commit visible: index, clients' ids, feed.
-    fn publish_one(&self, commit: Unpublished) {
-        self.index.apply(commit.index);
+    /// Makes durable commits (consecutive, in order) visible: index,
+    /// clients' ids, feed. Subscribers get them merged into commits of up
+    /// to [`FEED_CHUNK_BYTES`], so a flush of many small buffered commits
+    /// does not overrun the ring, nor make one huge commit.
+    fn publish_all(&self, commits: Vec<Unpublished>) {
+        let mut chunks: Vec<(Seq, Seq, Vec<Arc<Document>>, usize)> = Vec::new();
+        let mut clients = Vec::new();
+        self.index.apply(commits.into_iter().flat_map(|c| {
+            let bytes: usize = c.changes.iter().map(pull::wire_size).sum();
+            match chunks.last_mut() {
+                Some(chunk) if chunk.3 + bytes <= FEED_CHUNK_BYTES => {
+                    chunk.1 = c.head;
+                    chunk.3 += bytes;
+                }
+                _ => chunks.push((c.prev_head, c.head, Vec::new(), bytes)),
+            }
+            if let Some(chunk) = chunks.last_mut() {
+                chunk.2.extend(c.changes.into_iter().map(Arc::new));
+            }
+            clients.extend(c.clients);
+            c.index
+        }));
         self.last_ids
-            .set(commit.clients.iter().map(|(c, last)| (c, *last)));
-        if commit.head != commit.prev_head {
-            self.feed.publish(Commit::new(
-                commit.prev_head,
-                commit.head,
-                commit.changes.into_iter().map(Arc::new).collect(),
-            ));
+            .set(clients.iter().map(|(c, last)| (c, *last)));
+        for (prev_head, head, docs, _) in chunks {
+            if head != prev_head {
+                self.feed.publish(Commit::new(prev_head, head, docs));
+            }
         }
     }
 
@@ -328,13 +378,9 @@ impl Writer {
         if self.stopped.get() {
             return;
         }
+        let write = self.writes.load(Ordering::Acquire);
         match self.faults.flush(&self.db) {
-            Ok(_) => {
-                let written = local.unpublished.back().map(|c| c.head);
-                if let Some(head) = written {
-                    self.publish(local, head);
-                }
-            }
+            Ok(_) => self.publish(local, write),
             Err(e) => tracing::error!(cause = %e, "final flush failed"),
         }
     }
@@ -436,7 +482,7 @@ impl Writer {
             tracing::error!(cause = %e, "compaction batch failed");
             StoreError::CommitFailed
         })?;
-        self.dirty.store(true, Ordering::Release);
+        self.writes.fetch_add(1, Ordering::AcqRel);
         self.index.remove(tombstones.iter().map(|t| &t.key));
         Ok(removed)
     }
@@ -457,32 +503,35 @@ impl Writer {
                 gone.push(client);
             }
         }
-        self.dirty.store(true, Ordering::Release);
+        self.writes.fetch_add(1, Ordering::AcqRel);
         self.last_ids.remove(gone.iter().copied());
         Ok(gone.len())
     }
 }
 
-/// Flushes every `interval` while something was written (`buffered` mode)
-/// and tells the writer how far that made the log durable. Ends when `stop`
-/// is dropped or the writer is gone.
+/// Flushes every `interval` when something was written since the last
+/// flush and tells the writer how many writes that made durable. Ends when
+/// `stop` is dropped or the writer is gone.
 pub fn run_flusher(
     db: sled::Db,
-    feed: Feed,
-    dirty: Arc<AtomicBool>,
+    writes: Arc<AtomicU64>,
     faults: Faults,
     interval: Duration,
     writer: mpsc::Sender<Command>,
     stop: std::sync::mpsc::Receiver<()>,
 ) {
+    let mut flushed = writes.load(Ordering::Acquire);
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
-        if !dirty.swap(false, Ordering::AcqRel) {
+        // Every write counted before this read is covered by the flush.
+        let written = writes.load(Ordering::Acquire);
+        if written == flushed {
             continue;
         }
-        // Everything written before this read is covered by the flush.
-        let written = feed.written();
         let told = match faults.flush(&db) {
-            Ok(_) => writer.blocking_send(Command::Durable(written)),
+            Ok(_) => {
+                flushed = written;
+                writer.blocking_send(Command::Durable(written))
+            }
             Err(e) => {
                 tracing::error!(cause = %e, "background flush failed");
                 writer.blocking_send(Command::FlushFailed)

@@ -315,3 +315,99 @@ async fn lagging_subscriber_behind_a_purge_gets_out_of_range() {
     );
     assert_compacted(&status, tomb.seq);
 }
+
+/// Creates, deletes and purges one document after `n` others, so the purge
+/// horizon (returned) is above the checkpoints of a paged pass from 0.
+async fn purge_after(c: &mut Client, ahead: &Arc<AtomicU64>, n: usize) -> u64 {
+    for start in (0..n).step_by(1000) {
+        let batch = (start..n.min(start + 1000))
+            .map(|i| put("todos", &i.to_string(), json!({})))
+            .collect();
+        push(c, "", batch).await;
+    }
+    push_one(c, "", put("todos", "gone", json!({}))).await;
+    let tomb = push_one(c, "", delete("todos", "gone")).await;
+    ahead.fetch_add(2 * HOUR + 60, Ordering::Relaxed);
+    eventually(|| {
+        let mut c = c.clone();
+        async move { get(&mut c, "todos", "gone").await.is_none() }
+    })
+    .await;
+    tomb.document.unwrap().seq
+}
+
+/// Rule: a pass that started from 0 after a purge pages through a store
+/// whose purge horizon is above its pages: a page's checkpoint comes with
+/// the horizon it is consistent with, and passing both back is accepted
+/// (without the horizon, the checkpoint is refused as before: the client
+/// may have seen a document whose deletion was purged). A purge during the
+/// pass refuses the next page.
+#[tokio::test]
+async fn a_pass_from_zero_pages_past_an_older_purge() {
+    let ahead = Arc::new(AtomicU64::new(0));
+    let s = server(&ahead, |_| {}).await;
+    let mut c = s.client.clone();
+    let horizon = purge_after(&mut c, &ahead, 10).await;
+    let page = |since, purge_horizon| PullRequest {
+        since,
+        purge_horizon,
+        limit: 3,
+        ..Default::default()
+    };
+    let first = c.pull(page(0, 0)).await.unwrap().into_inner();
+    assert!(first.checkpoint < horizon && first.has_more);
+    assert_eq!(first.purge_horizon, horizon);
+    let err = c.pull(page(first.checkpoint, 0)).await.unwrap_err();
+    assert_compacted(&err, horizon);
+    let (mut since, mut seen, mut ids) = (0, 0, Vec::new());
+    loop {
+        let p = c.pull(page(since, seen)).await.unwrap().into_inner();
+        ids.extend(p.documents.into_iter().map(|d| d.id));
+        (since, seen) = (p.checkpoint, p.purge_horizon);
+        if !p.has_more {
+            break;
+        }
+    }
+    assert_eq!(ids.len(), 10, "every live document, once: {ids:?}");
+
+    // Another purge after this page: the pass must start again.
+    let newer = purge_after(&mut c, &ahead, 0).await;
+    let err = c
+        .pull(page(first.checkpoint, first.purge_horizon))
+        .await
+        .unwrap_err();
+    assert_compacted(&err, newer);
+}
+
+/// Rule: a Subscribe from 0 catches up, in pages, over a store whose purge
+/// horizon is above its first pages, and its messages carry the horizon to
+/// resume with.
+#[tokio::test]
+async fn a_subscribe_from_zero_catches_up_past_an_older_purge() {
+    let ahead = Arc::new(AtomicU64::new(0));
+    let s = server(&ahead, |_| {}).await;
+    let mut c = s.client.clone();
+    let horizon = purge_after(&mut c, &ahead, 2500).await;
+    let mut stream = open_stream(&mut c, 0).await;
+    let mut seen = 0;
+    loop {
+        match stream
+            .message()
+            .await
+            .expect("no OUT_OF_RANGE")
+            .unwrap()
+            .event
+        {
+            Some(Event::Changes(b)) => {
+                assert_eq!(b.purge_horizon, horizon);
+                seen += b.documents.len();
+            }
+            Some(Event::Progress(p)) if p.caught_up => {
+                assert_eq!(p.purge_horizon, horizon);
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(seen, 2500);
+}

@@ -157,7 +157,8 @@ async fn one_push_one_message_and_filters() {
         next(&mut stream).await,
         Event::Progress(pb::Progress {
             checkpoint: 0,
-            caught_up: true
+            caught_up: true,
+            ..
         })
     ));
     let mut mutations: Vec<_> = (0..5)
@@ -186,7 +187,8 @@ async fn heartbeat_on_idle_stream() {
         next(&mut stream).await,
         Event::Progress(pb::Progress {
             checkpoint: 1,
-            caught_up: true
+            caught_up: true,
+            ..
         })
     ));
     for _ in 0..2 {
@@ -194,7 +196,8 @@ async fn heartbeat_on_idle_stream() {
             next(&mut stream).await,
             Event::Progress(pb::Progress {
                 checkpoint: 1,
-                caught_up: true
+                caught_up: true,
+                ..
             })
         ));
     }

@@ -89,7 +89,8 @@ impl SyncApi {
     /// Fails if the caller's checkpoint comes from another store, or from
     /// further than this store has reached. A checkpoint a buffered push
     /// was given that is not durable yet is waited for.
-    async fn check_checkpoint(&self, store_id: &str, since: u64) -> Result<(), Error> {
+    /// Returns the purge horizon the checkpoint is consistent with.
+    async fn check_checkpoint(&self, store_id: &str, since: u64, seen: u64) -> Result<Seq, Error> {
         if !store_id.is_empty() && store_id != self.store.store_id() {
             return Err(Error::WrongStore {
                 current: self.store.store_id().to_owned(),
@@ -99,7 +100,7 @@ impl SyncApi {
             let head = self.store.head().0;
             return Err(Error::CheckpointAhead { since, head });
         }
-        Ok(self.store.check_checkpoint(Seq(since))?)
+        Ok(self.store.check_checkpoint(Seq(since), Seq(seen))?)
     }
 }
 

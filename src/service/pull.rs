@@ -14,7 +14,8 @@ use crate::{
 pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullResponse, Error> {
     validate::collections(&req.collections)?;
     validate::client_id(&req.client_id)?;
-    api.check_checkpoint(&req.store_id, req.since).await?;
+    api.check_checkpoint(&req.store_id, req.since, req.purge_horizon)
+        .await?;
     let limit = match req.limit {
         0 => DEFAULT_PULL_LIMIT,
         n => n,
@@ -28,6 +29,7 @@ pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullRespo
         .store
         .pull(
             Seq(req.since),
+            Seq(req.purge_horizon),
             CollectionFilter::new(req.collections),
             limit,
         )
@@ -54,6 +56,7 @@ pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullRespo
         has_more,
         last_mutation_id,
         store_id: api.store.store_id().to_owned(),
+        purge_horizon: page.horizon.0,
     };
     let size = response.encoded_len();
     match response.documents.first() {

@@ -29,7 +29,9 @@ pub type SubscribeStream =
 /// request fails the call itself).
 pub async fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<SubscribeStream, Error> {
     validate::collections(&req.collections)?;
-    api.check_checkpoint(&req.store_id, req.since).await?;
+    let seen = api
+        .check_checkpoint(&req.store_id, req.since, req.purge_horizon)
+        .await?;
     let permit = api.subscribers.clone().try_acquire_owned().map_err(|_| {
         Error::ResourceExhausted(format!(
             "too many subscribers: this server allows {} open Subscribe streams; retry later or use another replica",
@@ -40,9 +42,12 @@ pub async fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<Subscrib
         docs: usize::try_from(DEFAULT_PULL_LIMIT).unwrap_or(1000),
         bytes: api.settings.message_budget,
     };
-    let subscription =
-        api.store
-            .subscribe(Seq(req.since), CollectionFilter::new(req.collections), page);
+    let subscription = api.store.subscribe(
+        Seq(req.since),
+        seen,
+        CollectionFilter::new(req.collections),
+        page,
+    );
     let period = api.settings.heartbeat_interval;
     let mut heartbeat = interval_at(Instant::now() + period, period);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -172,6 +177,7 @@ impl Feed {
             event: Some(Event::Changes(pb::ChangeBatch {
                 documents,
                 checkpoint,
+                purge_horizon: self.subscription.purge_horizon().0,
             })),
         };
         let size = message.encoded_len();
@@ -191,6 +197,7 @@ impl Feed {
             event: Some(Event::Progress(pb::Progress {
                 checkpoint: checkpoint.0,
                 caught_up,
+                purge_horizon: self.subscription.purge_horizon().0,
             })),
         }));
     }

@@ -140,16 +140,19 @@ impl Feed {
         self.shared.horizon.fetch_max(seq.0, Ordering::AcqRel);
     }
 
-    /// Fails if checkpoint `since` (not 0) is below the purge horizon.
-    pub fn check_horizon(&self, since: Seq) -> Result<(), StoreError> {
+    /// Fails if checkpoint `since` (not 0) is below the purge horizon and
+    /// tombstones were purged after the reader's `seen` horizon (the one
+    /// its checkpoint is consistent with): only then can it have missed a
+    /// deletion. Returns the horizon the checkpoint is now consistent with.
+    pub fn check_horizon(&self, since: Seq, seen: Seq) -> Result<Seq, StoreError> {
         let horizon = self.horizon();
-        if since.0 > 0 && since < horizon {
+        if since.0 > 0 && since < horizon && horizon > seen {
             return Err(StoreError::Compacted {
                 since: since.0,
                 horizon: horizon.0,
             });
         }
-        Ok(())
+        Ok(horizon)
     }
 
     /// Waits until `seq` is published, at most `timeout`; whether it is.
@@ -235,6 +238,8 @@ pub struct Subscription {
     filter: CollectionFilter,
     /// Every matching change with seq <= this has been yielded.
     delivered: Seq,
+    /// The purge horizon `delivered` is consistent with.
+    seen: Seq,
     /// Reading the log or following the ring.
     mode: Mode,
     /// Most documents and bytes per catch-up page.
@@ -246,7 +251,13 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub(super) fn new(store: Store, since: Seq, filter: CollectionFilter, page: PageLimit) -> Self {
+    pub(super) fn new(
+        store: Store,
+        since: Seq,
+        seen: Seq,
+        filter: CollectionFilter,
+        page: PageLimit,
+    ) -> Self {
         let rx = store.feed().subscribe();
         let upto = store.feed().head();
         Self {
@@ -254,6 +265,7 @@ impl Subscription {
             rx,
             filter,
             delivered: since,
+            seen,
             mode: Mode::CatchUp {
                 upto,
                 announce: true,
@@ -269,6 +281,11 @@ impl Subscription {
     /// Checkpoint reached so far.
     pub fn checkpoint(&self) -> Seq {
         self.delivered
+    }
+
+    /// The purge horizon the checkpoint is consistent with.
+    pub fn purge_horizon(&self) -> Seq {
+        self.seen
     }
 
     /// Whether the backlog is done.
@@ -293,6 +310,7 @@ impl Subscription {
                     if self.reading.is_none() {
                         let read = self.store.start_read(
                             self.delivered,
+                            self.seen,
                             upto,
                             self.filter.clone(),
                             self.page,
@@ -302,10 +320,11 @@ impl Subscription {
                     let Some((since, read)) = &mut self.reading else {
                         continue;
                     };
-                    let page = self.store.finish_read(*since, read).await;
+                    let page = self.store.finish_read(*since, self.seen, read).await;
                     self.reading = None;
                     let page = page?;
                     self.delivered = page.checkpoint;
+                    self.seen = page.horizon;
                     if !page.documents.is_empty() {
                         let docs = page.documents.into_iter().map(Arc::new).collect();
                         return Ok(FeedEvent::Changes {
@@ -440,7 +459,7 @@ mod tests {
             docs: 100,
             bytes: usize::MAX,
         };
-        let mut sub = store.subscribe(Seq(0), CollectionFilter::default(), page);
+        let mut sub = store.subscribe(Seq(0), Seq(0), CollectionFilter::default(), page);
         assert!(matches!(
             sub.next().await.unwrap(),
             FeedEvent::Changes { .. }

@@ -226,6 +226,7 @@ mod tests {
         let page = store
             .pull(
                 Seq(0),
+                Seq(0),
                 CollectionFilter::default(),
                 PageLimit {
                     docs: 10,

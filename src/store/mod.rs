@@ -277,19 +277,22 @@ impl Store {
 
     /// One page of documents changed after `since`, up to the current head.
     /// If more remain, the next page is read ahead (see [`readahead`]).
+    /// `seen` is the purge horizon `since` is consistent with (see
+    /// [`Feed::check_horizon`]); the page says which one it is.
     pub async fn pull(
         &self,
         since: Seq,
+        seen: Seq,
         filter: CollectionFilter,
         limit: PageLimit,
     ) -> Result<PullPage, StoreError> {
         let upto = self.head();
-        self.feed().check_horizon(since)?;
+        self.feed().check_horizon(since, seen)?;
         let mut read = match self.shared.readahead.take(since, upto, &filter, limit) {
             Some(read) => read,
             None => self.spawn_read(since, upto, filter.clone(), limit),
         };
-        let page = self.finish_read(since, &mut read).await?;
+        let page = self.finish_read(since, seen, &mut read).await?;
         if page.has_more {
             let next = page.checkpoint;
             self.shared
@@ -306,24 +309,27 @@ impl Store {
     pub(crate) fn start_read(
         &self,
         since: Seq,
+        seen: Seq,
         upto: Seq,
         filter: CollectionFilter,
         limit: PageLimit,
     ) -> Result<tokio::task::JoinHandle<Result<PullPage, StoreError>>, StoreError> {
-        self.feed().check_horizon(since)?;
+        self.feed().check_horizon(since, seen)?;
         Ok(self.spawn_read(since, upto, filter, limit))
     }
 
     /// Waits for a read started after `since` passed the horizon check, and
     /// checks again: a purge racing with the read cannot go unnoticed.
     /// Cancel-safe: the read goes on in `read` if the caller stops waiting.
+    /// The page says which purge horizon it is consistent with.
     pub(crate) async fn finish_read(
         &self,
         since: Seq,
+        seen: Seq,
         read: &mut tokio::task::JoinHandle<Result<PullPage, StoreError>>,
     ) -> Result<PullPage, StoreError> {
-        let page = joined(read.await)?;
-        self.feed().check_horizon(since)?;
+        let mut page = joined(read.await)?;
+        page.horizon = self.feed().check_horizon(since, seen)?;
         Ok(page)
     }
 
@@ -342,9 +348,10 @@ impl Store {
     }
 
     /// Fails with [`StoreError::Compacted`] if `since` (not 0) is below the
-    /// purge horizon.
-    pub fn check_checkpoint(&self, since: Seq) -> Result<(), StoreError> {
-        self.feed().check_horizon(since)
+    /// purge horizon and tombstones were purged after `seen`; returns the
+    /// horizon the checkpoint is consistent with.
+    pub fn check_checkpoint(&self, since: Seq, seen: Seq) -> Result<Seq, StoreError> {
+        self.feed().check_horizon(since, seen)
     }
 
     /// Waits until `seq` is readable, if it was acknowledged but is not yet
@@ -408,9 +415,16 @@ impl Store {
         self.shared.last_ids.get(client_id)
     }
 
-    /// A live feed of changes after `since`: backlog first, then live.
-    pub fn subscribe(&self, since: Seq, filter: CollectionFilter, page: PageLimit) -> Subscription {
-        Subscription::new(self.clone(), since, filter, page)
+    /// A live feed of changes after `since` (consistent with purge horizon
+    /// `seen`): backlog first, then live.
+    pub fn subscribe(
+        &self,
+        since: Seq,
+        seen: Seq,
+        filter: CollectionFilter,
+        page: PageLimit,
+    ) -> Subscription {
+        Subscription::new(self.clone(), since, seen, filter, page)
     }
 
     /// Finishes queued pushes, flushes and stops the writer. Pushes after

@@ -172,4 +172,6 @@ pub struct PullPage {
     pub checkpoint: Seq,
     /// Whether changes remain after `checkpoint`.
     pub has_more: bool,
+    /// The purge horizon the page is consistent with.
+    pub horizon: Seq,
 }

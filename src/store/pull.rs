@@ -68,6 +68,7 @@ pub fn read_changes(
             documents,
             checkpoint: since.max(upto),
             has_more: false,
+            horizon: Seq(0),
         });
     }
     let range = keys::seq_key(Seq(since.0 + 1))..=keys::seq_key(upto);
@@ -79,6 +80,7 @@ pub fn read_changes(
                 documents,
                 checkpoint,
                 has_more: true,
+                horizon: Seq(0),
             });
         }
         let examined = checkpoint;
@@ -97,6 +99,7 @@ pub fn read_changes(
                 documents,
                 checkpoint: examined,
                 has_more: true,
+                horizon: Seq(0),
             });
         }
         bytes += size;
@@ -106,6 +109,7 @@ pub fn read_changes(
         documents,
         checkpoint: upto,
         has_more: false,
+        horizon: Seq(0),
     })
 }
 

@@ -139,6 +139,7 @@ mod tests {
                 documents: Vec::new(),
                 checkpoint: Seq(checkpoint),
                 has_more: false,
+                horizon: Seq(0),
             })
         })
     }

@@ -634,14 +634,17 @@ mod tests {
             docs: 10,
             bytes: usize::MAX,
         };
-        let page = store.pull(Seq(0), all.clone(), limit).await.unwrap();
+        let page = store
+            .pull(Seq(0), Seq(0), all.clone(), limit)
+            .await
+            .unwrap();
         assert_eq!(page.documents.len(), 1);
         let torn = store.get("c".into(), vec!["torn".into()]).await.unwrap();
         assert!(torn.is_empty());
         let outcome = store.push(put("b")).await.unwrap();
         assert_eq!(outcome.results[0].outcome, Outcome::Applied);
         assert_eq!(outcome.checkpoint, Seq(2));
-        let page = store.pull(Seq(1), all, limit).await.unwrap();
+        let page = store.pull(Seq(1), Seq(0), all, limit).await.unwrap();
         let ids: Vec<_> = page.documents.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["b"]);
         store.close().await;

@@ -99,7 +99,7 @@ pub struct Config {
 
     /// Clients that have not pushed for this long are forgotten, with what
     /// the server remembers of their mutation ids (must be >=
-    /// --history-retention). A retry arriving later than this is taken as a
+    /// --history-retention and >= 10m). A retry arriving later than this is taken as a
     /// new mutation and may be applied a second time.
     #[arg(long, env = "DELTASYNC_CLIENT_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
     pub client_retention: Duration,
@@ -169,11 +169,14 @@ impl Config {
                 humantime::format_duration(self.history_retention)
             ));
         }
-        if self.client_retention < self.history_retention {
+        let min_clients = crate::store::clients::SEEN_GRANULARITY * 10;
+        if self.client_retention < self.history_retention || self.client_retention < min_clients {
             return Err(format!(
-                "--client-retention ({}) must be at least --history-retention ({})",
+                "--client-retention ({}) must be at least --history-retention ({}) and {} \
+                 (a client's last push is recorded to the minute)",
                 humantime::format_duration(self.client_retention),
-                humantime::format_duration(self.history_retention)
+                humantime::format_duration(self.history_retention),
+                humantime::format_duration(min_clients)
             ));
         }
         let skeletons = self.max_batch.saturating_mul(RESULT_SKELETON_BYTES);

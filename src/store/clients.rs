@@ -204,12 +204,13 @@ impl ClientState {
         self.exceptions = merged;
     }
 
-    /// Marks the client as seen at `now`; returns whether that is news
-    /// worth a write (see [`SEEN_GRANULARITY`]).
-    pub fn see(&mut self, now: SystemTime) -> bool {
+    /// Marks the client as seen at `now` if the state is written anyway
+    /// (`writing`) or the time it has is older than [`SEEN_GRANULARITY`];
+    /// returns whether the latter made it news worth a write.
+    pub fn see(&mut self, now: SystemTime, writing: bool) -> bool {
         let now = micros(now);
         let stale = now.saturating_sub(self.seen_micros) >= micros_of(SEEN_GRANULARITY);
-        if stale {
+        if stale || (writing && now > self.seen_micros) {
             self.seen_micros = now;
         }
         stale
@@ -431,7 +432,7 @@ mod tests {
         let mut s = ClientState::default();
         s.processed(3, true);
         s.processed(10, false);
-        s.see(UNIX_EPOCH + Duration::from_secs(1_000_000));
+        s.see(UNIX_EPOCH + Duration::from_secs(1_000_000), false);
         assert_eq!(ClientState::decode(&s.encode()).unwrap(), s);
         let old = ClientState::decode(&7u64.to_be_bytes()).unwrap();
         assert_eq!((old.last, old.seen_micros), (7, 0));
@@ -447,9 +448,18 @@ mod tests {
     fn seen_is_refreshed_coarsely() {
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
         let mut s = ClientState::default();
-        assert!(s.see(t0));
-        assert!(!s.see(t0 + Duration::from_secs(1)));
-        assert!(s.see(t0 + SEEN_GRANULARITY));
-        assert!(s.unseen_since(t0 + SEEN_GRANULARITY + Duration::from_secs(1)));
+        assert!(s.see(t0, false));
+        assert!(!s.see(t0 + Duration::from_secs(1), false));
+        assert_eq!(s.seen_micros, micros(t0), "not news, not written");
+        assert!(!s.see(t0 + Duration::from_secs(2), true));
+        assert_eq!(
+            s.seen_micros,
+            micros(t0 + Duration::from_secs(2)),
+            "written anyway"
+        );
+        let later = t0 + SEEN_GRANULARITY * 2;
+        assert!(s.see(later, false));
+        assert!(!s.unseen_since(later));
+        assert!(s.unseen_since(later + Duration::from_secs(1)));
     }
 }

@@ -6,12 +6,13 @@
 //! document. Layout 2 keeps one log keyed by seq (see `codec`). Upgrading
 //! rewrites every record once; it is safe to interrupt, because the schema
 //! version changes only after the whole log is written and flushed, and an
-//! interrupted upgrade starts again from an empty log.
+//! interrupted upgrade starts again from an empty log. Layout 3 changed
+//! only the clients' mutation-id states (see `clients`), rewritten in place.
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use super::{
-    SCHEMA_VERSION, Trees, codec,
+    SCHEMA_VERSION, Trees, clients, codec,
     error::StoreError,
     keys::{self, DocKey},
     model::{Body, Document, EncodedBody, Seq, Version},
@@ -22,24 +23,27 @@ const BATCH: usize = 10_000;
 
 /// Brings the store in `db` to [`SCHEMA_VERSION`], marking a new store and
 /// refusing layouts this build does not know.
-pub fn upgrade(db: &sled::Db, trees: &Trees) -> Result<(), StoreError> {
-    match trees.meta.get(keys::META_SCHEMA)? {
-        None => {
-            trees
-                .meta
-                .insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
-        }
-        Some(v) => match keys::parse_u64(&v) {
-            Some(SCHEMA_VERSION) => {}
-            Some(1) => from_v1(db, trees)?,
-            Some(found) => {
-                return Err(StoreError::Schema {
-                    found,
-                    supported: SCHEMA_VERSION,
-                });
+pub fn upgrade(db: &sled::Db, trees: &Trees, now: SystemTime) -> Result<(), StoreError> {
+    loop {
+        match trees.meta.get(keys::META_SCHEMA)? {
+            None => {
+                trees
+                    .meta
+                    .insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
             }
-            None => return Err(StoreError::corrupt(keys::META, "bad schema version")),
-        },
+            Some(v) => match keys::parse_u64(&v) {
+                Some(SCHEMA_VERSION) => break,
+                Some(1) => from_v1(db, trees)?,
+                Some(2) => from_v2(db, trees, now)?,
+                Some(found) => {
+                    return Err(StoreError::Schema {
+                        found,
+                        supported: SCHEMA_VERSION,
+                    });
+                }
+                None => return Err(StoreError::corrupt(keys::META, "bad schema version")),
+            },
+        }
     }
     // Left behind if the process stopped between the upgrade and this.
     for name in [keys::V1_DOCS, keys::V1_CHANGES, keys::V1_HISTORY] {
@@ -47,6 +51,20 @@ pub fn upgrade(db: &sled::Db, trees: &Trees) -> Result<(), StoreError> {
             db.drop_tree(name)?;
         }
     }
+    Ok(())
+}
+
+/// Layout 3 keeps, per client, the exceptions below its highest mutation id
+/// and when it was last seen (see `clients`); layout 2 kept the id alone. A
+/// build of layout 2 would misread the new states, so the schema changes.
+fn from_v2(db: &sled::Db, trees: &Trees, now: SystemTime) -> Result<(), StoreError> {
+    let upgraded = clients::upgrade(&trees.clients, now)?;
+    db.flush()?;
+    trees
+        .meta
+        .insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+    db.flush()?;
+    tracing::info!(clients = upgraded, "upgraded the store from layout 2");
     Ok(())
 }
 
@@ -91,9 +109,7 @@ fn from_v1(db: &sled::Db, trees: &Trees) -> Result<(), StoreError> {
     }
     trees.log.apply_batch(batch)?;
     db.flush()?;
-    trees
-        .meta
-        .insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+    trees.meta.insert(keys::META_SCHEMA, &2u64.to_be_bytes())?;
     db.flush()?;
     tracing::info!(
         records,
@@ -195,6 +211,10 @@ mod tests {
         meta.insert(keys::META_SCHEMA, &1u64.to_be_bytes()).unwrap();
         meta.insert(keys::META_STORE_ID, "old-store").unwrap();
         meta.insert(keys::META_HEAD, &4u64.to_be_bytes()).unwrap();
+        // Layouts 1 and 2 kept a client's last mutation id alone.
+        tree(keys::CLIENTS)
+            .insert("phone", &7u64.to_be_bytes())
+            .unwrap();
         let key = |id: &str| DocKey::new("todos", id).unwrap();
         let a1 = v1_record(1, 1, 1, br#"{"t":"x","n":1}"#);
         history
@@ -214,15 +234,26 @@ mod tests {
         db.flush().unwrap();
     }
 
-    /// Rule: a store written by layout 1 opens as layout 2 with the same
-    /// documents, seqs, versions and identity, its delta log still usable as
-    /// a merge base, and the old trees gone; opening it again changes nothing.
+    /// Rule: a store written by layout 1 opens as layout 3 with the same
+    /// documents, seqs, versions, identity and clients' mutation ids, its
+    /// delta log still usable as a merge base, and the old trees gone;
+    /// opening it again changes nothing.
     #[tokio::test]
     async fn layout_1_stores_are_upgraded_in_place() {
         let dir = tempfile::tempdir().unwrap();
         write_v1_store(dir.path());
         let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
         assert_eq!((store.store_id(), store.head()), ("old-store", Seq(4)));
+        assert_eq!(store.last_mutation_id("phone"), 7);
+        let retry = crate::store::model::PushBatch {
+            client_id: "phone".into(),
+            ..testing::batch(vec![Mutation {
+                mutation_id: 7,
+                ..testing::mutation("z", Op::Delete)
+            }])
+        };
+        let retried = store.push(retry).await.unwrap();
+        assert_eq!(retried.results[0].outcome, Outcome::Duplicate);
         let page = store
             .pull(
                 Seq(0),
@@ -268,6 +299,17 @@ mod tests {
         drop(store);
 
         let db = testing::reopen(|| sled::open(dir.path()));
+        let schema = db.open_tree(keys::META).unwrap().get(keys::META_SCHEMA);
+        assert_eq!(
+            keys::parse_u64(&schema.unwrap().unwrap()),
+            Some(SCHEMA_VERSION)
+        );
+        let client = db.open_tree(keys::CLIENTS).unwrap().get("phone").unwrap();
+        let state = clients::ClientState::decode(&client.unwrap()).unwrap();
+        assert!(
+            state.last == 7 && state.seen_micros > 0,
+            "upgraded: {state:?}"
+        );
         let names: Vec<_> = db.tree_names();
         for old in [keys::V1_DOCS, keys::V1_CHANGES, keys::V1_HISTORY] {
             assert!(!names.iter().any(|n| n == old.as_bytes()), "{old} left");
@@ -295,6 +337,6 @@ mod tests {
             Err(StoreError::Schema { found, supported }) => Ok((found, supported)),
             Err(e) => Err(e),
         });
-        assert_eq!(refused, (9, 2));
+        assert_eq!(refused, (9, SCHEMA_VERSION));
     }
 }

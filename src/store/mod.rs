@@ -49,7 +49,7 @@ pub use self::{
 
 /// The on-disk layout this build reads and writes (`migrate` upgrades
 /// earlier ones).
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// Source of the time stamped on changes and used for retention; injectable
 /// so tests can age data without waiting.
@@ -168,11 +168,7 @@ impl Store {
             clients: db.open_tree(keys::CLIENTS)?,
             meta: db.open_tree(keys::META)?,
         };
-        migrate::upgrade(&db, &trees)?;
-        let upgraded = clients::upgrade(&trees.clients, (options.clock)())?;
-        if upgraded > 0 {
-            tracing::info!(clients = upgraded, "client states upgraded");
-        }
+        migrate::upgrade(&db, &trees, (options.clock)())?;
         let last_ids = LastIds::load(&trees.clients)?;
         let store_id = init_store_id(&trees.meta)?;
         let head = recover_head(&db, &trees)?;

@@ -280,7 +280,7 @@ fn apply_batch(
         // A client that only ever sent untracked mutations has nothing to
         // remember.
         let changed = state != stored;
-        let seen = state.see(now);
+        let seen = state.see(now, changed);
         if changed || (seen && stored != ClientState::default()) {
             view.group.clients.insert(client.to_owned(), state.clone());
         }
@@ -560,6 +560,54 @@ mod tests {
             group.clients.is_empty(),
             "the refused batch's ids are not consumed"
         );
+    }
+
+    /// Rule: batches of one client in one group commit see each other's
+    /// mutation-id records: a retry in the same group is answered with the
+    /// first batch's truth (DUPLICATE, CONFLICT), an atomic failure consumes
+    /// only its rejected id, and its NOT_APPLIED id applies in a later batch.
+    #[test]
+    fn batches_of_one_client_in_one_group_see_each_others_ids() {
+        let put = |v| Op::Put(fields(v).into());
+        let tracked = |atomic, ms: Vec<(u64, Mutation)>| PushBatch {
+            client_id: "c1".into(),
+            atomic,
+            mutations: ms
+                .into_iter()
+                .map(|(id, m)| Mutation {
+                    mutation_id: id,
+                    ..m
+                })
+                .collect(),
+        };
+        let first = || {
+            vec![
+                (1, mutation("x", None, put(json!({"a": 1})))),
+                (2, mutation("x", Some(99), Op::Delete)),
+            ]
+        };
+        let group = apply(&[
+            tracked(false, first()),
+            tracked(false, first()),
+            tracked(
+                true,
+                vec![
+                    (3, mutation("y", None, put(json!({"b": 1})))),
+                    (4, mutation("x", Some(99), Op::Delete)),
+                ],
+            ),
+            tracked(false, vec![(3, mutation("y", None, put(json!({"b": 1}))))]),
+        ]);
+        let outcome = |i: usize| outcomes(group.outcomes[i].as_ref().unwrap());
+        assert_eq!(outcome(0), [Outcome::Applied, Outcome::Conflict]);
+        assert_eq!(outcome(1), [Outcome::Duplicate, Outcome::Conflict]);
+        assert_eq!(outcome(2), [Outcome::NotApplied, Outcome::Conflict]);
+        assert_eq!(outcome(3), [Outcome::Applied]);
+        let state = &group.clients["c1"];
+        assert_eq!(state.last, 3);
+        assert_eq!(state.status(4), IdStatus::Rejected);
+        assert_eq!(state.status(2), IdStatus::Rejected);
+        assert_eq!(state.status(5), IdStatus::New);
     }
 
     /// Rule: a base version written earlier in the same batch is found

@@ -56,6 +56,10 @@ enum Workload {
         body: usize,
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// Each client pushes with its own client id and increasing
+        /// mutation ids (deltasync records them for retries).
+        #[arg(long)]
+        tracked: bool,
     },
     /// The ceiling for any unary call here: N concurrent clients, each on
     /// its own connection as in `push`, calling `grpc.health.v1.Health/Check`
@@ -136,7 +140,8 @@ async fn main() -> Result<(), Error> {
             batch,
             body,
             duration,
-        } => push(&args, clients, batch, body, duration).await?,
+            tracked,
+        } => push(&args, clients, batch, body, duration, tracked).await?,
         Workload::Ping { clients, duration } => ping(&args, clients, duration).await?,
         Workload::Store {
             layout,
@@ -217,6 +222,7 @@ async fn push(
     batch: usize,
     body: usize,
     duration: Duration,
+    tracked: bool,
 ) -> Result<String, Error> {
     let value = Arc::new(value(body));
     let start = Instant::now();
@@ -225,13 +231,16 @@ async fn push(
     for c in 0..clients {
         let mut conn = Conn::connect(args.target, &args.endpoint).await?;
         let value = value.clone();
+        let client = format!("bench-{c}");
         tasks.push(tokio::spawn(async move {
             let mut h = histogram();
             let mut n = 0usize;
             while Instant::now() < deadline {
                 let keys: Vec<String> = (0..batch).map(|i| format!("p{c}-{n}-{i}")).collect();
+                let first = u64::try_from(n * batch + 1)?;
                 let sent = Instant::now();
-                conn.put(&keys, &value).await?;
+                conn.put_tracked(&keys, &value, tracked.then_some((client.as_str(), first)))
+                    .await?;
                 h.record(micros(sent.elapsed()))?;
                 n += 1;
             }
@@ -247,7 +256,7 @@ async fn push(
         docs as f64 / secs
     );
     Ok(format!(
-        "workload=push clients={clients} batch={batch} body={body} requests_per_s={:.0} docs_per_s={:.0} {}",
+        "workload=push clients={clients} batch={batch} body={body} tracked={tracked} requests_per_s={:.0} docs_per_s={:.0} {}",
         requests as f64 / secs,
         docs as f64 / secs,
         latency_fields(&all)

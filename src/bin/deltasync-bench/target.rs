@@ -80,12 +80,27 @@ impl Conn {
     /// Writes `keys`, each with a value of `value`, in one request (etcd:
     /// one Put, or one Txn of Puts for a batch). Returns the last seq/revision.
     pub async fn put(&mut self, keys: &[String], value: &Value) -> Result<u64, Error> {
+        self.put_tracked(keys, value, None).await
+    }
+
+    /// As [`Conn::put`]; with `tracked` = (client id, first mutation id),
+    /// deltasync records the mutation ids for deduplication, as real
+    /// clients do (etcd has no such thing and ignores it).
+    pub async fn put_tracked(
+        &mut self,
+        keys: &[String],
+        value: &Value,
+        tracked: Option<(&str, u64)>,
+    ) -> Result<u64, Error> {
         match self {
             Self::Deltasync(c) => {
                 let body = &value.body;
+                let (client_id, first) = tracked.unwrap_or(("", 0));
                 let mutations = keys
                     .iter()
-                    .map(|k| pb::Mutation {
+                    .zip(first..)
+                    .map(|(k, id)| pb::Mutation {
+                        mutation_id: if first == 0 { 0 } else { id },
                         collection: COLLECTION.into(),
                         id: k.clone(),
                         op: Some(pb::mutation::Op::Put(body.clone())),
@@ -94,6 +109,7 @@ impl Conn {
                     .collect();
                 let resp = c
                     .push(pb::PushRequest {
+                        client_id: client_id.into(),
                         mutations,
                         ..Default::default()
                     })

@@ -9,8 +9,6 @@ mod common;
 
 use std::{
     collections::{HashMap, HashSet},
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -56,81 +54,35 @@ const RETENTION: [&str; 10] = [
     "2",
 ];
 
-/// The server binary on `127.0.0.1:0`; its address comes from its own log.
+/// The server binary with aggressive retention, counting the rounds that
+/// purged at least one tombstone (from its log).
 struct Server {
-    /// The server process.
-    child: Child,
-    /// Where it listens.
-    addr: String,
-    /// Rounds that purged at least one tombstone, counted from the log.
+    /// The process.
+    process: process::Process,
+    /// Rounds that purged at least one tombstone.
     purges: watch::Receiver<u64>,
 }
 
 impl Server {
     fn start(data_dir: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_deltasync"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .args(RETENTION)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("server starts");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("server logs its address before exiting")
-                .expect("log line");
-            let entry: Value = serde_json::from_str(&line).unwrap_or_default();
-            if entry["message"] == "serving gRPC" {
-                break entry["addr"].as_str().expect("addr field").to_owned();
-            }
-        };
         let (purged, purges) = watch::channel(0);
-        // Keep draining the log so the server never blocks on a full pipe,
-        // and note each round that purged tombstones.
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                let entry: Value = serde_json::from_str(&line).unwrap_or_default();
-                if entry["message"] == "compaction finished"
-                    && entry["tombstones_purged"].as_u64().unwrap_or(0) > 0
-                {
-                    purged.send_modify(|n| *n += 1);
-                }
+        let process = process::Process::start(data_dir, &RETENTION, move |entry| {
+            if entry["message"] == "compaction finished"
+                && entry["tombstones_purged"].as_u64().unwrap_or(0) > 0
+            {
+                purged.send_modify(|n| *n += 1);
             }
         });
-        Self {
-            child,
-            addr,
-            purges,
-        }
+        Self { process, purges }
     }
 
     async fn client(&self) -> Client {
-        pb::sync_service_client::SyncServiceClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("connect")
+        self.process.client().await
     }
 
-    /// Kills the server with SIGKILL and reaps it (see Drop).
+    /// Kills the server with SIGKILL and reaps it.
     fn kill_9(self) {
-        drop(self);
-    }
-}
-
-impl Drop for Server {
-    /// SIGKILL (what `Child::kill` sends on Unix), also when a test panics.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill_9();
     }
 }
 

@@ -6,8 +6,6 @@ mod common;
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -19,67 +17,6 @@ use serde_json::json;
 const CLIENTS: u64 = 4;
 const ROUNDS: usize = 3;
 const ACKS_BEFORE_KILL: usize = 300;
-
-/// The server binary on `127.0.0.1:0`; its address comes from its own log.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start(data_dir: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_deltasync"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("server starts");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("server logs its address before exiting")
-                .expect("log line");
-            let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if entry["message"] == "serving gRPC" {
-                break entry["addr"].as_str().expect("addr field").to_owned();
-            }
-        };
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self { child, addr }
-    }
-
-    async fn client(&self) -> Client {
-        deltasync::pb::sync_service_client::SyncServiceClient::connect(format!(
-            "http://{}",
-            self.addr
-        ))
-        .await
-        .expect("connect")
-    }
-
-    /// Kills the server with SIGKILL and reaps it (see Drop).
-    fn kill_9(self) {
-        drop(self);
-    }
-}
-
-impl Drop for Server {
-    /// SIGKILL (what `Child::kill` sends on Unix), also when a test panics.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Client `c`'s mutation `id`: create its own document (base version 0).
 fn create(c: u64, id: u64) -> PushRequest {
@@ -109,7 +46,7 @@ async fn acknowledged_pushes_survive_kill_9() {
     let mut next_id: HashMap<u64, u64> = (0..CLIENTS).map(|c| (c, 1)).collect();
 
     for round in 0..ROUNDS {
-        let server = Server::start(&data);
+        let server = process::Process::start(&data, &[], |_| {});
         let before = acked.lock().unwrap().len();
         let mut tasks = Vec::new();
         for c in 0..CLIENTS {
@@ -152,7 +89,7 @@ async fn acknowledged_pushes_survive_kill_9() {
             in_flight.insert(c as u64, t.await.unwrap());
         }
 
-        let server = Server::start(&data);
+        let server = process::Process::start(&data, &[], |_| {});
         let mut client = server.client().await;
         // Every acknowledged write is there, exactly as acknowledged.
         let acked_now = acked.lock().unwrap().clone();

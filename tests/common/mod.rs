@@ -4,6 +4,8 @@
 //! connect at once: no sleeps.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod process;
+
 use std::{net::SocketAddr, sync::Arc};
 
 use deltasync::{

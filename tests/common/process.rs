@@ -1,0 +1,88 @@
+//! The real `deltasync` binary as a child process on `127.0.0.1:0`, for
+//! tests that `kill -9` it. Its address is read from its own JSON log; the
+//! rest of the log is drained (so the server never blocks on a full pipe)
+//! and each entry is handed to the test.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+};
+
+use serde_json::Value;
+
+use super::Client;
+
+/// A running server process; SIGKILLed and reaped when dropped.
+pub struct Process {
+    /// The server process.
+    child: Child,
+    /// Where it listens.
+    pub addr: String,
+}
+
+impl Process {
+    /// Starts the binary on `data_dir` with `args` added, and returns once
+    /// it serves. `on_log` sees every later log entry, on a thread of its own.
+    pub fn start(
+        data_dir: &Path,
+        args: &[&str],
+        mut on_log: impl FnMut(&Value) + Send + 'static,
+    ) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_deltasync"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("server starts");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("server logs its address before exiting")
+                .expect("log line");
+            let entry: Value = serde_json::from_str(&line).unwrap_or_default();
+            if entry["message"] == "serving gRPC" {
+                break entry["addr"].as_str().expect("addr field").to_owned();
+            }
+        };
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                on_log(&serde_json::from_str(&line).unwrap_or_default());
+            }
+        });
+        Self { child, addr }
+    }
+
+    /// A client on a connection of its own.
+    pub async fn client(&self) -> Client {
+        deltasync::pb::sync_service_client::SyncServiceClient::connect(format!(
+            "http://{}",
+            self.addr
+        ))
+        .await
+        .expect("connect")
+    }
+
+    /// Kills the server with SIGKILL and reaps it (see Drop).
+    pub fn kill_9(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Process {
+    /// SIGKILL (what `Child::kill` sends on Unix), also when a test panics.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

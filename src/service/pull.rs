@@ -48,7 +48,7 @@ pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullRespo
     };
     let last_mutation_id = match req.client_id.as_str() {
         "" => 0,
-        client => api.store.last_mutation_id(client),
+        client => api.store.last_mutation_id(client)?,
     };
     let response = pb::PullResponse {
         documents,

@@ -294,47 +294,56 @@ fn micros_of(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// The highest processed mutation id of every client, as of the last
-/// durable commit: what Pull reports. The writer updates it when it
-/// publishes a commit, never before, so a reader is never told about an id
-/// that a crash could take back.
+/// What readers must be told instead of the clients tree while a commit
+/// that changed a client's state is written but not yet durable: the
+/// client's last durable `last`. Entries exist only for clients with such
+/// commits in flight, so memory does not grow with the number of clients.
+///
+/// The writer adds an entry ([`Unflushed::begin`]) *before* it writes the
+/// state and takes it back once the commit is published
+/// ([`Unflushed::published`]); a reader reads the tree *first*, then this
+/// ([`Unflushed::durable_last`]). So a reader that read a state not yet
+/// durable always finds the entry still there.
 #[derive(Clone, Default)]
-pub struct LastIds(Arc<RwLock<HashMap<String, u64>>>);
+pub struct Unflushed(Arc<RwLock<HashMap<String, (u64, usize)>>>);
 
-impl LastIds {
-    /// Loads every client's `last` from the clients tree (all durable when
-    /// the store opens).
-    pub fn load(tree: &sled::Tree) -> Result<Self, StoreError> {
-        let mut map = HashMap::new();
-        for entry in tree.iter() {
-            let (key, value) = entry?;
-            let client = String::from_utf8(key.to_vec())
-                .map_err(|_| StoreError::corrupt(keys::CLIENTS, "client id is not UTF-8"))?;
-            map.insert(client, ClientState::decode(&value)?.last);
+impl Unflushed {
+    /// Notes a commit about to write `client`'s state, whose durable `last`
+    /// (read from the tree if no commit of it is in flight) is `durable`.
+    pub fn begin(
+        &self,
+        client: &str,
+        durable: impl FnOnce() -> Result<u64, StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        match map.get_mut(client) {
+            Some((_, commits)) => *commits += 1,
+            None => {
+                map.insert(client.to_owned(), (durable()?, 1));
+            }
         }
-        Ok(Self(Arc::new(RwLock::new(map))))
+        Ok(())
     }
 
-    /// A client's highest durable processed id (0 if unknown).
-    pub fn get(&self, client: &str) -> u64 {
+    /// A commit that wrote `client`'s state, `last`, is now durable (or was
+    /// never written: then `last` is `None` and the durable value stays).
+    pub fn published(&self, client: &str, last: Option<u64>) {
+        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = map.get_mut(client) {
+            if let Some(last) = last {
+                entry.0 = last;
+            }
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                map.remove(client);
+            }
+        }
+    }
+
+    /// The durable `last` of `client`, if a commit of it is in flight.
+    pub fn durable_last(&self, client: &str) -> Option<u64> {
         let map = self.0.read().unwrap_or_else(PoisonError::into_inner);
-        map.get(client).copied().unwrap_or(0)
-    }
-
-    /// Publishes clients' new ids.
-    pub fn set<'a>(&self, ids: impl IntoIterator<Item = (&'a String, u64)>) {
-        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
-        for (client, last) in ids {
-            map.insert(client.clone(), last);
-        }
-    }
-
-    /// Forgets clients.
-    pub fn remove<'a>(&self, clients: impl IntoIterator<Item = &'a String>) {
-        let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
-        for client in clients {
-            map.remove(client);
-        }
+        map.get(client).map(|(last, _)| *last)
     }
 }
 

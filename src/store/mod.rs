@@ -33,7 +33,7 @@ use std::{
 use tokio::sync::{mpsc, oneshot, watch};
 
 use self::{
-    clients::LastIds,
+    clients::Unflushed,
     feed::Feed,
     index::Index,
     model::{Document, PullPage, PushBatch, PushOutcome, Seq},
@@ -135,8 +135,8 @@ struct Shared {
     /// Where each document's current state is in the log (as of the last
     /// published commit).
     index: Index,
-    /// Each client's highest processed mutation id, as published.
-    last_ids: LastIds,
+    /// Clients' durable last ids while a commit of theirs is in flight.
+    unflushed: Unflushed,
     /// False once the writer stopped taking writes.
     writable: watch::Receiver<bool>,
     /// Dropped on close to end the flusher thread, which is then joined
@@ -169,7 +169,7 @@ impl Store {
             meta: db.open_tree(keys::META)?,
         };
         migrate::upgrade(&db, &trees, (options.clock)())?;
-        let last_ids = LastIds::load(&trees.clients)?;
+        let unflushed = Unflushed::default();
         let store_id = init_store_id(&trees.meta)?;
         let head = recover_head(&db, &trees)?;
         let started = std::time::Instant::now();
@@ -193,7 +193,7 @@ impl Store {
             db: db.clone(),
             trees: trees.clone(),
             index: index.clone(),
-            last_ids: last_ids.clone(),
+            unflushed: unflushed.clone(),
             feed: feed.clone(),
             durability: options.durability,
             clock: options.clock.clone(),
@@ -225,7 +225,7 @@ impl Store {
             shared: Arc::new(Shared {
                 trees,
                 index,
-                last_ids,
+                unflushed,
                 writable,
                 flusher: Mutex::new(Some((flusher_stop, flusher))),
                 flush_interval: options.flush_interval,
@@ -407,8 +407,17 @@ impl Store {
 
     /// The highest processed mutation id of a client, as of the last
     /// durable commit.
-    pub fn last_mutation_id(&self, client_id: &str) -> u64 {
-        self.shared.last_ids.get(client_id)
+    pub fn last_mutation_id(&self, client_id: &str) -> Result<u64, StoreError> {
+        // The tree first, then the in-flight entries: see `Unflushed`.
+        let stored = match self.shared.trees.clients.get(client_id.as_bytes())? {
+            Some(bytes) => clients::ClientState::decode(&bytes)?.last,
+            None => 0,
+        };
+        Ok(self
+            .shared
+            .unflushed
+            .durable_last(client_id)
+            .unwrap_or(stored))
     }
 
     /// A live feed of changes after `since` (consistent with purge horizon

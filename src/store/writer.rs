@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     Clock, Durability, Trees,
-    clients::{ClientState, LastIds},
+    clients::{ClientState, Unflushed},
     codec,
     compaction::{Forget, Purge, Removed},
     error::StoreError,
@@ -128,8 +128,8 @@ pub struct Writer {
     pub trees: Trees,
     /// The document index, changed only here, when a commit is published.
     pub index: Index,
-    /// Clients' published mutation ids, changed only here, likewise.
-    pub last_ids: LastIds,
+    /// Clients' durable mutation ids while a commit of theirs is in flight.
+    pub unflushed: Unflushed,
     /// Where commits are published.
     pub feed: Feed,
     /// fsync before acknowledging, or not.
@@ -354,8 +354,9 @@ impl Writer {
             clients.extend(c.clients);
             c.index
         }));
-        self.last_ids
-            .set(clients.iter().map(|(c, last)| (c, *last)));
+        for (client, last) in &clients {
+            self.unflushed.published(client, Some(*last));
+        }
         for (prev_head, head, docs, _) in chunks {
             if head != prev_head {
                 self.feed.publish(Commit::new(prev_head, head, docs));
@@ -405,6 +406,16 @@ impl Writer {
             .iter()
             .map(|(client, state)| (client, state.encode()))
             .collect();
+        // Before the states are written: readers go on seeing the durable
+        // ones until this commit is published.
+        for (client, _) in &states {
+            self.unflushed.begin(client, || {
+                Ok(match t.clients.get(client.as_bytes())? {
+                    Some(bytes) => ClientState::decode(&bytes)?.last,
+                    None => 0,
+                })
+            })?;
+        }
         let marked = (&t.clients, &t.meta).transaction(|(clients, meta)| {
             for (client, state) in &states {
                 clients.insert(client.as_bytes(), state.as_slice())?;
@@ -415,6 +426,9 @@ impl Writer {
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         });
         if let Err(e) = marked {
+            for (client, _) in &states {
+                self.unflushed.published(client, None);
+            }
             // Without the mark the records are not committed: take them
             // back (a crash now leaves them for discard_uncommitted).
             for seq in group.prev_head.0 + 1..=group.head.0 {
@@ -504,7 +518,6 @@ impl Writer {
             }
         }
         self.writes.fetch_add(1, Ordering::AcqRel);
-        self.last_ids.remove(gone.iter().copied());
         Ok(gone.len())
     }
 }

@@ -33,14 +33,6 @@ fn text(len: usize) -> String {
     "x".repeat(len)
 }
 
-/// Pushes a request that must fail and returns its status.
-async fn push_refused(c: &mut Client, req: PushRequest) -> Status {
-    match c.push(req).await {
-        Ok(resp) => panic!("the push should fail, got {:?}", outcomes(resp.get_ref())),
-        Err(status) => status,
-    }
-}
-
 fn assert_oversized(status: &Status, index: usize) {
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     let needle = format!("mutations[{index}]");

@@ -235,14 +235,15 @@ async fn a_mutation_id_is_reported_only_once_durable() {
     let mut c = s.client.clone();
     push(&mut c, "phone", vec![put("todos", "a", json!({})).id(1)]).await;
     faults.fail_flush.store(true, Ordering::Relaxed);
-    let err = c
-        .push(pb::PushRequest {
+    let err = push_refused(
+        &mut c,
+        pb::PushRequest {
             client_id: "phone".into(),
             mutations: vec![put("todos", "b", json!({})).id(2)],
             atomic: false,
-        })
-        .await
-        .unwrap_err();
+        },
+    )
+    .await;
     assert_eq!(err.code(), Code::Unavailable, "outcome unknown: {err:?}");
     assert_eq!(last_mutation_id(&mut c, "phone").await, 1);
     assert!(get(&mut c, "todos", "b").await.is_none());
@@ -261,13 +262,14 @@ async fn a_failed_flush_is_reported_not_serving_and_unavailable() {
     push(&mut c, "", vec![put("todos", "a", json!({"n": 1}))]).await;
     assert_eq!(serving(&s).await, ServingStatus::Serving);
     faults.fail_flush.store(true, Ordering::Relaxed);
-    let failed = c
-        .push(pb::PushRequest {
+    let failed = push_refused(
+        &mut c,
+        pb::PushRequest {
             mutations: vec![put("todos", "b", json!({}))],
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
+        },
+    )
+    .await;
     assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
     assert!(
         failed.message().contains("same mutation ids"),
@@ -277,13 +279,14 @@ async fn a_failed_flush_is_reported_not_serving_and_unavailable() {
     // Even with the disk healthy again: what is on disk is unknown until a
     // restart recovers it.
     faults.fail_flush.store(false, Ordering::Relaxed);
-    let refused = c
-        .push(pb::PushRequest {
+    let refused = push_refused(
+        &mut c,
+        pb::PushRequest {
             mutations: vec![put("todos", "c", json!({}))],
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
+        },
+    )
+    .await;
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert_eq!(get(&mut c, "todos", "a").await.unwrap().version, 1);
     let s = s.restart().await;

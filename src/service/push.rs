@@ -83,10 +83,7 @@ fn skeleton(r: &MutationResult) -> pb::MutationResult {
     pb::MutationResult {
         mutation_id: r.mutation_id,
         outcome: convert::outcome(r.outcome).into(),
-        document: r.document.as_ref().map(|d| pb::Document {
-            body: None,
-            ..convert::metadata(d)
-        }),
+        document: r.document.as_ref().map(convert::metadata),
         conflicting_fields: Vec::new(),
         conflicting_fields_truncated: !r.conflicting_fields.is_empty(),
     }

@@ -50,7 +50,7 @@ const RANGE: usize = 8 + 8 + 1;
 
 /// Why an id at or below `last` was not applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exception {
+enum Exception {
     /// Answered CONFLICT: a retry is answered CONFLICT again.
     Rejected,
     /// Never processed: it may still be applied.
@@ -117,7 +117,7 @@ impl ClientState {
     pub fn processed(&mut self, id: u64, rejected: bool) {
         if id > self.last {
             if id - self.last > 1 {
-                self.fill(self.last + 1, id - 1, Exception::Unprocessed);
+                self.fill_unprocessed(self.last + 1, id - 1);
             }
             self.last = id;
         }
@@ -130,8 +130,9 @@ impl ClientState {
         self.set(id, Some(Exception::Rejected));
     }
 
-    /// Adds `kind` over `[start, end]` where no exception is recorded yet.
-    fn fill(&mut self, start: u64, end: u64, kind: Exception) {
+    /// Marks `[start, end]` unprocessed where no exception is recorded yet
+    /// (an id rejected by a failed atomic batch may lie above `last`).
+    fn fill_unprocessed(&mut self, start: u64, end: u64) {
         let mut holes = Vec::new();
         let mut from = start;
         for r in self
@@ -144,14 +145,14 @@ impl ClientState {
             }
             from = r.end.saturating_add(1);
         }
-        if from <= end && from >= start {
+        if from <= end {
             holes.push((from, end));
         }
-        for (s, e) in holes {
+        for (start, end) in holes {
             self.exceptions.push(Range {
-                start: s,
-                end: e,
-                kind,
+                start,
+                end,
+                kind: Exception::Unprocessed,
             });
         }
         self.normalize();
@@ -308,21 +309,15 @@ fn micros_of(d: Duration) -> u64 {
 pub struct Unflushed(Arc<RwLock<HashMap<String, (u64, usize)>>>);
 
 impl Unflushed {
-    /// Notes a commit about to write `client`'s state, whose durable `last`
-    /// (read from the tree if no commit of it is in flight) is `durable`.
-    pub fn begin(
-        &self,
-        client: &str,
-        durable: impl FnOnce() -> Result<u64, StoreError>,
-    ) -> Result<(), StoreError> {
+    /// Notes a commit about to write `client`'s state. `stored_last` is
+    /// what the tree held when the commit was planned: durable, unless a
+    /// commit of the client is already in flight (whose entry then holds the
+    /// durable value).
+    pub fn begin(&self, client: &str, stored_last: u64) {
         let mut map = self.0.write().unwrap_or_else(PoisonError::into_inner);
-        match map.get_mut(client) {
-            Some((_, commits)) => *commits += 1,
-            None => {
-                map.insert(client.to_owned(), (durable()?, 1));
-            }
-        }
-        Ok(())
+        map.entry(client.to_owned())
+            .and_modify(|(_, commits)| *commits += 1)
+            .or_insert((stored_last, 1));
     }
 
     /// A commit that wrote `client`'s state, `last`, is now durable (or was
@@ -345,6 +340,16 @@ impl Unflushed {
         let map = self.0.read().unwrap_or_else(PoisonError::into_inner);
         map.get(client).map(|(last, _)| *last)
     }
+}
+
+/// A client's new state as a group commit writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientWrite {
+    /// The `last` the clients tree held before the group (see
+    /// [`Unflushed::begin`]).
+    pub stored_last: u64,
+    /// The state to write.
+    pub state: ClientState,
 }
 
 /// Gives every client stored by an earlier build (no `seen` time) the time

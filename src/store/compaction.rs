@@ -168,27 +168,27 @@ impl Planner<'_> {
     /// Forgets, through the writer, the clients unseen since `cutoff`.
     fn forget_clients(&mut self, trees: &Trees, cutoff: SystemTime) -> Result<(), StoreError> {
         let mut clients = Vec::new();
-        let mut entries = trees.clients.iter();
-        loop {
-            let next = entries.next().transpose()?;
-            if let Some((key, value)) = &next
-                && ClientState::decode(value)?.unseen_since(cutoff)
-            {
+        for entry in trees.clients.iter() {
+            let (key, value) = entry?;
+            if ClientState::decode(&value)?.unseen_since(cutoff) {
                 let client = String::from_utf8(key.to_vec())
                     .map_err(|_| StoreError::corrupt(keys::CLIENTS, "client id is not UTF-8"))?;
                 clients.push(client);
             }
-            if clients.len() >= self.limit || (next.is_none() && !clients.is_empty()) {
-                let forget = Forget {
-                    clients: std::mem::take(&mut clients),
-                    cutoff,
-                };
-                self.removed.clients += self.ask(|reply| Command::Forget(forget, reply))?;
-            }
-            if next.is_none() {
-                return Ok(());
+            if clients.len() >= self.limit {
+                self.forget(std::mem::take(&mut clients), cutoff)?;
             }
         }
+        if clients.is_empty() {
+            return Ok(());
+        }
+        self.forget(clients, cutoff)
+    }
+
+    fn forget(&mut self, clients: Vec<String>, cutoff: SystemTime) -> Result<(), StoreError> {
+        let forget = Forget { clients, cutoff };
+        self.removed.clients += self.ask(|reply| Command::Forget(forget, reply))?;
+        Ok(())
     }
 
     fn send(&mut self) -> Result<(), StoreError> {

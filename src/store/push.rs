@@ -15,7 +15,7 @@ use std::{collections::HashMap, time::SystemTime};
 
 use super::{
     Trees,
-    clients::{ClientState, IdStatus},
+    clients::{ClientState, ClientWrite, IdStatus},
     codec,
     conflict::{self, BaseCheck, Decision, NewState},
     error::StoreError,
@@ -39,7 +39,7 @@ pub struct GroupCommit {
     /// The encoded records of `changes`: seqs `prev_head + 1 ..= head`.
     pub records: Vec<Vec<u8>>,
     /// Clients whose mutation-id state changed, with the new state.
-    pub clients: HashMap<String, ClientState>,
+    pub clients: HashMap<String, ClientWrite>,
     /// The index entries the group changed, for the index once committed.
     pub index: DocMap<Entry>,
     /// Head seq before the group.
@@ -57,6 +57,14 @@ pub struct Limits {
     /// most this (a version never exceeds its record's seq), so a document
     /// the index does not know starts above it and no version is reused.
     pub purge_horizon: Seq,
+}
+
+impl Limits {
+    /// The version of a document whose index entry is `current`: one the
+    /// index does not know is deleted at the purge horizon.
+    fn version_of(self, current: Option<Entry>) -> Version {
+        current.map_or(Version(self.purge_horizon.0), |e| e.version)
+    }
 }
 
 /// The state a group is planned against: what is committed, overlaid with
@@ -98,8 +106,8 @@ impl View<'_> {
 
     /// A client's mutation-id state, counting earlier batches of the group.
     fn client(&self, client: &str) -> Result<ClientState, StoreError> {
-        if let Some(state) = self.group.clients.get(client) {
-            return Ok(state.clone());
+        if let Some(write) = self.group.clients.get(client) {
+            return Ok(write.state.clone());
         }
         match self.trees.clients.get(client.as_bytes())? {
             Some(bytes) => ClientState::decode(&bytes),
@@ -282,7 +290,18 @@ fn apply_batch(
         let changed = state != stored;
         let seen = state.see(now, changed);
         if changed || (seen && stored != ClientState::default()) {
-            view.group.clients.insert(client.to_owned(), state.clone());
+            // The tree's value: from the group's first write of the client,
+            // or what this batch read from the tree.
+            let stored_last = view
+                .group
+                .clients
+                .get(client)
+                .map_or(stored.last, |w| w.stored_last);
+            let write = ClientWrite {
+                stored_last,
+                state: state.clone(),
+            };
+            view.group.clients.insert(client.to_owned(), write);
         }
     }
     Ok(Ok((results, state.last)))
@@ -300,8 +319,7 @@ fn decide(
     m: &Mutation,
     limits: Limits,
 ) -> Result<Decision, StoreError> {
-    // A document the index does not know is deleted at the horizon.
-    let version = current.map_or(Version(limits.purge_horizon.0), |e| e.version);
+    let version = limits.version_of(current);
     let live = current.filter(|e| !e.deleted);
     let check = conflict::check_base(m.base_version, version, live.is_none());
     let needs_fields = matches!(m.op, Op::Patch(_)) || matches!(check, BaseCheck::Stale(_));
@@ -398,11 +416,10 @@ fn write(
     let deleted = body.is_none();
     let group = &mut view.group;
     group.head.0 += 1;
-    let version = current.map_or(limits.purge_horizon.0, |e| e.version.0) + 1;
     let doc = Document {
         collection: collection.to_owned(),
         id: id.to_owned(),
-        version: Version(version),
+        version: Version(limits.version_of(current).0 + 1),
         body: body.unwrap_or_default(),
         deleted,
         seq: group.head,
@@ -603,7 +620,7 @@ mod tests {
         assert_eq!(outcome(1), [Outcome::Duplicate, Outcome::Conflict]);
         assert_eq!(outcome(2), [Outcome::NotApplied, Outcome::Conflict]);
         assert_eq!(outcome(3), [Outcome::Applied]);
-        let state = &group.clients["c1"];
+        let state = &group.clients["c1"].state;
         assert_eq!(state.last, 3);
         assert_eq!(state.status(4), IdStatus::Rejected);
         assert_eq!(state.status(2), IdStatus::Rejected);

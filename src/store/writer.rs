@@ -267,7 +267,10 @@ impl Writer {
                 head,
                 changes,
                 index,
-                clients: clients.into_iter().map(|(c, s)| (c, s.last)).collect(),
+                clients: clients
+                    .into_iter()
+                    .map(|(c, w)| (c, w.state.last))
+                    .collect(),
             };
             self.feed.set_written(head);
             let mut local = local.borrow_mut();
@@ -401,21 +404,16 @@ impl Writer {
             records.insert(&keys::seq_key(Seq(seq)), record.as_slice());
         }
         t.log.apply_batch(records)?;
+        // Before the states are written: readers go on seeing the durable
+        // ones until this commit is published.
         let states: Vec<(&String, Vec<u8>)> = group
             .clients
             .iter()
-            .map(|(client, state)| (client, state.encode()))
+            .map(|(client, write)| {
+                self.unflushed.begin(client, write.stored_last);
+                (client, write.state.encode())
+            })
             .collect();
-        // Before the states are written: readers go on seeing the durable
-        // ones until this commit is published.
-        for (client, _) in &states {
-            self.unflushed.begin(client, || {
-                Ok(match t.clients.get(client.as_bytes())? {
-                    Some(bytes) => ClientState::decode(&bytes)?.last,
-                    None => 0,
-                })
-            })?;
-        }
         let marked = (&t.clients, &t.meta).transaction(|(clients, meta)| {
             for (client, state) in &states {
                 clients.insert(client.as_bytes(), state.as_slice())?;

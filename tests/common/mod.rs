@@ -315,3 +315,11 @@ pub async fn last_mutation_id(c: &mut Client, client_id: &str) -> u64 {
         .into_inner()
         .last_mutation_id
 }
+
+/// Pushes a request that must fail and returns its status.
+pub async fn push_refused(c: &mut Client, req: pb::PushRequest) -> tonic::Status {
+    match c.push(req).await {
+        Ok(resp) => panic!("the push should fail, got {:?}", resp.get_ref().results),
+        Err(status) => status,
+    }
+}

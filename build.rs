@@ -6,12 +6,16 @@ use std::{env, fs, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto = "proto/deltasync/v1/sync.proto";
+    let protos = [
+        "proto/deltasync/v1/sync.proto",
+        "proto/deltasync/v1/replication.proto",
+        "proto/deltasync/v1/admin.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::Compiler::new(["proto"])?
         .include_imports(true)
         .include_source_info(true)
-        .open_file(proto)?
+        .open_files(protos)?
         .file_descriptor_set();
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(

@@ -148,6 +148,51 @@ pub struct Config {
     #[arg(long, env = "DELTASYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
 
+    /// Makes this node a replica of the primary at this URL, e.g.
+    /// `http://deltasync-0.deltasync:50051`: it copies the primary's store,
+    /// serves reads and forwards writes. Without it the node is a primary.
+    #[arg(long, env = "DELTASYNC_REPLICATE_FROM")]
+    pub replicate_from: Option<String>,
+
+    /// How other nodes and clients reach this node (reported in
+    /// AdminService.Status and in NOT_PRIMARY errors).
+    #[arg(long, env = "DELTASYNC_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+
+    /// On a primary (or a replica once promoted): a Push is answered only
+    /// once its commit is durable here and acknowledged as durable by this
+    /// many replicas.
+    #[arg(long, env = "DELTASYNC_SYNC_REPLICAS", default_value_t = 0)]
+    pub sync_replicas: usize,
+
+    /// How long a Push waits for --sync-replicas acknowledgements before it
+    /// is answered UNAVAILABLE (committed here, to be retried with the same
+    /// mutation ids).
+    #[arg(long, env = "DELTASYNC_SYNC_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub sync_timeout: Duration,
+
+    /// On a replica: forward a Push to the primary (true) or refuse it
+    /// with FAILED_PRECONDITION, reason NOT_PRIMARY (false).
+    #[arg(long, env = "DELTASYNC_FORWARD_WRITES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub forward_writes: bool,
+
+    /// How long a read waits for this node to reach the checkpoint it asks
+    /// for (`min_checkpoint`, or a `since` above a replica's head) when the
+    /// call has no shorter deadline.
+    #[arg(long, env = "DELTASYNC_REPLICA_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub replica_wait: Duration,
+
+    /// A replica further behind its primary's head (as last heard) than
+    /// this many seqs reports `deltasync.v1.SyncService` NOT_SERVING.
+    #[arg(long, env = "DELTASYNC_MAX_REPLICA_LAG", default_value_t = 1000)]
+    pub max_replica_lag: u64,
+
+    /// On a replica that was a primary: discard the commits it holds that
+    /// the new primary never had (each dropped document is logged), instead
+    /// of refusing to follow.
+    #[arg(long, env = "DELTASYNC_DISCARD_DIVERGENT")]
+    pub discard_divergent: bool,
+
     /// How long shutdown waits for open calls before it stops anyway.
     #[arg(long, env = "DELTASYNC_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -198,6 +243,17 @@ impl Config {
             || self.keepalive_timeout.is_zero()
         {
             return Err("--compaction-interval, --keepalive-interval and --keepalive-timeout must be positive".into());
+        }
+        if let Some(url) = &self.replicate_from {
+            url.parse::<tonic::transport::Uri>()
+                .ok()
+                .filter(|u| u.scheme().is_some() && u.host().is_some())
+                .ok_or_else(|| {
+                    format!("--replicate-from `{url}` is not a URL like http://host:port")
+                })?;
+        }
+        if self.sync_timeout.is_zero() || self.replica_wait.is_zero() {
+            return Err("--sync-timeout and --replica-wait must be positive".into());
         }
         if self.heartbeat_interval.is_zero() {
             return Err("--heartbeat-interval must be positive".into());

@@ -30,6 +30,63 @@ pub enum Error {
     /// Too many subscribers, or a similar limit.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// This node has not applied the checkpoint a read asks for, within
+    /// the wait allowed.
+    #[error(
+        "this node has applied up to {applied}, not yet {wanted}; retry, or read from the primary"
+    )]
+    ReplicaBehind {
+        /// The node's head.
+        applied: u64,
+        /// The checkpoint asked for.
+        wanted: u64,
+    },
+    /// Writes go to the primary (empty if unknown: this node was deposed).
+    #[error("this node is not the primary{}", if primary.is_empty() { "; it was deposed by a newer epoch".to_owned() } else { format!("; send writes to {primary}") })]
+    NotPrimary {
+        /// The primary's URL, if known.
+        primary: String,
+    },
+    /// A push committed on the primary but not yet on enough replicas.
+    #[error(
+        "the push is committed on the primary (checkpoint {checkpoint}) but only {acked} of the {wanted} replicas \
+         required acknowledged it in time; retry it with the same mutation ids (they answer DUPLICATE once replicated)"
+    )]
+    NotReplicated {
+        /// The push's checkpoint.
+        checkpoint: u64,
+        /// Replicas that acknowledged it.
+        acked: usize,
+        /// --sync-replicas.
+        wanted: usize,
+    },
+    /// The request cannot be served in this node's state; the message says why.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A follower's store is another store.
+    #[error(
+        "the replica's store is {replica}, this primary's is {primary}; a replica only follows its own store"
+    )]
+    StoreMismatch {
+        /// The replica's store id.
+        replica: String,
+        /// This store's id.
+        primary: String,
+    },
+    /// A follower holds commits this primary never had.
+    #[error(
+        "the replica holds seqs {first}..={last} that this primary never had (they were committed by a deposed primary); \
+         restart it with --discard-divergent to drop them"
+    )]
+    Diverged {
+        /// First divergent seq.
+        first: u64,
+        /// Last.
+        last: u64,
+    },
+    /// The primary answered a forwarded call with this status.
+    #[error("{}", .0.message())]
+    Forwarded(Status),
     /// The store failed underneath.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -42,6 +99,24 @@ impl Error {
     }
 }
 
+/// A status with a `google.rpc.ErrorInfo` (domain `deltasync`).
+fn detailed<const N: usize>(
+    code: Code,
+    error: &Error,
+    reason: &str,
+    metadata: [(&str, String); N],
+) -> Status {
+    Status::with_error_details(
+        code,
+        error.to_string(),
+        ErrorDetails::with_error_info(
+            reason,
+            "deltasync",
+            metadata.map(|(k, v)| (k.to_owned(), v)),
+        ),
+    )
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match error {
@@ -49,6 +124,40 @@ impl From<Error> for Status {
             e @ Error::WrongStore { .. } => Status::failed_precondition(e.to_string()),
             e @ Error::CheckpointAhead { .. } => Status::out_of_range(e.to_string()),
             Error::ResourceExhausted(msg) => Status::resource_exhausted(msg),
+            e @ Error::ReplicaBehind { applied, wanted } => detailed(
+                Code::Unavailable,
+                &e,
+                "REPLICA_BEHIND",
+                [
+                    ("applied", applied.to_string()),
+                    ("wanted", wanted.to_string()),
+                ],
+            ),
+            Error::NotPrimary { ref primary } => {
+                let primary = primary.clone();
+                detailed(
+                    Code::FailedPrecondition,
+                    &error,
+                    "NOT_PRIMARY",
+                    [("primary", primary)],
+                )
+            }
+            e @ Error::NotReplicated { .. } => Status::unavailable(e.to_string()),
+            Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
+            e @ Error::StoreMismatch { .. } => {
+                detailed(Code::FailedPrecondition, &e, "STORE_MISMATCH", [])
+            }
+            e @ Error::Diverged { first, last } => detailed(
+                Code::FailedPrecondition,
+                &e,
+                "DIVERGED",
+                [("first", first.to_string()), ("last", last.to_string())],
+            ),
+            Error::Forwarded(status) => status,
+            Error::Store(e @ StoreError::Replication(_)) => {
+                tracing::error!(cause = %e, "replication failure");
+                Status::internal("replication failure")
+            }
             Error::Store(StoreError::Compacted { since, horizon }) => Status::with_error_details(
                 Code::OutOfRange,
                 format!(

@@ -34,6 +34,7 @@
 pub mod config;
 pub mod error;
 pub mod pb;
+pub mod replication;
 pub mod server;
 pub mod service;
 pub mod shutdown;

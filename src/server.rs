@@ -8,7 +8,12 @@ use tonic::transport::{Server, server::TcpIncoming};
 
 use crate::{
     config::Config,
-    pb::{self, sync_service_server::SyncServiceServer},
+    pb::{
+        self, admin_service_server::AdminServiceServer,
+        replication_service_server::ReplicationServiceServer,
+        sync_service_server::SyncServiceServer,
+    },
+    replication::{self, Node, admin::AdminApi, source::ReplicationApi},
     service::{Settings, SyncApi},
     shutdown::CancellationToken,
     store::{self, Store},
@@ -23,6 +28,9 @@ pub enum ServeError {
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[from] store::StoreError),
+    /// The node's cluster state could not be set up.
+    #[error("replication: {0}")]
+    Replication(#[from] crate::error::Error),
     /// Reflection descriptors did not load.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -72,8 +80,8 @@ async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let streams = CancellationToken::new();
+    let node = Node::new(store.clone(), replication::Settings::from_config(config))?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<SyncServiceServer<SyncApi>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -85,21 +93,28 @@ async fn run(
         config.compaction_interval,
         streams.clone(),
     ));
-    // A store that stops taking writes (a failed flush) is reported not
-    // serving, so probes and clients move away.
-    let mut writable = store.writable();
-    let failed_health = health.clone();
-    let watch_writes = tokio::spawn(async move {
-        if writable.wait_for(|w| !w).await.is_ok() {
-            failed_health
-                .set_not_serving::<SyncServiceServer<SyncApi>>()
-                .await;
-        }
-    });
-    let api = SyncApi::new(store, Settings::from_config(config), streams.clone());
+    // Readiness: a store that stops taking writes (a failed flush), or a
+    // replica too far behind its primary, is reported not serving, so
+    // probes and clients move away.
+    if *node.watch_ready().borrow() {
+        health.set_serving::<SyncServiceServer<SyncApi>>().await;
+    } else {
+        health.set_not_serving::<SyncServiceServer<SyncApi>>().await;
+    }
+    let readiness = tokio::spawn(report_readiness(
+        store.writable(),
+        node.watch_ready(),
+        health.clone(),
+    ));
+    node.start_following(&streams);
+    let api = SyncApi::new(node.clone(), Settings::from_config(config), streams.clone());
     let sync = SyncServiceServer::new(api)
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(config.max_message_bytes);
+    let replication_api =
+        ReplicationServiceServer::new(ReplicationApi::new(node.clone(), streams.clone()))
+            .max_encoding_message_size(usize::MAX);
+    let admin = AdminServiceServer::new(AdminApi::new(node.clone()));
 
     if let Ok(addr) = listener.local_addr() {
         // Tools that start the server on port 0 read the address from here.
@@ -109,6 +124,7 @@ async fn run(
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: ending streams, finishing in-flight calls");
+        readiness.abort();
         health.set_not_serving::<SyncServiceServer<SyncApi>>().await;
         draining.cancel();
     };
@@ -121,6 +137,8 @@ async fn run(
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
         .add_service(sync)
+        .add_service(replication_api)
+        .add_service(admin)
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY small responses wait out delayed ACKs (~40 ms).
             TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -134,7 +152,29 @@ async fn run(
         }
     }
     streams.cancel();
-    watch_writes.abort();
     let _ = compaction.await;
     Ok(())
+}
+
+/// Keeps `deltasync.v1.SyncService`'s health at SERVING while the store
+/// takes writes and the node is ready (a replica close enough to its
+/// primary), NOT_SERVING otherwise. The empty service name (liveness) stays
+/// SERVING while the process serves.
+async fn report_readiness(
+    mut writable: tokio::sync::watch::Receiver<bool>,
+    mut ready: tokio::sync::watch::Receiver<bool>,
+    health: tonic_health::server::HealthReporter,
+) {
+    loop {
+        let serving = *writable.borrow_and_update() && *ready.borrow_and_update();
+        if serving {
+            health.set_serving::<SyncServiceServer<SyncApi>>().await;
+        } else {
+            health.set_not_serving::<SyncServiceServer<SyncApi>>().await;
+        }
+        tokio::select! {
+            changed = writable.changed() => if changed.is_err() { return },
+            changed = ready.changed() => if changed.is_err() { return },
+        }
+    }
 }

@@ -329,6 +329,7 @@ async fn get_all(client: &mut Client, writers: &[Writer]) -> HashMap<String, pb:
     let request = GetRequest {
         collection: COLLECTION.into(),
         ids,
+        ..Default::default()
     };
     let documents = client
         .get(request)

@@ -530,6 +530,7 @@ async fn a_document_over_the_message_cap_is_never_out_of_range() {
         .get(pb::GetRequest {
             collection: "docs".into(),
             ids: vec!["large".into()],
+            ..Default::default()
         })
         .await
         .unwrap_err();

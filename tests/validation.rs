@@ -175,6 +175,7 @@ async fn invalid_reads_are_refused() {
         .get(GetRequest {
             collection: "".into(),
             ids: vec!["x".into()],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -183,6 +184,7 @@ async fn invalid_reads_are_refused() {
         .get(GetRequest {
             collection: "todos".into(),
             ids: vec!["".into()],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -224,6 +226,7 @@ async fn get_returns_known_documents_in_order() {
     let req = GetRequest {
         collection: "todos".into(),
         ids: vec!["b".into(), "zzz".into(), "a".into()],
+        ..Default::default()
     };
     let docs = c.get(req).await.unwrap().into_inner().documents;
     let got: Vec<_> = docs
@@ -269,6 +272,7 @@ async fn oversized_get_is_refused_clearly() {
         .get(GetRequest {
             collection: "blobs".into(),
             ids: vec!["0".into()],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -279,6 +283,7 @@ async fn oversized_get_is_refused_clearly() {
         .get(GetRequest {
             collection: "blobs".into(),
             ids,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -1,12 +1,19 @@
 //! Get: current documents by id.
 
+use std::time::Duration;
+
 use prost::Message;
 
 use super::{SyncApi, convert, validate};
 use crate::{error::Error, pb};
 
 /// Handles one Get.
-pub async fn handle(api: &SyncApi, req: pb::GetRequest) -> Result<pb::GetResponse, Error> {
+/// `wait` bounds how long it waits for this node to reach `min_checkpoint`.
+pub async fn handle(
+    api: &SyncApi,
+    req: pb::GetRequest,
+    wait: Duration,
+) -> Result<pb::GetResponse, Error> {
     validate::collection("collection", &req.collection)?;
     if req.ids.len() > api.settings.max_batch {
         return Err(Error::invalid(
@@ -21,6 +28,7 @@ pub async fn handle(api: &SyncApi, req: pb::GetRequest) -> Result<pb::GetRespons
     for (i, id) in req.ids.iter().enumerate() {
         validate::id(format_args!("ids[{i}]"), id)?;
     }
+    api.await_min_checkpoint(req.min_checkpoint, wait).await?;
     let docs = api.store.get(req.collection, req.ids).await?;
     let documents: Vec<pb::Document> = docs.into_iter().map(convert::owned_document).collect();
     // Get has no pages: a response over the cap is refused whole, clearly.

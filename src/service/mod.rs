@@ -12,12 +12,13 @@ pub mod validate;
 use std::{sync::Arc, time::Duration};
 
 use tokio::sync::Semaphore;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
     config::{Config, ConflictPolicy, MESSAGE_OVERHEAD_BYTES},
     error::Error,
     pb::{self, sync_service_server::SyncService},
+    replication::{self, Node, Role},
     shutdown::CancellationToken,
     store::{Store, model::Seq},
 };
@@ -41,6 +42,8 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     /// Most open Subscribe streams.
     pub max_subscribers: usize,
+    /// Longest wait of a read for a checkpoint this node has not reached.
+    pub replica_wait: Duration,
 }
 
 impl Settings {
@@ -57,6 +60,7 @@ impl Settings {
             pull_max_limit: config.pull_max_limit,
             heartbeat_interval: config.heartbeat_interval,
             max_subscribers: config.max_subscribers,
+            replica_wait: config.replica_wait,
         }
     }
 }
@@ -66,6 +70,8 @@ impl Settings {
 pub struct SyncApi {
     /// The store every handler reads and writes.
     store: Store,
+    /// The node's place in the cluster: where writes go, how far it is.
+    node: Node,
     /// Limits and defaults.
     settings: Arc<Settings>,
     /// Cancelled on shutdown: open Subscribe streams end with UNAVAILABLE.
@@ -75,11 +81,12 @@ pub struct SyncApi {
 }
 
 impl SyncApi {
-    /// A service over `store`.
-    pub fn new(store: Store, settings: Settings, shutdown: CancellationToken) -> Self {
+    /// A service over the store of `node`.
+    pub fn new(node: Node, settings: Settings, shutdown: CancellationToken) -> Self {
         let subscribers = Arc::new(Semaphore::new(settings.max_subscribers));
         Self {
-            store,
+            store: node.store().clone(),
+            node,
             settings: Arc::new(settings),
             shutdown,
             subscribers,
@@ -90,17 +97,42 @@ impl SyncApi {
     /// further than this store has reached. A checkpoint a buffered push
     /// was given that is not durable yet is waited for.
     /// Returns the purge horizon the checkpoint is consistent with.
-    async fn check_checkpoint(&self, store_id: &str, since: u64, seen: u64) -> Result<Seq, Error> {
-        if !store_id.is_empty() && store_id != self.store.store_id() {
+    /// On a replica, a checkpoint above its head is waited for (at most
+    /// `wait`), as `min_checkpoint` is.
+    async fn check_checkpoint(
+        &self,
+        store_id: &str,
+        since: u64,
+        seen: u64,
+        wait: Duration,
+    ) -> Result<Seq, Error> {
+        if !store_id.is_empty() && *store_id != *self.store.store_id() {
             return Err(Error::WrongStore {
-                current: self.store.store_id().to_owned(),
+                current: self.store.store_id().to_string(),
             });
         }
-        if !self.store.await_durable(Seq(since)).await? {
+        if self.node.role() == Role::Replica {
+            self.node.wait_applied(Seq(since), wait).await?;
+        } else if !self.store.await_durable(Seq(since)).await? {
             let head = self.store.head().0;
             return Err(Error::CheckpointAhead { since, head });
         }
         Ok(self.store.check_checkpoint(Seq(since), Seq(seen))?)
+    }
+
+    /// How long a read may wait for this node to reach a checkpoint: the
+    /// call's deadline or --replica-wait, whichever is shorter.
+    fn read_wait(&self, metadata: &MetadataMap) -> Duration {
+        let configured = self.settings.replica_wait;
+        replication::call_timeout(metadata).map_or(configured, |t| t.min(configured))
+    }
+
+    /// Read-your-writes: waits until this node has applied `min_checkpoint`.
+    async fn await_min_checkpoint(&self, min_checkpoint: u64, wait: Duration) -> Result<(), Error> {
+        if min_checkpoint == 0 {
+            return Ok(());
+        }
+        self.node.wait_applied(Seq(min_checkpoint), wait).await
     }
 }
 
@@ -121,17 +153,23 @@ impl SyncService for SyncApi {
         &self,
         request: Request<pb::PushRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
-        Ok(Response::new(
-            push::handle(self, request.into_inner()).await?,
-        ))
+        let response = match self.node.write_route()? {
+            None => push::handle(self, request.into_inner()).await?,
+            Some(primary) => {
+                let wait = self.read_wait(request.metadata());
+                replication::forward::push(&self.node, primary, request, wait).await?
+            }
+        };
+        Ok(Response::new(response))
     }
 
     async fn pull(
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
+        let wait = self.read_wait(request.metadata());
         Ok(Response::new(
-            pull::handle(self, request.into_inner()).await?,
+            pull::handle(self, request.into_inner(), wait).await?,
         ))
     }
 
@@ -141,8 +179,9 @@ impl SyncService for SyncApi {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let wait = self.read_wait(request.metadata());
         Ok(Response::new(
-            subscribe::handle(self, request.into_inner()).await?,
+            subscribe::handle(self, request.into_inner(), wait).await?,
         ))
     }
 
@@ -150,8 +189,9 @@ impl SyncService for SyncApi {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
+        let wait = self.read_wait(request.metadata());
         Ok(Response::new(
-            get::handle(self, request.into_inner()).await?,
+            get::handle(self, request.into_inner(), wait).await?,
         ))
     }
 }

@@ -1,5 +1,7 @@
 //! Pull: one page of changes after a checkpoint.
 
+use std::time::Duration;
+
 use prost::Message;
 
 use super::{SyncApi, convert, validate};
@@ -11,10 +13,17 @@ use crate::{
 };
 
 /// Handles one Pull.
-pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullResponse, Error> {
+/// `wait` bounds how long it waits for this node to reach `since` or
+/// `min_checkpoint`.
+pub async fn handle(
+    api: &SyncApi,
+    req: pb::PullRequest,
+    wait: Duration,
+) -> Result<pb::PullResponse, Error> {
     validate::collections(&req.collections)?;
     validate::client_id(&req.client_id)?;
-    api.check_checkpoint(&req.store_id, req.since, req.purge_horizon)
+    api.await_min_checkpoint(req.min_checkpoint, wait).await?;
+    api.check_checkpoint(&req.store_id, req.since, req.purge_horizon, wait)
         .await?;
     let limit = match req.limit {
         0 => DEFAULT_PULL_LIMIT,
@@ -55,7 +64,7 @@ pub async fn handle(api: &SyncApi, req: pb::PullRequest) -> Result<pb::PullRespo
         checkpoint,
         has_more,
         last_mutation_id,
-        store_id: api.store.store_id().to_owned(),
+        store_id: api.store.store_id().to_string(),
         purge_horizon: page.horizon.0,
     };
     let size = response.encoded_len();

@@ -17,9 +17,11 @@ pub async fn handle(api: &SyncApi, req: pb::PushRequest) -> Result<pb::PushRespo
     let count = batch.mutations.len();
     let outcome = api.store.push(batch).await?;
     tracing::debug!(mutations = count, checkpoint = %outcome.checkpoint, "push committed");
+    // --sync-replicas: answered once enough replicas hold it.
+    api.node.await_replicated(outcome.checkpoint).await?;
     Ok(answer(
         &outcome,
-        api.store.store_id(),
+        &api.store.store_id(),
         api.settings.message_budget,
     ))
 }

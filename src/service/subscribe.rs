@@ -27,10 +27,17 @@ pub type SubscribeStream =
 
 /// Opens a subscription (checks happen before the stream starts, so a bad
 /// request fails the call itself).
-pub async fn handle(api: &SyncApi, req: pb::SubscribeRequest) -> Result<SubscribeStream, Error> {
+/// `wait` bounds how long it waits for this node to reach `since` or
+/// `min_checkpoint`.
+pub async fn handle(
+    api: &SyncApi,
+    req: pb::SubscribeRequest,
+    wait: std::time::Duration,
+) -> Result<SubscribeStream, Error> {
     validate::collections(&req.collections)?;
+    api.await_min_checkpoint(req.min_checkpoint, wait).await?;
     let seen = api
-        .check_checkpoint(&req.store_id, req.since, req.purge_horizon)
+        .check_checkpoint(&req.store_id, req.since, req.purge_horizon, wait)
         .await?;
     let permit = api.subscribers.clone().try_acquire_owned().map_err(|_| {
         Error::ResourceExhausted(format!(

@@ -41,10 +41,12 @@ pub const MAX_EXCEPTIONS: usize = 1024;
 /// older than this, so that pure retries do not cost a write each.
 pub const SEEN_GRANULARITY: Duration = Duration::from_secs(60);
 
-/// The format written.
-const FORMAT: u8 = 1;
-/// `[format][last][seen µs][floor][count: u32]`.
+/// The format written: 2 adds `at`.
+const FORMAT: u8 = 2;
+/// `[format][last][seen µs][floor][count: u32]`, then `[at]` in format 2.
 const HEADER: usize = 1 + 8 + 8 + 8 + 4;
+/// The bytes format 2 adds after the header.
+const AT: usize = 8;
 /// `[start][end][kind]`.
 const RANGE: usize = 8 + 8 + 1;
 
@@ -88,11 +90,71 @@ pub struct ClientState {
     pub seen_micros: u64,
     /// Ids at or below this without an exception have an unknown outcome.
     pub floor: u64,
+    /// The head of the commit that wrote this state (0 if written by a
+    /// build before replication): a replica catching up is sent the states
+    /// written since it last applied.
+    pub at: u64,
     /// Sorted, disjoint exception ranges.
     exceptions: Vec<Range>,
 }
 
+/// One exception range of a [`ClientState`], as replication carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExceptionRange {
+    /// First id.
+    pub first: u64,
+    /// Last id.
+    pub last: u64,
+    /// Rejected (true) or never processed (false).
+    pub rejected: bool,
+}
+
 impl ClientState {
+    /// A state as a primary sent it; fails if its ranges are not sorted and
+    /// disjoint or too many.
+    pub fn from_parts(
+        last: u64,
+        floor: u64,
+        seen_micros: u64,
+        at: u64,
+        ranges: impl IntoIterator<Item = ExceptionRange>,
+    ) -> Result<Self, &'static str> {
+        let mut exceptions: Vec<Range> = Vec::new();
+        for r in ranges {
+            if r.first > r.last || exceptions.last().is_some_and(|p| p.end >= r.first) {
+                return Err("exception ranges out of order");
+            }
+            if exceptions.len() == MAX_EXCEPTIONS {
+                return Err("too many exception ranges");
+            }
+            exceptions.push(Range {
+                start: r.first,
+                end: r.last,
+                kind: if r.rejected {
+                    Exception::Rejected
+                } else {
+                    Exception::Unprocessed
+                },
+            });
+        }
+        Ok(Self {
+            last,
+            seen_micros,
+            floor,
+            at,
+            exceptions,
+        })
+    }
+
+    /// The exception ranges, in order.
+    pub fn exception_ranges(&self) -> impl Iterator<Item = ExceptionRange> + '_ {
+        self.exceptions.iter().map(|r| ExceptionRange {
+            first: r.start,
+            last: r.end,
+            rejected: r.kind == Exception::Rejected,
+        })
+    }
+
     /// The status of `id` (not 0).
     pub fn status(&self, id: u64) -> IdStatus {
         match self.exception(id) {
@@ -222,15 +284,21 @@ impl ClientState {
         self.seen_micros < micros(cutoff)
     }
 
+    /// The length of the stored form.
+    pub fn encoded_len(&self) -> usize {
+        HEADER + AT + RANGE * self.exceptions.len()
+    }
+
     /// The stored form.
     pub fn encode(&self) -> Vec<u8> {
         let count = u32::try_from(self.exceptions.len()).unwrap_or(u32::MAX);
-        let mut out = Vec::with_capacity(HEADER + RANGE * self.exceptions.len());
+        let mut out = Vec::with_capacity(self.encoded_len());
         out.push(FORMAT);
         out.extend_from_slice(&self.last.to_be_bytes());
         out.extend_from_slice(&self.seen_micros.to_be_bytes());
         out.extend_from_slice(&self.floor.to_be_bytes());
         out.extend_from_slice(&count.to_be_bytes());
+        out.extend_from_slice(&self.at.to_be_bytes());
         for r in &self.exceptions {
             out.extend_from_slice(&r.start.to_be_bytes());
             out.extend_from_slice(&r.end.to_be_bytes());
@@ -255,9 +323,17 @@ impl ClientState {
         let (header, mut rest) = bytes
             .split_first_chunk::<HEADER>()
             .ok_or_else(|| corrupt("short client state"))?;
-        if header[0] != FORMAT {
-            return Err(corrupt("unknown client state format"));
-        }
+        let at = match header[0] {
+            1 => 0,
+            2 => {
+                let (at, tail) = rest
+                    .split_first_chunk::<AT>()
+                    .ok_or_else(|| corrupt("short client state"))?;
+                rest = tail;
+                u64::from_be_bytes(*at)
+            }
+            _ => return Err(corrupt("unknown client state format")),
+        };
         let u64_at = |at: usize| keys::parse_u64(&header[at..at + 8]).unwrap_or_default();
         let count = u32::from_be_bytes([header[25], header[26], header[27], header[28]]);
         let mut exceptions = Vec::new();
@@ -282,6 +358,7 @@ impl ClientState {
             last: u64_at(1),
             seen_micros: u64_at(9),
             floor: u64_at(17),
+            at,
             exceptions,
         })
     }
@@ -447,7 +524,21 @@ mod tests {
         s.processed(3, true);
         s.processed(10, false);
         s.see(UNIX_EPOCH + Duration::from_secs(1_000_000), false);
+        s.at = 42;
         assert_eq!(ClientState::decode(&s.encode()).unwrap(), s);
+        // Format 1: the same without `at`.
+        let mut v1 = s.encode();
+        v1[0] = 1;
+        v1.drain(HEADER..HEADER + AT);
+        let read = ClientState::decode(&v1).unwrap();
+        assert_eq!(read, ClientState { at: 0, ..s.clone() });
+        let parts =
+            ClientState::from_parts(s.last, s.floor, s.seen_micros, s.at, s.exception_ranges());
+        assert_eq!(
+            parts.unwrap(),
+            s,
+            "what replication carries is the whole state"
+        );
         let old = ClientState::decode(&7u64.to_be_bytes()).unwrap();
         assert_eq!((old.last, old.seen_micros), (7, 0));
         for bad in [&[1u8, 2, 3][..], &[9u8; HEADER]] {

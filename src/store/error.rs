@@ -76,6 +76,18 @@ pub enum StoreError {
         /// Its mutation id.
         mutation_id: u64,
     },
+    /// A replicated commit was refused: not the next one, or malformed.
+    #[error("replication: {0}")]
+    Replication(String),
+    /// The store is a replica's copy of another store, or not empty, so it
+    /// cannot adopt the primary's identity.
+    #[error("this store is {local}, not the primary's {primary}, and is not empty")]
+    StoreMismatch {
+        /// This store's id.
+        local: String,
+        /// The primary's.
+        primary: String,
+    },
     /// A read task panicked; the cause is logged.
     #[error("read failed")]
     ReadFailed,
@@ -85,6 +97,20 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The error to tell each of several callers failed by this one: what
+    /// they can act on is kept; a storage failure (logged where it
+    /// happened) becomes [`StoreError::CommitFailed`].
+    pub(crate) fn clone_kind(&self) -> Self {
+        match self {
+            Self::Replication(m) => Self::Replication(m.clone()),
+            Self::OutcomeUnknown => Self::OutcomeUnknown,
+            Self::Stopped => Self::Stopped,
+            Self::Closed => Self::Closed,
+            Self::KeyTooLong => Self::KeyTooLong,
+            _ => Self::CommitFailed,
+        }
+    }
+
     pub(crate) fn corrupt(tree: &'static str, detail: impl Into<String>) -> Self {
         Self::Corrupt {
             tree,

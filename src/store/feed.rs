@@ -24,6 +24,7 @@ use tokio::{
 
 use super::{
     Store,
+    clients::ClientState,
     error::StoreError,
     model::{Document, PullPage, Seq},
     pull::{self, CollectionFilter, PageLimit},
@@ -34,8 +35,14 @@ use super::{
 pub struct Commit {
     /// Head before the commit: the commit holds seqs `prev_head + 1 ..= head`.
     pub prev_head: Seq,
-    /// Head after the commit.
+    /// Head after the commit (equal to `prev_head` for a commit that only
+    /// changed clients' mutation-id states).
     pub head: Seq,
+    /// The epoch it was committed in.
+    pub epoch: u64,
+    /// The clients' mutation-id states it wrote, for replicas (never
+    /// evicted: replication needs them and the log does not hold them).
+    pub clients: Vec<(String, ClientState)>,
     /// New document states in seq order; `None` once the ring's byte bound
     /// evicted them (a subscriber then reads the commit from the log).
     docs: RwLock<Option<Arc<[Arc<Document>]>>>,
@@ -44,12 +51,30 @@ pub struct Commit {
 }
 
 impl Commit {
-    /// A commit of `docs` (in seq order).
+    /// A commit of `docs` (in seq order) without client states, in epoch 1.
+    #[cfg(test)]
     pub fn new(prev_head: Seq, head: Seq, docs: Vec<Arc<Document>>) -> Self {
-        let bytes = docs.iter().map(|d| pull::wire_size(d)).sum();
+        Self::with_clients(prev_head, head, 1, docs, Vec::new())
+    }
+
+    /// A commit of `docs` (in seq order) and client states.
+    pub fn with_clients(
+        prev_head: Seq,
+        head: Seq,
+        epoch: u64,
+        docs: Vec<Arc<Document>>,
+        clients: Vec<(String, ClientState)>,
+    ) -> Self {
+        let bytes = docs.iter().map(|d| pull::wire_size(d)).sum::<usize>()
+            + clients
+                .iter()
+                .map(|(c, s)| c.len() + s.encoded_len())
+                .sum::<usize>();
         Self {
             prev_head,
             head,
+            epoch,
+            clients,
             docs: RwLock::new(Some(docs.into())),
             bytes,
         }
@@ -123,6 +148,13 @@ impl Feed {
     /// Highest written seq (at least the head).
     pub fn written(&self) -> Seq {
         Seq(self.shared.written.load(Ordering::Acquire))
+    }
+
+    /// Moves the head (and what was written) back to `head`: only when a
+    /// rejoining replica discards a divergent suffix.
+    pub fn reset_head(&self, head: Seq) {
+        self.shared.head.store(head.0, Ordering::Release);
+        self.shared.written.store(head.0, Ordering::Release);
     }
 
     /// Notes a commit written (not yet published).
@@ -199,7 +231,8 @@ impl Feed {
         let _ = self.shared.tx.send(commit);
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<Arc<Commit>> {
+    /// A cursor into the ring: every commit published from now on.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<Commit>> {
         self.shared.tx.subscribe()
     }
 }

@@ -30,6 +30,14 @@ pub const META_HEAD: &[u8] = b"head_seq";
 /// Meta key: the highest seq any purged tombstone had. Checkpoints below it
 /// (other than 0) can no longer be served without a silent gap.
 pub const META_PURGE_HORIZON: &[u8] = b"purge_horizon";
+/// Meta key: the epoch history (see `replica::Epochs`).
+pub const META_EPOCHS: &[u8] = b"epochs";
+/// Meta key: the highest epoch this store has seen. Above the history's
+/// newest, this node was deposed: it takes no writes as a primary.
+pub const META_SEEN_EPOCH: &[u8] = b"seen_epoch";
+/// Meta key: on a replica, the seq from which its client states are
+/// consistent with its documents (absent while a snapshot is on its way).
+pub const META_CONSISTENT_AT: &[u8] = b"consistent_at";
 /// Meta key: the on-disk layout version.
 pub const META_SCHEMA: &[u8] = b"schema_version";
 

@@ -243,7 +243,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_v1_store(dir.path());
         let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
-        assert_eq!((store.store_id(), store.head()), ("old-store", Seq(4)));
+        assert_eq!((&*store.store_id(), store.head()), ("old-store", Seq(4)));
         assert_eq!(store.last_mutation_id("phone").unwrap(), 7);
         let retry = crate::store::model::PushBatch {
             client_id: "phone".into(),

@@ -21,11 +21,12 @@ pub mod model;
 pub mod pull;
 pub mod push;
 pub mod readahead;
+pub mod replica;
 pub mod writer;
 
 use std::{
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, PoisonError, RwLock},
     thread::JoinHandle,
     time::{Duration, SystemTime},
 };
@@ -38,13 +39,14 @@ use self::{
     index::Index,
     model::{Document, PullPage, PushBatch, PushOutcome, Seq},
     readahead::ReadAhead,
-    writer::{Command, Job, Writer},
+    replica::{Epochs, ReplicatedCommit},
+    writer::{Command, Job, ReplicaJob, Writer},
 };
 pub use self::{
     error::StoreError,
     feed::{FeedEvent, Subscription},
     pull::{CollectionFilter, PageLimit},
-    writer::Faults,
+    writer::{Admin, Faults},
 };
 
 /// The on-disk layout this build reads and writes (`migrate` upgrades
@@ -144,8 +146,9 @@ struct Shared {
     flusher: Mutex<Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>>,
     /// How long a buffered commit may take to become durable.
     flush_interval: Duration,
-    /// The store's identity, made at creation.
-    store_id: String,
+    /// The store's identity, made at creation (a new replica takes its
+    /// primary's).
+    store_id: RwLock<Arc<str>>,
     /// Post-commit broadcast point.
     feed: Feed,
     /// Time source for retention.
@@ -205,6 +208,7 @@ impl Store {
             faults: options.faults.clone(),
             writes: writes.clone(),
             max_unflushed_bytes: options.feed_max_bytes,
+            epoch: std::cell::Cell::new(replica::Epochs::read(&trees.meta)?.current()),
         };
         let spawn_failed = |e| StoreError::Storage(sled::Error::Io(e));
         let thread = std::thread::Builder::new()
@@ -229,7 +233,7 @@ impl Store {
                 writable,
                 flusher: Mutex::new(Some((flusher_stop, flusher))),
                 flush_interval: options.flush_interval,
-                store_id,
+                store_id: RwLock::new(store_id.into()),
                 feed,
                 clock: options.clock,
                 writer: tx,
@@ -240,8 +244,107 @@ impl Store {
     }
 
     /// The store's identity.
-    pub fn store_id(&self) -> &str {
-        &self.shared.store_id
+    pub fn store_id(&self) -> Arc<str> {
+        self.shared
+            .store_id
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Queues a commit replicated from the primary for the writer, which
+    /// applies queued commits in order (several in one local commit); the
+    /// receiver gets the head once it is written (durable in `fsync` mode).
+    pub async fn replicate(
+        &self,
+        commit: ReplicatedCommit,
+    ) -> Result<oneshot::Receiver<Result<Seq, StoreError>>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .writer
+            .send(Command::Replicate(ReplicaJob { commit, reply }))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Whether the store holds nothing at all (no commit, no client): a
+    /// new replica's store, which takes its primary's identity.
+    pub fn is_blank(&self) -> Result<bool, StoreError> {
+        let t = &self.shared.trees;
+        Ok(self.feed().written() == Seq(0) && t.log.is_empty() && t.clients.is_empty())
+    }
+
+    /// On a replica: the seq from which its client states are consistent
+    /// with its documents; `None` while a snapshot is on its way. A store
+    /// that never followed anyone is consistent from 0.
+    pub fn replica_consistent_at(&self) -> Result<Option<u64>, StoreError> {
+        match self.shared.trees.meta.get(keys::META_CONSISTENT_AT)? {
+            Some(bytes) => Ok(keys::parse_u64(&bytes)),
+            None if self.shared.trees.meta.get(keys::META_EPOCHS)?.is_none() => Ok(Some(0)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether no client state is stored.
+    pub fn has_no_clients(&self) -> bool {
+        self.shared.trees.clients.is_empty()
+    }
+
+    /// Changes identity, epochs or horizon, in order with commits, durably.
+    pub async fn admin(&self, admin: Admin) -> Result<(), StoreError> {
+        let adopted = match &admin {
+            Admin::AdoptStoreId(id) => Some(id.clone()),
+            _ => None,
+        };
+        let (reply, rx) = oneshot::channel();
+        self.shared
+            .writer
+            .send(Command::Admin(admin, reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)??;
+        if let Some(id) = adopted {
+            *self
+                .shared
+                .store_id
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = id.into();
+        }
+        Ok(())
+    }
+
+    /// The epoch history.
+    pub fn epochs(&self) -> Result<Epochs, StoreError> {
+        Epochs::read(&self.shared.trees.meta)
+    }
+
+    /// The highest epoch this store has seen (at least its own).
+    pub fn seen_epoch(&self) -> Result<u64, StoreError> {
+        let seen = read_meta_u64(&self.shared.trees.meta, keys::META_SEEN_EPOCH)?;
+        Ok(seen.max(self.epochs()?.current()))
+    }
+
+    /// The records in `(after, upto]` (superseded ones included), about
+    /// `max_bytes` of them at most, and the seq the read reached.
+    pub async fn read_records(
+        &self,
+        after: Seq,
+        upto: Seq,
+        max_bytes: usize,
+    ) -> Result<(Vec<Document>, Seq), StoreError> {
+        let shared = self.shared.clone();
+        blocking(move || replica::read_records(&shared.trees, after, upto, max_bytes)).await
+    }
+
+    /// The client states written in commits `since ..= upto`.
+    pub async fn clients_between(
+        &self,
+        since: Seq,
+        upto: Seq,
+    ) -> Result<Vec<(String, clients::ClientState)>, StoreError> {
+        let shared = self.shared.clone();
+        blocking(move || replica::clients_between(&shared.trees, since, upto)).await
     }
 
     /// Highest committed (and published) seq.

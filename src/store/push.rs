@@ -167,6 +167,11 @@ pub fn apply_group(
             })
         })
         .collect();
+    // Replication sends a catching-up replica the states written since it
+    // last applied: each says which commit wrote it.
+    for write in group.clients.values_mut() {
+        write.state.at = head.0;
+    }
     Ok(group)
 }
 

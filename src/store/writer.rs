@@ -16,7 +16,7 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -38,10 +38,11 @@ use super::{
     error::StoreError,
     feed::{Commit, Feed},
     index::{DocMap, Entry, Index},
-    keys,
+    keys::{self, DocKey},
     model::{Document, PushBatch, PushOutcome, Seq},
     pull,
     push::{self, GroupCommit, Limits},
+    replica::{self, Epochs, ReplicatedCommit},
 };
 
 /// Most document bytes in one commit published to subscribers when durable
@@ -69,10 +70,45 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<PushOutcome, StoreError>>,
 }
 
+/// A replicated commit waiting for the writer.
+pub struct ReplicaJob {
+    /// The commit.
+    pub commit: ReplicatedCommit,
+    /// The head once it is written (durable in `fsync` mode).
+    pub reply: oneshot::Sender<Result<Seq, StoreError>>,
+}
+
+/// A change to the store's identity or epochs, made in order with commits.
+#[derive(Debug)]
+pub enum Admin {
+    /// Take the primary's store id (only an empty store may).
+    AdoptStoreId(String),
+    /// Take this epoch history (a primary's, or this node's promotion)
+    /// and note the highest epoch seen.
+    SetEpochs(Epochs, u64),
+    /// Note a higher epoch seen elsewhere: a primary is then deposed.
+    SeenEpoch(u64),
+    /// Raise the purge horizon to the primary's.
+    RaiseHorizon(Seq),
+    /// Remove every record at or after this seq, and the client states
+    /// written there (a rejoining node's divergent suffix).
+    Discard(Seq),
+    /// Nothing but the flush: everything queued before is durable and
+    /// published once it answers.
+    Flush,
+    /// On a replica: its client states are consistent with its documents
+    /// from this seq on (`None`: a new client snapshot is on its way).
+    ConsistentAt(Option<u64>),
+}
+
 /// What the writer is asked to do.
 pub enum Command {
     /// Apply a push.
     Push(Job),
+    /// Apply a commit replicated from the primary.
+    Replicate(ReplicaJob),
+    /// Change identity, epochs or horizon.
+    Admin(Admin, oneshot::Sender<Result<(), StoreError>>),
     /// Apply one batch of retention deletions.
     Compact(Purge, oneshot::Sender<Result<Removed, StoreError>>),
     /// Forget clients unseen since a cutoff.
@@ -104,6 +140,15 @@ impl Faults {
     }
 }
 
+/// Durable commits merged for the feed.
+struct Chunk {
+    prev_head: Seq,
+    head: Seq,
+    docs: Vec<Arc<Document>>,
+    clients: HashMap<String, ClientState>,
+    bytes: usize,
+}
+
 /// A commit written but not yet published (not yet durable).
 struct Unpublished {
     /// Its number in the writer's count of writes.
@@ -116,8 +161,8 @@ struct Unpublished {
     changes: Vec<Document>,
     /// Its index entries.
     index: DocMap<Entry>,
-    /// Its clients' new highest processed ids.
-    clients: Vec<(String, u64)>,
+    /// Its clients' new states.
+    clients: Vec<(String, ClientState)>,
 }
 
 /// The writer's state; runs on its own thread.
@@ -158,6 +203,8 @@ pub struct Writer {
     /// Most document bytes written but not yet durable in `buffered` mode:
     /// past it the writer flushes at once rather than hold more.
     pub max_unflushed_bytes: usize,
+    /// The current epoch, stamped on published commits.
+    pub epoch: Cell<u64>,
 }
 
 /// State only the writer thread touches.
@@ -176,18 +223,31 @@ impl Writer {
     pub fn run(self, mut rx: mpsc::Receiver<Command>) {
         let local = RefCell::new(Local::default());
         let mut jobs = Vec::new();
+        let mut replicated = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut close = None;
             let mut mutations = 0;
             let mut next = Some(first);
             while let Some(cmd) = next.take() {
+                // Work gathered so far commits first, keeping queue order.
+                if !matches!(cmd, Command::Replicate(_)) {
+                    self.replicate(&local, std::mem::take(&mut replicated));
+                }
                 match cmd {
                     Command::Push(job) => {
                         mutations += job.batch.mutations.len();
                         jobs.push(job);
                     }
+                    Command::Replicate(job) => {
+                        self.commit(&local, std::mem::take(&mut jobs));
+                        mutations += job.commit.records.len().max(1);
+                        replicated.push(job);
+                    }
+                    Command::Admin(admin, reply) => {
+                        self.commit(&local, std::mem::take(&mut jobs));
+                        let _ = reply.send(self.admin(&mut local.borrow_mut(), admin));
+                    }
                     Command::Compact(purge, reply) => {
-                        // Pushes gathered so far commit first, keeping queue order.
                         self.commit(&local, std::mem::take(&mut jobs));
                         let _ = reply.send(self.purge(&local.borrow(), &purge));
                     }
@@ -207,6 +267,7 @@ impl Writer {
                 }
             }
             self.commit(&local, std::mem::take(&mut jobs));
+            self.replicate(&local, std::mem::take(&mut replicated));
             if let Some(ack) = close {
                 self.close(&mut local.borrow_mut());
                 let _ = ack.send(());
@@ -246,10 +307,62 @@ impl Writer {
                 return fail_all(jobs, || StoreError::CommitFailed);
             }
         };
+        let pushes = jobs.len();
+        let outcomes = match self.land(local, group) {
+            Ok(outcomes) => outcomes,
+            Err(e) => return fail_all(jobs, || e.clone_kind()),
+        };
+        tracing::trace!(pushes, elapsed = ?started.elapsed(), "group committed");
+        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            let _ = job.reply.send(outcome);
+        }
+    }
+
+    /// Applies replicated commits as one local commit; each is answered
+    /// with the head once written (durable in `fsync` mode).
+    fn replicate(&self, local: &RefCell<Local>, jobs: Vec<ReplicaJob>) {
+        if jobs.is_empty() {
+            return;
+        }
+        if self.stopped.get() {
+            for job in jobs {
+                let _ = job.reply.send(Err(StoreError::Stopped));
+            }
+            return;
+        }
+        let commits: Vec<ReplicatedCommit> = jobs.iter().map(|j| j.commit.clone()).collect();
+        let head = self.feed.written();
+        let planned = replica::plan(
+            &self.trees,
+            &self.index,
+            &local.borrow().overlay,
+            head,
+            &commits,
+        );
+        let result = planned.and_then(|group| {
+            let head = group.head;
+            self.land(local, group).map(|_| head)
+        });
+        for job in jobs {
+            let _ = job.reply.send(match &result {
+                Ok(head) => Ok(*head),
+                Err(e) => Err(e.clone_kind()),
+            });
+        }
+    }
+
+    /// Writes a planned group, makes it durable as the durability mode
+    /// says and publishes it; returns its outcomes. On failure the cause is
+    /// logged and the error says what callers are told.
+    fn land(
+        &self,
+        local: &RefCell<Local>,
+        group: GroupCommit,
+    ) -> Result<Vec<Result<PushOutcome, StoreError>>, StoreError> {
         let wrote = group.head != group.prev_head || !group.clients.is_empty();
         if wrote && let Err(e) = self.write(&group) {
-            tracing::error!(cause = %e, pushes = jobs.len(), "group commit failed");
-            return fail_all(jobs, || StoreError::CommitFailed);
+            tracing::error!(cause = %e, "group commit failed");
+            return Err(StoreError::CommitFailed);
         }
         let GroupCommit {
             outcomes,
@@ -260,57 +373,52 @@ impl Writer {
             head,
             ..
         } = group;
-        if wrote {
-            let commit = Unpublished {
-                write: self.writes.fetch_add(1, Ordering::AcqRel) + 1,
-                prev_head,
-                head,
-                changes,
-                index,
-                clients: clients
-                    .into_iter()
-                    .map(|(c, w)| (c, w.state.last))
-                    .collect(),
-            };
-            self.feed.set_written(head);
-            let mut local = local.borrow_mut();
-            let (direct, flush_now) = match self.durability {
-                Durability::Fsync => (Some(commit), true),
-                Durability::Buffered => {
-                    let overlay = commit.index.iter().map(|(k, e)| (k.clone(), *e));
-                    local.overlay.extend(overlay);
-                    local.unpublished_bytes +=
-                        commit.changes.iter().map(pull::wire_size).sum::<usize>();
-                    local.unpublished.push_back(commit);
-                    // Bounded memory: a backlog past the bound is flushed
-                    // now instead of waiting for the flusher.
-                    (None, local.unpublished_bytes > self.max_unflushed_bytes)
-                }
-            };
-            if flush_now {
-                let write = self.writes.load(Ordering::Acquire);
-                if let Err(e) = self.faults.flush(&self.db) {
-                    // The commit may or may not survive a crash now: its
-                    // callers are told to retry with the same mutation ids,
-                    // which get the truth. Readers stay at the last durable
-                    // commit.
-                    tracing::error!(cause = %e, "flush after commit failed; no more writes until restarted");
-                    drop(local);
-                    self.stop();
-                    return fail_all(jobs, || StoreError::OutcomeUnknown);
-                }
-                match direct {
-                    // Nothing is planned between an fsync commit and its
-                    // flush, so it needs no overlay.
-                    Some(commit) => self.publish_all(vec![commit]),
-                    None => self.publish(&mut local, write),
-                }
+        if !wrote {
+            return Ok(outcomes);
+        }
+        let commit = Unpublished {
+            write: self.writes.fetch_add(1, Ordering::AcqRel) + 1,
+            prev_head,
+            head,
+            changes,
+            index,
+            clients: clients.into_iter().map(|(c, w)| (c, w.state)).collect(),
+        };
+        self.feed.set_written(head);
+        let mut local = local.borrow_mut();
+        let (direct, flush_now) = match self.durability {
+            Durability::Fsync => (Some(commit), true),
+            Durability::Buffered => {
+                let overlay = commit.index.iter().map(|(k, e)| (k.clone(), *e));
+                local.overlay.extend(overlay);
+                local.unpublished_bytes +=
+                    commit.changes.iter().map(pull::wire_size).sum::<usize>();
+                local.unpublished.push_back(commit);
+                // Bounded memory: a backlog past the bound is flushed
+                // now instead of waiting for the flusher.
+                (None, local.unpublished_bytes > self.max_unflushed_bytes)
+            }
+        };
+        if flush_now {
+            let write = self.writes.load(Ordering::Acquire);
+            if let Err(e) = self.faults.flush(&self.db) {
+                // The commit may or may not survive a crash now: its
+                // callers are told to retry with the same mutation ids,
+                // which get the truth. Readers stay at the last durable
+                // commit.
+                tracing::error!(cause = %e, "flush after commit failed; no more writes until restarted");
+                drop(local);
+                self.stop();
+                return Err(StoreError::OutcomeUnknown);
+            }
+            match direct {
+                // Nothing is planned between an fsync commit and its
+                // flush, so it needs no overlay.
+                Some(commit) => self.publish_all(vec![commit]),
+                None => self.publish(&mut local, write),
             }
         }
-        tracing::trace!(pushes = jobs.len(), head = %head, elapsed = ?started.elapsed(), "group committed");
-        for (job, outcome) in jobs.into_iter().zip(outcomes) {
-            let _ = job.reply.send(outcome);
-        }
+        Ok(outcomes)
     }
 
     /// Publishes the buffered commits among the first `durable` writes.
@@ -340,29 +448,42 @@ impl Writer {
     /// to [`FEED_CHUNK_BYTES`], so a flush of many small buffered commits
     /// does not overrun the ring, nor make one huge commit.
     fn publish_all(&self, commits: Vec<Unpublished>) {
-        let mut chunks: Vec<(Seq, Seq, Vec<Arc<Document>>, usize)> = Vec::new();
-        let mut clients = Vec::new();
+        let mut chunks: Vec<Chunk> = Vec::new();
         self.index.apply(commits.into_iter().flat_map(|c| {
             let bytes: usize = c.changes.iter().map(pull::wire_size).sum();
             match chunks.last_mut() {
-                Some(chunk) if chunk.3 + bytes <= FEED_CHUNK_BYTES => {
-                    chunk.1 = c.head;
-                    chunk.3 += bytes;
+                Some(chunk) if chunk.bytes + bytes <= FEED_CHUNK_BYTES => {
+                    chunk.head = c.head;
+                    chunk.bytes += bytes;
                 }
-                _ => chunks.push((c.prev_head, c.head, Vec::new(), bytes)),
+                _ => chunks.push(Chunk {
+                    prev_head: c.prev_head,
+                    head: c.head,
+                    docs: Vec::new(),
+                    clients: HashMap::new(),
+                    bytes,
+                }),
             }
             if let Some(chunk) = chunks.last_mut() {
-                chunk.2.extend(c.changes.into_iter().map(Arc::new));
+                chunk.docs.extend(c.changes.into_iter().map(Arc::new));
+                // A later state of a client in the same chunk replaces the
+                // earlier one: the chunk is one commit to its readers.
+                for (client, state) in c.clients {
+                    self.unflushed.published(&client, Some(state.last));
+                    chunk.clients.insert(client, state);
+                }
             }
-            clients.extend(c.clients);
             c.index
         }));
-        for (client, last) in &clients {
-            self.unflushed.published(client, Some(*last));
-        }
-        for (prev_head, head, docs, _) in chunks {
-            if head != prev_head {
-                self.feed.publish(Commit::new(prev_head, head, docs));
+        for chunk in chunks {
+            if chunk.head != chunk.prev_head || !chunk.clients.is_empty() {
+                self.feed.publish(Commit::with_clients(
+                    chunk.prev_head,
+                    chunk.head,
+                    self.epoch.get(),
+                    chunk.docs,
+                    chunk.clients.into_iter().collect(),
+                ));
             }
         }
     }
@@ -400,8 +521,8 @@ impl Writer {
     fn write(&self, group: &GroupCommit) -> Result<(), StoreError> {
         let t = &self.trees;
         let mut records = sled::Batch::default();
-        for (seq, record) in (group.prev_head.0 + 1..).zip(&group.records) {
-            records.insert(&keys::seq_key(Seq(seq)), record.as_slice());
+        for (doc, record) in group.changes.iter().zip(&group.records) {
+            records.insert(&keys::seq_key(doc.seq), record.as_slice());
         }
         t.log.apply_batch(records)?;
         // Before the states are written: readers go on seeing the durable
@@ -497,6 +618,133 @@ impl Writer {
         self.writes.fetch_add(1, Ordering::AcqRel);
         self.index.remove(tombstones.iter().map(|t| &t.key));
         Ok(removed)
+    }
+
+    /// Changes identity, epochs or horizon, durably, in order with commits.
+    fn admin(&self, local: &mut Local, admin: Admin) -> Result<(), StoreError> {
+        if self.stopped.get() {
+            return Err(StoreError::Stopped);
+        }
+        let meta = &self.trees.meta;
+        match admin {
+            Admin::AdoptStoreId(primary) => {
+                let stored = meta.get(keys::META_STORE_ID)?.unwrap_or_default();
+                if *stored == *primary.as_bytes() {
+                    return Ok(());
+                }
+                let empty = self.feed.written() == Seq(0)
+                    && self.trees.log.is_empty()
+                    && self.trees.clients.is_empty();
+                if !empty {
+                    return Err(StoreError::StoreMismatch {
+                        local: String::from_utf8_lossy(&stored).into_owned(),
+                        primary,
+                    });
+                }
+                meta.insert(keys::META_STORE_ID, primary.as_bytes())?;
+            }
+            Admin::SetEpochs(epochs, seen) => {
+                let stored = pull::read_u64(meta, keys::META, keys::META_SEEN_EPOCH)?;
+                let seen = seen.max(epochs.current()).max(stored);
+                (meta.insert(keys::META_EPOCHS, epochs.encode())?);
+                meta.insert(keys::META_SEEN_EPOCH, &seen.to_be_bytes())?;
+                self.epoch.set(epochs.current());
+            }
+            Admin::SeenEpoch(seen) => {
+                let stored = pull::read_u64(meta, keys::META, keys::META_SEEN_EPOCH)?;
+                if seen <= stored {
+                    return Ok(());
+                }
+                meta.insert(keys::META_SEEN_EPOCH, &seen.to_be_bytes())?;
+            }
+            Admin::RaiseHorizon(horizon) => {
+                let stored = pull::read_u64(meta, keys::META, keys::META_PURGE_HORIZON)?;
+                if horizon.0 <= stored {
+                    return Ok(());
+                }
+                self.feed.raise_horizon(horizon);
+                meta.insert(keys::META_PURGE_HORIZON, &horizon.0.to_be_bytes())?;
+            }
+            Admin::Discard(from) => self.discard(local, from)?,
+            Admin::Flush => {}
+            Admin::ConsistentAt(Some(at)) => {
+                meta.insert(keys::META_CONSISTENT_AT, &at.to_be_bytes())?;
+            }
+            Admin::ConsistentAt(None) => {
+                meta.remove(keys::META_CONSISTENT_AT)?;
+            }
+        }
+        let write = self.writes.fetch_add(1, Ordering::AcqRel) + 1;
+        self.faults.flush(&self.db)?;
+        self.publish(local, write);
+        Ok(())
+    }
+
+    /// Removes the records at or after `from` (each document dropped is
+    /// logged), puts the documents back at their state before it, moves
+    /// the head back and forgets every client state (the primary sends them
+    /// all again). Refused if a document's state before `from` was already
+    /// removed by retention: then only a copy from an empty store is right.
+    fn discard(&self, local: &mut Local, from: Seq) -> Result<(), StoreError> {
+        // Unpublished commits would be part of what goes.
+        let write = self.writes.load(Ordering::Acquire);
+        self.faults.flush(&self.db)?;
+        self.publish(local, write);
+        let log = &self.trees.log;
+        let mut restore: DocMap<Option<Entry>> = DocMap::default();
+        let mut dropped = Vec::new();
+        for entry in log.range(keys::seq_key(from)..) {
+            let (key, value) = entry?;
+            let seq = super::index::parse_seq(&key)?;
+            let record = codec::Record::parse(&value)?;
+            let doc_key = DocKey::from_stored(record.key());
+            if !restore.contains_key(&doc_key) {
+                let before = match record.prev {
+                    Seq(0) => None,
+                    prev => {
+                        let bytes = log.get(keys::seq_key(prev))?.ok_or_else(|| {
+                            StoreError::Replication(format!(
+                                "the state before seq {from} of a divergent document is gone \
+                                 (retention removed seq {prev}); start this node from an empty data directory"
+                            ))
+                        })?;
+                        let old = codec::Record::parse(&bytes)?;
+                        Some(Entry {
+                            seq: prev,
+                            version: old.version,
+                            deleted: old.deleted,
+                        })
+                    }
+                };
+                restore.insert(doc_key, before);
+            }
+            dropped.push((seq, record.key().to_vec(), record.version));
+        }
+        for (seq, key, version) in &dropped {
+            let (collection, id) = keys::parse_doc_key(key).unwrap_or(("?", "?"));
+            tracing::warn!(%seq, collection, id, %version, "discarding a divergent change");
+        }
+        let head = Seq(from.0.saturating_sub(1));
+        let mut batch = sled::Batch::default();
+        for (seq, _, _) in &dropped {
+            batch.remove(&keys::seq_key(*seq));
+        }
+        log.apply_batch(batch)?;
+        self.trees.clients.clear()?;
+        self.trees
+            .meta
+            .insert(keys::META_HEAD, &head.0.to_be_bytes())?;
+        let (back, gone): (Vec<_>, Vec<_>) = restore.into_iter().partition(|(_, e)| e.is_some());
+        self.index.remove(gone.iter().map(|(k, _)| k));
+        self.index
+            .apply(back.into_iter().filter_map(|(k, e)| e.map(|e| (k, e))));
+        self.feed.reset_head(head);
+        tracing::warn!(
+            from = %from,
+            documents = dropped.len(),
+            "discarded the divergent suffix; client states will be copied again from the primary"
+        );
+        Ok(())
     }
 
     /// Forgets the clients of `forget` that are still unseen since its

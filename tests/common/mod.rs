@@ -267,6 +267,7 @@ pub async fn get(client: &mut Client, collection: &str, id: &str) -> Option<pb::
     let req = pb::GetRequest {
         collection: collection.into(),
         ids: vec![id.into()],
+        ..Default::default()
     };
     client
         .get(req)

@@ -1,0 +1,351 @@
+//! The replica's side of `ReplicationService.Follow`: connect to the
+//! primary, check that its store may follow it, apply its commits through
+//! the store's writer (several queued commits land in one local commit),
+//! acknowledge what is durable, and reconnect with backoff when the stream
+//! breaks, resuming from the applied head.
+
+use std::{collections::VecDeque, time::Duration};
+
+use futures_util::StreamExt;
+use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
+use tonic::{Code, transport::Endpoint};
+
+use super::{Node, Role, convert};
+use crate::{
+    pb::{
+        self, follow_request::Request as Ask, follow_response::Response as Reply,
+        replication_service_client::ReplicationServiceClient,
+    },
+    shutdown::CancellationToken,
+    store::{
+        Admin, StoreError,
+        model::Seq,
+        replica::{Epochs, ReplicatedCommit},
+    },
+};
+
+/// First wait before reconnecting; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait before reconnecting.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Most commits queued for the writer before the stream waits for them.
+const MAX_IN_FLIGHT: usize = 256;
+/// How often an ack is sent while nothing else happens (what a flush made
+/// durable in `buffered` mode).
+const ACK_INTERVAL: Duration = Duration::from_millis(200);
+/// Largest message taken from the primary: a commit's parts are cut to the
+/// primary's message cap, which may be larger than this node's.
+const MAX_STREAM_MESSAGE: usize = 256 << 20;
+
+/// The running follower: stopped on promotion.
+pub struct Handle {
+    /// Stops it.
+    stop: CancellationToken,
+    /// Its task.
+    task: JoinHandle<()>,
+}
+
+impl Handle {
+    /// Stops following and waits until the stream is gone.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts following the node's primary.
+pub fn spawn(node: Node, shutdown: CancellationToken) -> Handle {
+    let stop = shutdown.child_token();
+    let task = tokio::spawn(run(node, stop.clone()));
+    Handle { stop, task }
+}
+
+/// Why one attempt ended.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// Worth retrying (network, restart, a primary not ready).
+    #[error("{0}")]
+    Transient(String),
+    /// Following cannot go on without an operator (another store, a
+    /// divergent history); the node keeps serving reads.
+    #[error("{0}")]
+    Refused(String),
+    /// The divergent suffix was discarded: reconnect at once.
+    #[error("discarded a divergent suffix")]
+    Discarded,
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::StoreMismatch { .. } => Self::Refused(e.to_string()),
+            e => Self::Transient(format!("local store: {e}")),
+        }
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        let reason = tonic_types::StatusExt::get_error_details(&s)
+            .error_info()
+            .map(|i| i.reason.clone())
+            .unwrap_or_default();
+        let message = format!("primary: {} ({:?})", s.message(), s.code());
+        match (s.code(), reason.as_str()) {
+            (Code::FailedPrecondition, "STORE_MISMATCH" | "DIVERGED") => Self::Refused(message),
+            (Code::OutOfRange, _) => Self::Refused(format!(
+                "{message}; this replica missed deletions the primary purged: start it from an empty data directory"
+            )),
+            _ => Self::Transient(message),
+        }
+    }
+}
+
+async fn run(node: Node, stop: CancellationToken) {
+    let Some(url) = node.settings().primary.clone() else {
+        return;
+    };
+    let mut backoff = MIN_BACKOFF;
+    let mut last_error = String::new();
+    loop {
+        let started = Instant::now();
+        let result = tokio::select! {
+            () = stop.cancelled() => return,
+            result = follow(&node, &url) => result,
+        };
+        let error = match result {
+            Ok(()) => String::new(),
+            Err(Failure::Discarded) => continue,
+            Err(Failure::Refused(e)) => {
+                tracing::error!(primary = %url, "not following the primary: {e}");
+                return;
+            }
+            Err(Failure::Transient(e)) => e,
+        };
+        if error != last_error {
+            tracing::warn!(primary = %url, cause = %error, "replication stream ended; reconnecting");
+            last_error = error;
+        }
+        if started.elapsed() > MAX_BACKOFF {
+            backoff = MIN_BACKOFF;
+        }
+        // Jitter, so replicas of a restarted primary do not come back at once.
+        let jitter = Duration::from_micros(u64::from(std::process::id() % 1000) * 50);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(backoff + jitter) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A commit queued for the writer, and what its landing means.
+struct InFlight {
+    /// The writer's answer.
+    reply: oneshot::Receiver<Result<Seq, StoreError>>,
+    /// Set for the last part of a client snapshot: the replica's client
+    /// states are consistent once it has applied this seq.
+    consistent_at: Option<u64>,
+}
+
+/// One connection: runs until the stream breaks.
+async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
+    let store = node.store().clone();
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| Failure::Refused(format!("--replicate-from {url}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure::Transient(format!("cannot reach the primary: {e}")))?;
+    let mut client =
+        ReplicationServiceClient::new(channel).max_decoding_message_size(MAX_STREAM_MESSAGE);
+    let head = store.head();
+    let blank = store.is_blank()?;
+    let start = pb::FollowStart {
+        store_id: if blank {
+            String::new()
+        } else {
+            store.store_id().to_string()
+        },
+        applied: head.0,
+        epoch: store.seen_epoch()?,
+        url: node.settings().advertise_url.clone(),
+        clients_since: if store.has_no_clients() { 0 } else { head.0 },
+    };
+    let (acks, ack_rx) = tokio::sync::mpsc::channel::<pb::FollowRequest>(64);
+    let first = pb::FollowRequest {
+        request: Some(Ask::Start(start)),
+    };
+    let requests =
+        futures_util::stream::once(async move { first })
+            .chain(futures_util::stream::unfold(ack_rx, |mut rx| async move {
+                rx.recv().await.map(|m| (m, rx))
+            }));
+    let mut responses = client.follow(requests).await?.into_inner();
+    let Some(pb::FollowResponse {
+        response: Some(Reply::Hello(hello)),
+    }) = responses.message().await?
+    else {
+        return Err(Failure::Transient("the primary did not say hello".into()));
+    };
+    admit(node, &hello).await?;
+    node.set_consistent_at(None).await?;
+    node.heard_primary_head(hello.head);
+
+    let mut expected = head;
+    let mut partial: Option<ReplicatedCommit> = None;
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut acked = head;
+    let mut ticker = tokio::time::interval(ACK_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            landed = async { (&mut in_flight.front_mut()?.reply).await.ok() }, if !in_flight.is_empty() => {
+                let Some(done) = in_flight.pop_front() else { continue };
+                match landed {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(Failure::Transient("the store closed".into())),
+                }
+                if let Some(at) = done.consistent_at {
+                    node.set_consistent_at(Some(at)).await?;
+                }
+                ack(node, &acks, &mut acked).await;
+            }
+            message = responses.message(), if in_flight.len() < MAX_IN_FLIGHT => {
+                let Some(message) = message? else {
+                    return Err(Failure::Transient("the primary ended the stream".into()));
+                };
+                match message.response {
+                    Some(Reply::Commit(part)) => {
+                        node.heard_primary_head(part.primary_head);
+                        let continued = part.continued;
+                        let part = convert::commit_from(part).map_err(Failure::Transient)?;
+                        let commit = match partial.take() {
+                            Some(mut commit) => {
+                                if part.prev_head != commit.prev_head || part.head != commit.head {
+                                    return Err(Failure::Transient("a commit's parts disagree".into()));
+                                }
+                                commit.records.extend(part.records);
+                                commit.clients.extend(part.clients);
+                                commit
+                            }
+                            None => part,
+                        };
+                        if continued {
+                            partial = Some(commit);
+                            continue;
+                        }
+                        if commit.prev_head != expected {
+                            return Err(Failure::Transient(format!(
+                                "commit ({}, {}] does not follow {expected}",
+                                commit.prev_head, commit.head
+                            )));
+                        }
+                        expected = commit.head;
+                        let reply = store.replicate(commit).await?;
+                        in_flight.push_back(InFlight { reply, consistent_at: None });
+                    }
+                    Some(Reply::Clients(snapshot)) => {
+                        let clients = snapshot
+                            .clients
+                            .into_iter()
+                            .map(convert::client_from)
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(Failure::Transient)?;
+                        let commit = ReplicatedCommit {
+                            prev_head: expected,
+                            head: expected,
+                            epoch: hello.epoch,
+                            records: Vec::new(),
+                            clients,
+                        };
+                        let reply = store.replicate(commit).await?;
+                        let consistent_at = snapshot.complete.then_some(snapshot.consistent_at);
+                        in_flight.push_back(InFlight { reply, consistent_at });
+                    }
+                    Some(Reply::Progress(progress)) => {
+                        node.heard_primary_head(progress.head);
+                        if progress.purge_horizon > store.purge_horizon().0 {
+                            store.admin(Admin::RaiseHorizon(Seq(progress.purge_horizon))).await?;
+                        }
+                    }
+                    Some(Reply::Hello(_)) | None => {
+                        return Err(Failure::Transient("unexpected message from the primary".into()));
+                    }
+                }
+            }
+            _ = ticker.tick() => {
+                ack(node, &acks, &mut acked).await;
+                node.refresh_ready();
+            }
+        }
+    }
+}
+
+/// Tells the primary what is durable here, if it moved.
+async fn ack(node: &Node, acks: &tokio::sync::mpsc::Sender<pb::FollowRequest>, acked: &mut Seq) {
+    let head = node.store().head();
+    node.refresh_ready();
+    if head > *acked {
+        *acked = head;
+        let message = pb::FollowRequest {
+            request: Some(Ask::Ack(pb::FollowAck { applied: head.0 })),
+        };
+        let _ = acks.send(message).await;
+    }
+}
+
+/// Checks the primary's hello against this store, and takes its identity,
+/// epoch history and purge horizon.
+async fn admit(node: &Node, hello: &pb::FollowHello) -> Result<(), Failure> {
+    let store = node.store();
+    let seen = store.seen_epoch()?;
+    if hello.epoch < seen {
+        return Err(Failure::Transient(format!(
+            "the primary is at epoch {}, older than this replica's {seen}: it was deposed; \
+             point --replicate-from at the current primary",
+            hello.epoch
+        )));
+    }
+    let theirs = convert::epochs_from(&hello.epochs).map_err(Failure::Transient)?;
+    let ours: Epochs = store.epochs()?;
+    if let Some((first, last)) = theirs.divergence(ours.current(), store.head()) {
+        if !node.settings().discard_divergent {
+            return Err(Failure::Refused(format!(
+                "this node holds seqs {first}..={last} that the primary never had (committed here in epoch {} \
+                 before epoch {} began at seq {first}); restart with --discard-divergent to drop them",
+                ours.current(),
+                theirs.current()
+            )));
+        }
+        tracing::warn!(%first, %last, "discarding the divergent suffix (--discard-divergent)");
+        store.admin(Admin::Discard(first)).await?;
+        return Err(Failure::Discarded);
+    }
+    if !store.is_blank()? && *store.store_id() != *hello.store_id {
+        return Err(Failure::Refused(format!(
+            "this store is {}, the primary's is {}; a replica only follows its own store \
+             (start it from an empty data directory to copy the primary's)",
+            store.store_id(),
+            hello.store_id
+        )));
+    }
+    store
+        .admin(Admin::AdoptStoreId(hello.store_id.clone()))
+        .await?;
+    store
+        .admin(Admin::SetEpochs(theirs, hello.epoch.max(seen)))
+        .await?;
+    store
+        .admin(Admin::RaiseHorizon(Seq(hello.purge_horizon)))
+        .await?;
+    if node.role() != Role::Replica {
+        return Err(Failure::Transient("no longer a replica".into()));
+    }
+    Ok(())
+}

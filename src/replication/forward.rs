@@ -1,0 +1,43 @@
+//! Write forwarding: a Push sent to a replica goes to its primary as it
+//! came (the primary validates it), and is answered once this replica has
+//! applied the answer's checkpoint, so the client reads its own write here
+//! without asking. Safe to retry: mutation ids make Push idempotent.
+
+use tonic::{Request, transport::Channel};
+
+use super::Node;
+use crate::{
+    error::Error,
+    pb::{self, sync_service_client::SyncServiceClient},
+    store::model::Seq,
+};
+
+/// A lazily connected client of the primary's `SyncService`.
+pub fn client(url: &str, max_message_bytes: usize) -> Result<SyncServiceClient<Channel>, String> {
+    let channel = Channel::from_shared(url.to_owned())
+        .map_err(|e| format!("--replicate-from {url}: {e}"))?
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(SyncServiceClient::new(channel).max_decoding_message_size(max_message_bytes))
+}
+
+/// Sends `request` to the primary and waits until this node has applied
+/// the answer's checkpoint (at most `wait`).
+pub async fn push(
+    node: &Node,
+    mut primary: SyncServiceClient<Channel>,
+    request: Request<pb::PushRequest>,
+    wait: std::time::Duration,
+) -> Result<pb::PushResponse, Error> {
+    let (metadata, _, message) = request.into_parts();
+    let mut forwarded = Request::new(message);
+    // Credentials and the caller's deadline go along.
+    *forwarded.metadata_mut() = metadata;
+    let response = primary
+        .push(forwarded)
+        .await
+        .map_err(Error::Forwarded)?
+        .into_inner();
+    node.wait_applied(Seq(response.checkpoint), wait).await?;
+    Ok(response)
+}

@@ -1,0 +1,540 @@
+//! Replication: a primary and replicas that hold copies of its store.
+//!
+//! A replica follows its primary over `ReplicationService.Follow`
+//! ([`follower`] on the replica, [`source`] on the primary) and applies each
+//! commit through the store's own writer, index and feed, so everything
+//! downstream (Pull, Get, Subscribe) works on a replica as on the primary.
+//! Writes sent to a replica are forwarded to the primary ([`forward`]).
+//! [`Node`] holds what the services need to know about the node's place in
+//! the cluster: its role, the replicas following it (and their acks, for
+//! `--sync-replicas`), and how far a replica is behind. [`admin`] serves
+//! `AdminService` (Status, Promote); [`convert`] holds the pb ↔ domain
+//! conversions of the stream.
+//!
+//! Epochs fence a deposed primary: every store has an epoch history
+//! (`store::replica::Epochs`); a promotion starts a new epoch, and a
+//! primary that meets a follower with a higher epoch stops taking writes.
+
+pub mod admin;
+pub mod convert;
+pub mod follower;
+pub mod forward;
+pub mod source;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::sync::{Notify, watch};
+
+use tonic::transport::Channel;
+
+use crate::{
+    config::Config,
+    error::Error,
+    pb::{self, sync_service_client::SyncServiceClient},
+    shutdown::CancellationToken,
+    store::{Admin, Store, StoreError, model::Seq},
+};
+
+/// What a node does now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Takes writes and streams them to replicas.
+    Primary,
+    /// Follows a primary, serves reads, forwards writes.
+    Replica,
+    /// Was a primary until it met a higher epoch: serves reads, refuses
+    /// writes (NOT_PRIMARY) until restarted as a replica.
+    Deposed,
+}
+
+/// The cluster settings of a node, from [`Config`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The primary to follow (a replica's `--replicate-from`).
+    pub primary: Option<String>,
+    /// How others reach this node.
+    pub advertise_url: String,
+    /// Replicas that must acknowledge a push before it is answered.
+    pub sync_replicas: usize,
+    /// How long a push waits for them.
+    pub sync_timeout: Duration,
+    /// Forward pushes sent to a replica (or refuse them).
+    pub forward_writes: bool,
+    /// Longest wait of a read for a checkpoint this node has not reached.
+    pub replica_wait: Duration,
+    /// Largest lag (in seqs) at which a replica still reports ready.
+    pub max_replica_lag: u64,
+    /// Discard a divergent suffix when rejoining (instead of refusing).
+    pub discard_divergent: bool,
+    /// Largest message the stream carries (as the server's sync messages).
+    pub max_message_bytes: usize,
+}
+
+impl Settings {
+    /// The cluster settings of a configuration.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            primary: config.replicate_from.clone(),
+            advertise_url: config
+                .advertise_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", config.listen)),
+            sync_replicas: config.sync_replicas,
+            sync_timeout: config.sync_timeout,
+            forward_writes: config.forward_writes,
+            replica_wait: config.replica_wait,
+            max_replica_lag: config.max_replica_lag,
+            discard_divergent: config.discard_divergent,
+            max_message_bytes: config.max_message_bytes,
+        }
+    }
+}
+
+/// One replica following this primary.
+#[derive(Debug, Clone)]
+struct Follower {
+    /// Its advertise URL.
+    url: String,
+    /// The highest seq it acknowledged as durable.
+    acked: u64,
+    /// Once it has acknowledged this seq its client states are consistent
+    /// with its documents (`None` while the stream is still catching up).
+    consistent_at: Option<u64>,
+}
+
+impl Follower {
+    /// Whether its acks count toward `--sync-replicas`.
+    fn sync(&self) -> bool {
+        self.consistent_at.is_some_and(|at| self.acked >= at)
+    }
+}
+
+/// A replica's view of its primary.
+#[derive(Debug, Default)]
+struct Upstream {
+    /// The primary's head as last heard (`None` before the first hello).
+    primary_head: Option<u64>,
+    /// The head at which this replica's client states are consistent with
+    /// its documents, once a snapshot was received.
+    consistent_at: Option<u64>,
+}
+
+/// A cheap `Clone` handle to the node's cluster state.
+#[derive(Clone)]
+pub struct Node {
+    /// Everything the clones share.
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The node's store.
+    store: Store,
+    /// Cluster settings.
+    settings: Settings,
+    /// The role; watched by the follower (which stops on promotion) and by
+    /// Follow streams (which end when the node is deposed).
+    role: watch::Sender<Role>,
+    /// Replicas following this node, by stream.
+    followers: Mutex<HashMap<u64, Follower>>,
+    /// Ids for `followers`.
+    next_follower: AtomicU64,
+    /// Woken when a follower acknowledges.
+    acked: Notify,
+    /// On a replica: where the primary is.
+    upstream: Mutex<Upstream>,
+    /// Whether this node should receive reads (`deltasync.v1.SyncService`
+    /// readiness): false on a replica too far behind.
+    ready: watch::Sender<bool>,
+    /// On a replica: the follower, stopped on promotion.
+    follower: Mutex<Option<follower::Handle>>,
+    /// On a replica: the primary's SyncService, for forwarded pushes.
+    primary: Option<SyncServiceClient<Channel>>,
+    /// One promotion at a time.
+    promoting: tokio::sync::Mutex<()>,
+}
+
+impl Node {
+    /// The node of `store`: a replica if settings name a primary, a deposed
+    /// primary if its store has seen a higher epoch than its own, else a
+    /// primary.
+    pub fn new(store: Store, settings: Settings) -> Result<Self, Error> {
+        let role = if settings.primary.is_some() {
+            Role::Replica
+        } else if store.seen_epoch()? > store.epochs()?.current() {
+            tracing::warn!(
+                "this store was deposed by a newer epoch: it serves reads and refuses writes; \
+                 restart it as a replica of the current primary"
+            );
+            Role::Deposed
+        } else {
+            Role::Primary
+        };
+        let ready = role != Role::Replica;
+        let primary = match &settings.primary {
+            Some(url) => Some(forward::client(url, usize::MAX).map_err(Error::FailedPrecondition)?),
+            None => None,
+        };
+        let consistent_at = store.replica_consistent_at()?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                store,
+                settings,
+                role: watch::Sender::new(role),
+                followers: Mutex::default(),
+                next_follower: AtomicU64::new(0),
+                acked: Notify::new(),
+                upstream: Mutex::new(Upstream {
+                    primary_head: None,
+                    consistent_at,
+                }),
+                ready: watch::Sender::new(ready),
+                follower: Mutex::default(),
+                primary,
+                promoting: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// On a replica: starts following the primary.
+    pub fn start_following(&self, shutdown: &CancellationToken) {
+        if self.role() == Role::Replica {
+            let handle = follower::spawn(self.clone(), shutdown.clone());
+            *self
+                .shared
+                .follower
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        }
+    }
+
+    /// Where a Push goes on this node: `None` to this store (a primary),
+    /// else the primary's client (a replica forwarding writes).
+    pub fn write_route(&self) -> Result<Option<SyncServiceClient<Channel>>, Error> {
+        match self.role() {
+            Role::Primary => Ok(None),
+            Role::Replica if self.shared.settings.forward_writes => Ok(self.shared.primary.clone()),
+            Role::Replica | Role::Deposed => Err(self.not_primary()),
+        }
+    }
+
+    /// Makes this replica a primary: it stops following, takes epoch = the
+    /// highest epoch seen + 1 from the next seq on, and takes writes.
+    /// Refused on a primary, and on a replica whose client states are not
+    /// yet consistent with its documents (a retry could then be applied
+    /// twice).
+    pub async fn promote(&self) -> Result<(u64, Seq), Error> {
+        let _one = self.shared.promoting.lock().await;
+        match self.role() {
+            Role::Replica => {}
+            Role::Primary => {
+                return Err(Error::FailedPrecondition(
+                    "this node is already the primary".into(),
+                ));
+            }
+            Role::Deposed => {
+                return Err(Error::FailedPrecondition(
+                    "this node was deposed by a newer epoch; restart it as a replica of the current primary".into(),
+                ));
+            }
+        }
+        if !self.is_consistent() {
+            return Err(Error::FailedPrecondition(format!(
+                "this replica is still catching up (head {}, client states consistent from {}); \
+                 promote another replica or wait until it caught up",
+                self.shared.store.head(),
+                self.upstream().consistent_at.map_or_else(
+                    || "a snapshot not yet received".to_owned(),
+                    |at| at.to_string()
+                )
+            )));
+        }
+        let follower = self
+            .shared
+            .follower
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(follower) = follower {
+            follower.stop().await;
+        }
+        let store = &self.shared.store;
+        // Every commit the follower queued is applied and durable first.
+        store.admin(Admin::Flush).await?;
+        let head = store.head();
+        let epochs = store.epochs()?.promoted(head, store.seen_epoch()?);
+        let epoch = epochs.current();
+        store.admin(Admin::SetEpochs(epochs, epoch)).await?;
+        self.become_primary();
+        tracing::warn!(epoch, %head, "promoted to primary");
+        Ok((epoch, head))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// Cluster settings.
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        *self.shared.role.borrow()
+    }
+
+    /// Follows role changes.
+    pub fn watch_role(&self) -> watch::Receiver<Role> {
+        self.shared.role.subscribe()
+    }
+
+    /// Follows readiness (a replica is not ready while too far behind).
+    pub fn watch_ready(&self) -> watch::Receiver<bool> {
+        self.shared.ready.subscribe()
+    }
+
+    /// The error a write gets on a node that does not take it.
+    pub fn not_primary(&self) -> Error {
+        let primary = match self.role() {
+            Role::Replica => self.shared.settings.primary.clone().unwrap_or_default(),
+            Role::Primary | Role::Deposed => String::new(),
+        };
+        Error::NotPrimary { primary }
+    }
+
+    /// Becomes a primary (after promotion).
+    fn become_primary(&self) {
+        self.shared.role.send_replace(Role::Primary);
+        self.shared.ready.send_replace(true);
+    }
+
+    /// Stops taking writes: a follower showed a higher epoch.
+    pub fn depose(&self, epoch: u64) {
+        let was = self.shared.role.send_replace(Role::Deposed);
+        if was == Role::Primary {
+            tracing::error!(
+                epoch,
+                "a replica has seen a newer epoch: another node was promoted; this node takes no more writes"
+            );
+        }
+    }
+
+    /// Waits until this node has applied (durably) every change up to
+    /// `wanted`, at most `wait`. A primary does not wait for a seq it never
+    /// wrote: nothing would bring it.
+    pub async fn wait_applied(&self, wanted: Seq, wait: Duration) -> Result<(), Error> {
+        let feed = self.shared.store.feed();
+        if feed.head() >= wanted {
+            return Ok(());
+        }
+        let primary = self.role() != Role::Replica;
+        if !(primary && wanted > feed.written()) && feed.wait_published(wanted, wait).await {
+            return Ok(());
+        }
+        Err(Error::ReplicaBehind {
+            applied: feed.head().0,
+            wanted: wanted.0,
+        })
+    }
+
+    /// Registers a follower at `acked`; it is gone when the guard drops.
+    pub fn follower(&self, url: String, acked: u64) -> FollowerGuard {
+        let id = self.shared.next_follower.fetch_add(1, Ordering::Relaxed);
+        self.followers().insert(
+            id,
+            Follower {
+                url,
+                acked,
+                consistent_at: None,
+            },
+        );
+        FollowerGuard {
+            node: self.clone(),
+            id,
+        }
+    }
+
+    fn followers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Follower>> {
+        self.shared
+            .followers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn upstream(&self) -> std::sync::MutexGuard<'_, Upstream> {
+        self.shared
+            .upstream
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until `--sync-replicas` replicas have acknowledged `checkpoint`
+    /// as durable, at most `--sync-timeout`.
+    pub async fn await_replicated(&self, checkpoint: Seq) -> Result<(), Error> {
+        let wanted = self.shared.settings.sync_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.shared.settings.sync_timeout;
+        loop {
+            let notified = self.shared.acked.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let acked = self
+                .followers()
+                .values()
+                .filter(|f| f.sync() && f.acked >= checkpoint.0)
+                .count();
+            if acked >= wanted {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Error::NotReplicated {
+                    checkpoint: checkpoint.0,
+                    acked,
+                    wanted,
+                });
+            }
+        }
+    }
+
+    /// The replicas following this node, for Status.
+    pub fn replica_statuses(&self) -> Vec<pb::ReplicaStatus> {
+        let head = self.shared.store.head().0;
+        let mut statuses: Vec<_> = self
+            .followers()
+            .values()
+            .map(|f| pb::ReplicaStatus {
+                url: f.url.clone(),
+                acked: f.acked,
+                lag: head.saturating_sub(f.acked),
+                sync: f.sync(),
+            })
+            .collect();
+        statuses.sort_by(|a, b| a.url.cmp(&b.url));
+        statuses
+    }
+
+    /// On a replica: the primary's head as last heard.
+    pub fn heard_primary_head(&self, head: u64) {
+        let mut upstream = self.upstream();
+        upstream.primary_head = Some(upstream.primary_head.unwrap_or(0).max(head));
+        drop(upstream);
+        self.refresh_ready();
+    }
+
+    /// On a replica: its client states are consistent once it has applied
+    /// `at`; `None` while a new snapshot is on its way. Kept in the store,
+    /// so a replica restarted while its primary is down can be promoted.
+    pub async fn set_consistent_at(&self, at: Option<u64>) -> Result<(), StoreError> {
+        self.shared.store.admin(Admin::ConsistentAt(at)).await?;
+        self.upstream().consistent_at = at;
+        Ok(())
+    }
+
+    /// On a replica: whether its client states are consistent with its
+    /// documents (it may be promoted).
+    pub fn is_consistent(&self) -> bool {
+        let head = self.shared.store.head().0;
+        self.upstream().consistent_at.is_some_and(|at| head >= at)
+    }
+
+    /// On a replica: re-evaluates readiness after applying or hearing.
+    pub fn refresh_ready(&self) {
+        if self.role() != Role::Replica {
+            return;
+        }
+        let head = self.shared.store.head().0;
+        let lag = self
+            .upstream()
+            .primary_head
+            .map(|primary| primary.saturating_sub(head));
+        let ready = lag.is_some_and(|lag| lag <= self.shared.settings.max_replica_lag);
+        self.shared.ready.send_if_modified(|r| {
+            let changed = *r != ready;
+            *r = ready;
+            changed
+        });
+    }
+}
+
+/// A follower's registration; dropping it unregisters the follower.
+pub struct FollowerGuard {
+    /// The node it is registered with.
+    node: Node,
+    /// Its id.
+    id: u64,
+}
+
+impl FollowerGuard {
+    /// The follower acknowledged `applied` as durable.
+    pub fn ack(&self, applied: u64) {
+        if let Some(f) = self.node.followers().get_mut(&self.id) {
+            f.acked = f.acked.max(applied);
+        }
+        self.node.shared.acked.notify_waiters();
+    }
+
+    /// The follower's client states are consistent once it acknowledges `at`.
+    pub fn consistent_at(&self, at: u64) {
+        if let Some(f) = self.node.followers().get_mut(&self.id) {
+            f.consistent_at = Some(at);
+        }
+        self.node.shared.acked.notify_waiters();
+    }
+
+    /// Catching up again (the stream fell behind the ring): not in sync.
+    pub fn catching_up(&self) {
+        if let Some(f) = self.node.followers().get_mut(&self.id) {
+            f.consistent_at = None;
+        }
+    }
+}
+
+impl Drop for FollowerGuard {
+    fn drop(&mut self) {
+        self.node.followers().remove(&self.id);
+        self.node.shared.acked.notify_waiters();
+    }
+}
+
+/// The deadline a gRPC call carries (`grpc-timeout`), if any.
+pub fn call_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(call_timeout(&m), None);
+        m.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(call_timeout(&m), Some(Duration::from_millis(250)));
+        m.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(call_timeout(&m), Some(Duration::from_secs(3)));
+        m.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(call_timeout(&m), None);
+    }
+}

@@ -80,7 +80,15 @@ async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let streams = CancellationToken::new();
-    let node = Node::new(store.clone(), replication::Settings::from_config(config))?;
+    let mut cluster = replication::Settings::from_config(config);
+    if config.advertise_url.is_none()
+        && let Ok(addr) = listener.local_addr()
+    {
+        // The bound address (port 0 resolved); a node others reach by
+        // another name says so with --advertise-url.
+        cluster.advertise_url = format!("http://{addr}");
+    }
+    let node = Node::new(store.clone(), cluster)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = || {
         tonic_reflection::server::Builder::configure()

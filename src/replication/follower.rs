@@ -193,6 +193,7 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
         return Err(Failure::Transient("the primary did not say hello".into()));
     };
     admit(node, &hello).await?;
+    tracing::info!(primary = %url, epoch = hello.epoch, primary_head = hello.head, applied = %head, "following the primary");
     node.set_consistent_at(None).await?;
     node.heard_primary_head(hello.head);
 

@@ -73,9 +73,48 @@ impl Process {
         .expect("connect")
     }
 
+    /// The URL other nodes reach it at.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// An AdminService client.
+    pub async fn admin(
+        &self,
+    ) -> deltasync::pb::admin_service_client::AdminServiceClient<tonic::transport::Channel> {
+        deltasync::pb::admin_service_client::AdminServiceClient::connect(self.url())
+            .await
+            .expect("connect")
+    }
+
+    /// The node's AdminService.Status.
+    pub async fn status(&self) -> deltasync::pb::StatusResponse {
+        self.admin()
+            .await
+            .status(deltasync::pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+    }
+
     /// Kills the server with SIGKILL and reaps it (see Drop).
     pub fn kill_9(self) {
         drop(self);
+    }
+}
+
+/// Every log entry of a process, for tests that look for one.
+pub type Logs = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+
+impl Process {
+    /// Starts the binary as [`Process::start`] does, keeping its log.
+    pub fn start_logged(data_dir: &Path, args: &[&str]) -> (Self, Logs) {
+        let logs = Logs::default();
+        let kept = logs.clone();
+        let process = Self::start(data_dir, args, move |entry| {
+            kept.lock().expect("logs").push(entry.clone());
+        });
+        (process, logs)
     }
 }
 

@@ -28,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".google.protobuf.Struct",
             "crate::store::model::EncodedBody",
         )
+        // Replicated bodies are shared with the record, not copied.
+        .bytes(".deltasync.v1.ReplicatedRecord.body")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -24,7 +24,7 @@ pub fn record(doc: &Document) -> pb::ReplicatedRecord {
         deleted: doc.deleted,
         updated_at_micros: micros(doc.updated_at),
         updated_by: doc.updated_by.clone(),
-        body: doc.body.as_bytes().to_vec().into(),
+        body: doc.body.to_bytes(),
     }
 }
 
@@ -112,7 +112,7 @@ pub fn commit_from(c: pb::ReplicatedCommit) -> Result<ReplicatedCommit, String> 
             body: if r.deleted {
                 EncodedBody::default()
             } else {
-                EncodedBody::from_stored(&r.body)
+                EncodedBody::from_bytes(r.body)
             },
             deleted: r.deleted,
             seq: Seq(r.seq),

@@ -41,6 +41,16 @@ impl EncodedBody {
         Self(s.encode_to_vec().into())
     }
 
+    /// Wraps bytes received as they are (a replicated record's body).
+    pub fn from_bytes(bytes: Bytes) -> Self {
+        Self(bytes)
+    }
+
+    /// The encoded bytes, shared (no copy).
+    pub fn to_bytes(&self) -> Bytes {
+        self.0.clone()
+    }
+
     /// Wraps bytes read from a record, copying them.
     pub fn from_stored(bytes: &[u8]) -> Self {
         Self(Bytes::copy_from_slice(bytes))

@@ -698,7 +698,7 @@ impl Writer {
             let seq = super::index::parse_seq(&key)?;
             let record = codec::Record::parse(&value)?;
             let doc_key = DocKey::from_stored(record.key());
-            if !restore.contains_key(&doc_key) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = restore.entry(doc_key) {
                 let before = match record.prev {
                     Seq(0) => None,
                     prev => {
@@ -716,7 +716,7 @@ impl Writer {
                         })
                     }
                 };
-                restore.insert(doc_key, before);
+                slot.insert(before);
             }
             dropped.push((seq, record.key().to_vec(), record.version));
         }

@@ -5,6 +5,7 @@
 //! Each run prints one `RESULT key=value ...` line for the scripts, and a
 //! human summary on stderr.
 
+mod replicate;
 mod store;
 mod target;
 
@@ -118,6 +119,22 @@ enum Workload {
         #[arg(long, default_value_t = 10)]
         connections: usize,
     },
+    /// Closed-loop pushes to a primary while a live Subscribe on each
+    /// replica notes when it applied what: replica apply rate and
+    /// replication lag (primary ack to replica applied). deltasync only.
+    Replicate {
+        /// The replicas' gRPC endpoints, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        replicas: Vec<String>,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        body: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
     /// Opens many idle streams to measure server memory per subscriber, then
     /// writes a few changes and checks every stream gets each exactly once.
     Soak {
@@ -178,6 +195,13 @@ async fn main() -> Result<(), Error> {
             connections,
             writes,
         } => soak(&args, streams, connections, writes, rss_before).await?,
+        Workload::Replicate {
+            ref replicas,
+            clients,
+            batch,
+            body,
+            duration,
+        } => replicate::run(&args, replicas, clients, batch, body, duration).await?,
     };
     let rss = rss_kb(args.server_pid).map_or_else(|| "na".to_owned(), |kb| kb.to_string());
     println!(

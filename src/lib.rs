@@ -24,6 +24,12 @@
 //!   (one broadcast ring, catch-up from the log), retention
 //!   (`store::compaction`) and upgrades from earlier layouts
 //!   (`store::migrate`).
+//! - [`replication`]: primary and replicas: the `ReplicationService.Follow`
+//!   stream (`replication::source` on the primary, `replication::follower`
+//!   on a replica, which applies commits through the store's writer), write
+//!   forwarding, `AdminService` (Status, Promote), epochs and fencing;
+//!   `store::replica` is the store's side (applying replicated commits,
+//!   the epoch history).
 //! - [`error`]: the service-boundary error and its one mapping to `Status`.
 //! - [`telemetry`], [`shutdown`]: logging and signals.
 //! - [`pb`]: generated code.

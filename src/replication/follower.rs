@@ -156,14 +156,19 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .keep_alive_timeout(Duration::from_secs(10))
+        // Commits stream one way at full speed: a window that grows with
+        // the rate, not HTTP/2's default 64 KiB.
+        .http2_adaptive_window(true);
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| Failure::Transient(format!("cannot reach the primary: {e}")))?;
     let mut client =
         ReplicationServiceClient::new(channel).max_decoding_message_size(MAX_STREAM_MESSAGE);
-    let head = store.head();
+    // Where the stream resumes: everything written here (in `buffered`
+    // mode a flush makes the last of it durable; acks only count that).
+    let head = store.written();
     let blank = store.is_blank()?;
     let start = pb::FollowStart {
         store_id: if blank {
@@ -200,7 +205,7 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
     let mut expected = head;
     let mut partial: Option<ReplicatedCommit> = None;
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let mut acked = head;
+    let mut acked = store.head();
     let mut ticker = tokio::time::interval(ACK_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -347,6 +347,12 @@ impl Store {
         blocking(move || replica::clients_between(&shared.trees, since, upto)).await
     }
 
+    /// Highest written seq: the head, or beyond it in `buffered` mode
+    /// until the next flush.
+    pub fn written(&self) -> Seq {
+        self.shared.feed.written()
+    }
+
     /// Highest committed (and published) seq.
     pub fn head(&self) -> Seq {
         self.shared.feed.head()

@@ -167,7 +167,7 @@ pub fn plan(
     index: &Index,
     overlay: &DocMap<Entry>,
     head: Seq,
-    commits: &[ReplicatedCommit],
+    commits: Vec<ReplicatedCommit>,
 ) -> Result<GroupCommit, StoreError> {
     let mut group = GroupCommit {
         outcomes: Vec::new(),
@@ -185,7 +185,7 @@ pub fn plan(
                 commit.prev_head, commit.head, group.head
             )));
         }
-        for doc in &commit.records {
+        for doc in commit.records {
             if doc.seq <= group.head || doc.seq > commit.head {
                 return Err(StoreError::Replication(format!(
                     "record at seq {} outside its commit ({}, {}] or out of order",
@@ -200,7 +200,7 @@ pub fn plan(
                 .copied()
                 .or_else(|| index.get(key.as_bytes()));
             let prev = current.map_or(Seq(0), |e| e.seq);
-            group.records.push(codec::encode(doc, &key, prev)?);
+            group.records.push(codec::encode(&doc, &key, prev)?);
             group.index.insert(
                 key,
                 Entry {
@@ -209,23 +209,22 @@ pub fn plan(
                     deleted: doc.deleted,
                 },
             );
-            group.changes.push(doc.clone());
             group.head = doc.seq;
+            group.changes.push(doc);
         }
         group.head = commit.head;
-        for (client, state) in &commit.clients {
-            let stored_last = match group.clients.get(client) {
+        for (client, mut state) in commit.clients {
+            let stored_last = match group.clients.get(&client) {
                 Some(write) => write.stored_last,
                 None => match trees.clients.get(client.as_bytes())? {
                     Some(bytes) => ClientState::decode(&bytes)?.last,
                     None => 0,
                 },
             };
-            let mut state = state.clone();
             state.at = commit.head.0;
             group
                 .clients
-                .insert(client.clone(), ClientWrite { stored_last, state });
+                .insert(client, ClientWrite { stored_last, state });
         }
     }
     Ok(group)

@@ -330,21 +330,27 @@ impl Writer {
             }
             return;
         }
-        let commits: Vec<ReplicatedCommit> = jobs.iter().map(|j| j.commit.clone()).collect();
+        let (commits, replies): (Vec<ReplicatedCommit>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.commit, j.reply)).unzip();
         let head = self.feed.written();
         let planned = replica::plan(
             &self.trees,
             &self.index,
             &local.borrow().overlay,
             head,
-            &commits,
+            commits,
         );
         let result = planned.and_then(|group| {
+            // Commit times go on from the primary's: after a promotion
+            // they still never go backwards.
+            if let Some(last) = group.changes.iter().map(|d| d.updated_at).max() {
+                self.last_time.set(self.last_time.get().max(last));
+            }
             let head = group.head;
             self.land(local, group).map(|_| head)
         });
-        for job in jobs {
-            let _ = job.reply.send(match &result {
+        for reply in replies {
+            let _ = reply.send(match &result {
                 Ok(head) => Ok(*head),
                 Err(e) => Err(e.clone_kind()),
             });

@@ -8,6 +8,7 @@ work=$(mktemp -d)
 server_pid=""
 cleanup() {
   if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then kill -9 "$server_pid" || true; fi
+  if [ -n "${replica_pid:-}" ] && kill -0 "$replica_pid" 2>/dev/null; then kill -9 "$replica_pid" || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -50,6 +51,7 @@ while IFS= read -r line; do
     *' list'*) grep -q '^deltasync.v1.SyncService$' "$work/out.json" ;;
     *'"Buy oat milk"'*) grep -q OUTCOME_MERGED "$work/out.json" ;;
     *Health/Check*) grep -q SERVING "$work/out.json" ;;
+    *AdminService/Status*) grep -q ROLE_PRIMARY "$work/out.json" ;;
   esac
 done < "$work/walkthrough.sh"
 
@@ -58,11 +60,37 @@ mkdir -p "$work/gen"
 "$py" -m grpc_tools.protoc -Iproto --python_out="$work/gen" --grpc_python_out="$work/gen" deltasync/v1/sync.proto
 PYTHONPATH="$work/gen" "$py" tests/interop/client.py "$addr" | tee "$work/python.out"
 
+echo "-- a replica: it copies the store, forwards a push, serves reads"
+rport=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+raddr="127.0.0.1:$rport"
+RUST_LOG=info ./target/release/deltasync --listen "$raddr" --data-dir "$work/replica" \
+  --replicate-from "http://$addr" > "$work/replica.log" 2>&1 &
+replica_pid=$!
+for _ in $(seq 1 100); do
+  "$grpcurl" -plaintext -max-time 1 -d '{"service": "deltasync.v1.SyncService"}' "$raddr" grpc.health.v1.Health/Check 2>/dev/null | grep -q '"SERVING"' && break
+  kill -0 "$replica_pid" || { cat "$work/replica.log"; exit 1; }
+  sleep 0.1
+done
+replica_checks=0
+"$grpcurl" -plaintext "$raddr" deltasync.v1.AdminService/Status | tee "$work/rstatus.json" | grep -q ROLE_REPLICA
+replica_checks=$((replica_checks + 1))
+"$grpcurl" -plaintext -d '{"client_id": "cli", "mutations": [{"mutation_id": 10, "collection": "todos", "id": "bread", "put": {"title": "Buy bread"}}]}' \
+  "$raddr" deltasync.v1.SyncService/Push | tee "$work/rpush.json" | grep -q OUTCOME_APPLIED
+replica_checks=$((replica_checks + 1))
+checkpoint=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["checkpoint"])' "$work/rpush.json")
+"$grpcurl" -plaintext -d "{\"collection\": \"todos\", \"ids\": [\"bread\", \"milk\"], \"min_checkpoint\": $checkpoint}" \
+  "$raddr" deltasync.v1.SyncService/Get > "$work/rget.json"
+grep -q '"id": "bread"' "$work/rget.json" && grep -q '"id": "milk"' "$work/rget.json" || { cat "$work/rget.json"; exit 1; }
+replica_checks=$((replica_checks + 1))
+"$grpcurl" -plaintext "$addr" deltasync.v1.AdminService/Status | grep -q "\"url\": \"http://$raddr\""
+replica_checks=$((replica_checks + 1))
+kill -TERM "$replica_pid"; wait "$replica_pid"
+
 echo "-- graceful shutdown on SIGTERM"
 kill -TERM "$server_pid"
 status=0
 wait "$server_pid" || status=$?
 server_pid=""
 if [ "$status" -ne 0 ]; then cat "$work/server.log"; echo "server exited with $status"; exit 1; fi
-checks=$(( $(wc -l < "$work/walkthrough.sh") + $(grep -c '^ok:' "$work/python.out") + 1 ))
+checks=$(( $(wc -l < "$work/walkthrough.sh") + $(grep -c '^ok:' "$work/python.out") + replica_checks + 1 ))
 echo "interop: $checks passed, 0 failed"

@@ -70,9 +70,9 @@ enum Failure {
     /// divergent history); the node keeps serving reads.
     #[error("{0}")]
     Refused(String),
-    /// The divergent suffix was discarded: reconnect at once.
-    #[error("discarded a divergent suffix")]
-    Discarded,
+    /// This node holds seqs from this one on that the primary never had.
+    #[error("{1}")]
+    Diverged(Seq, String),
 }
 
 impl From<StoreError> for Failure {
@@ -86,12 +86,17 @@ impl From<StoreError> for Failure {
 
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
-        let reason = tonic_types::StatusExt::get_error_details(&s)
-            .error_info()
-            .map(|i| i.reason.clone())
-            .unwrap_or_default();
+        let info = tonic_types::StatusExt::get_error_details(&s).error_info().cloned();
+        let reason = info.as_ref().map(|i| i.reason.as_str()).unwrap_or_default();
         let message = format!("primary: {} ({:?})", s.message(), s.code());
-        match (s.code(), reason.as_str()) {
+        let first = info
+            .as_ref()
+            .and_then(|i| i.metadata.get("first"))
+            .and_then(|f| f.parse().ok());
+        match (s.code(), reason) {
+            (Code::FailedPrecondition, "DIVERGED") if let Some(first) = first => {
+                Self::Diverged(Seq(first), message)
+            }
             (Code::FailedPrecondition, "STORE_MISMATCH" | "DIVERGED") => Self::Refused(message),
             (Code::OutOfRange, _) => Self::Refused(format!(
                 "{message}; this replica missed deletions the primary purged: start it from an empty data directory"
@@ -115,8 +120,17 @@ async fn run(node: Node, stop: CancellationToken) {
         };
         let error = match result {
             Ok(()) => String::new(),
-            Err(Failure::Discarded) => continue,
-            Err(Failure::Refused(e)) => {
+            Err(Failure::Diverged(first, e)) if node.settings().discard_divergent => {
+                tracing::warn!(%first, "{e}; discarding the divergent suffix (--discard-divergent)");
+                match node.store().admin(Admin::Discard(first)).await {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        tracing::error!(cause = %e, "not following the primary: cannot discard the divergent suffix");
+                        return;
+                    }
+                }
+            }
+            Err(Failure::Diverged(_, e) | Failure::Refused(e)) => {
                 tracing::error!(primary = %url, "not following the primary: {e}");
                 return;
             }
@@ -320,18 +334,16 @@ async fn admit(node: &Node, hello: &pb::FollowHello) -> Result<(), Failure> {
     }
     let theirs = convert::epochs_from(&hello.epochs).map_err(Failure::Transient)?;
     let ours: Epochs = store.epochs()?;
-    if let Some((first, last)) = theirs.divergence(ours.current(), store.head()) {
-        if !node.settings().discard_divergent {
-            return Err(Failure::Refused(format!(
+    if let Some((first, last)) = theirs.divergence(ours.current(), store.written()) {
+        return Err(Failure::Diverged(
+            first,
+            format!(
                 "this node holds seqs {first}..={last} that the primary never had (committed here in epoch {} \
                  before epoch {} began at seq {first}); restart with --discard-divergent to drop them",
                 ours.current(),
                 theirs.current()
-            )));
-        }
-        tracing::warn!(%first, %last, "discarding the divergent suffix (--discard-divergent)");
-        store.admin(Admin::Discard(first)).await?;
-        return Err(Failure::Discarded);
+            ),
+        ));
     }
     if !store.is_blank()? && *store.store_id() != *hello.store_id {
         return Err(Failure::Refused(format!(

@@ -86,7 +86,9 @@ impl From<StoreError> for Failure {
 
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
-        let info = tonic_types::StatusExt::get_error_details(&s).error_info().cloned();
+        let info = tonic_types::StatusExt::get_error_details(&s)
+            .error_info()
+            .cloned();
         let reason = info.as_ref().map(|i| i.reason.as_str()).unwrap_or_default();
         let message = format!("primary: {} ({:?})", s.message(), s.code());
         let first = info
@@ -245,11 +247,16 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
                         node.heard_primary_head(part.primary_head);
                         let continued = part.continued;
                         let part = convert::commit_from(part).map_err(Failure::Transient)?;
+                        // A commit's parts share its range (live), or each
+                        // goes on from the last (catching up from the log).
                         let commit = match partial.take() {
                             Some(mut commit) => {
-                                if part.prev_head != commit.prev_head || part.head != commit.head {
+                                let follows = part.prev_head == commit.prev_head
+                                    || part.prev_head == commit.head;
+                                if !follows || part.head < commit.head {
                                     return Err(Failure::Transient("a commit's parts disagree".into()));
                                 }
+                                commit.head = part.head;
                                 commit.records.extend(part.records);
                                 commit.clients.extend(part.clients);
                                 commit

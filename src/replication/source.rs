@@ -229,16 +229,19 @@ impl Source {
         let store = self.node.store().clone();
         let rx = store.feed().subscribe();
         let upto = store.head();
+        // Runs of records within the budget; a run that stops inside a
+        // commit is `continued`, so the replica applies whole commits.
         while self.sent < upto {
-            let (records, reached) = store.read_records(self.sent, upto, self.budget).await?;
+            let run = store.read_records(self.sent, upto, self.budget).await?;
+            let reached = run.reached;
             let commit = pb::ReplicatedCommit {
                 prev_head: self.sent.0,
                 head: reached.0,
                 epoch: self.epochs.epoch_of(reached),
-                records: records.iter().map(convert::record).collect(),
+                records: run.docs.iter().map(convert::record).collect(),
                 clients: Vec::new(),
                 primary_head: store.head().0,
-                continued: false,
+                continued: !run.commit_end,
             };
             if !self.send(Reply::Commit(commit)).await {
                 return Err(StoreError::Closed);
@@ -348,10 +351,9 @@ impl Source {
                 let mut records = Vec::new();
                 let mut from = commit.prev_head;
                 while from < commit.head {
-                    let (docs, reached) =
-                        store.read_records(from, commit.head, self.budget).await?;
-                    records.extend(docs.iter().map(convert::record));
-                    from = reached;
+                    let run = store.read_records(from, commit.head, self.budget).await?;
+                    records.extend(run.docs.iter().map(convert::record));
+                    from = run.reached;
                 }
                 records
             }

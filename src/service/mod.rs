@@ -120,11 +120,15 @@ impl SyncApi {
         Ok(self.store.check_checkpoint(Seq(since), Seq(seen))?)
     }
 
-    /// How long a read may wait for this node to reach a checkpoint: the
-    /// call's deadline or --replica-wait, whichever is shorter.
+    /// How long a read may wait for this node to reach a checkpoint:
+    /// --replica-wait, or less to answer within the call's deadline (which
+    /// started counting before the call reached the handler).
     fn read_wait(&self, metadata: &MetadataMap) -> Duration {
         let configured = self.settings.replica_wait;
-        replication::call_timeout(metadata).map_or(configured, |t| t.min(configured))
+        replication::call_timeout(metadata).map_or(configured, |t| {
+            let margin = (t / 10).max(Duration::from_millis(20));
+            t.saturating_sub(margin).min(configured)
+        })
     }
 
     /// Read-your-writes: waits until this node has applied `min_checkpoint`.

@@ -1,7 +1,7 @@
 //! Encoding of the records kept in the log ([`keys::LOG`](super::keys::LOG)),
 //! one per change, keyed by its seq.
 //!
-//! Layout: `[format: u8][deleted: u8][version: u64][prev seq: u64][updated_at
+//! Layout: `[format: u8][flags: u8][version: u64][prev seq: u64][updated_at
 //! µs: u64][updated_by len: u16][key len: u16][updated_by][doc key][body]`,
 //! numbers big-endian. The seq is the record's key, so it is not repeated.
 //! `prev` is the seq of the document's previous version (0 for none): the
@@ -17,8 +17,16 @@ use super::{
     model::{Document, EncodedBody, Seq, Version},
 };
 
-/// The format written.
-const FORMAT: u8 = 3;
+/// The format written: 4 adds the commit-end flag.
+const FORMAT: u8 = 4;
+/// Format 3: the same, with `flags` holding the tombstone flag alone and
+/// no commit boundaries (every record reads as ending its commit).
+const FORMAT_3: u8 = 3;
+/// `flags`: a tombstone.
+const DELETED: u8 = 1;
+/// `flags`: the last record of its commit, so a replica catching up from
+/// the log applies whole commits.
+const COMMIT_END: u8 = 2;
 const HEADER: usize = 1 + 1 + 8 + 8 + 8 + 2 + 2;
 
 /// Encodes a document state whose previous version is at `prev`. Fails only
@@ -36,7 +44,7 @@ pub fn encode(doc: &Document, key: &DocKey, prev: Seq) -> Result<Vec<u8>, StoreE
     let mut out =
         Vec::with_capacity(HEADER + doc.updated_by.len() + key.as_bytes().len() + body.len());
     out.push(FORMAT);
-    out.push(u8::from(doc.deleted));
+    out.push(if doc.deleted { DELETED } else { 0 });
     out.extend_from_slice(&doc.version.0.to_be_bytes());
     out.extend_from_slice(&prev.0.to_be_bytes());
     out.extend_from_slice(&micros.to_be_bytes());
@@ -46,6 +54,13 @@ pub fn encode(doc: &Document, key: &DocKey, prev: Seq) -> Result<Vec<u8>, StoreE
     out.extend_from_slice(key.as_bytes());
     out.extend_from_slice(body);
     Ok(out)
+}
+
+/// Marks an encoded record as the last of its commit.
+pub fn mark_commit_end(record: &mut [u8]) {
+    if let Some(flags) = record.get_mut(1) {
+        *flags |= COMMIT_END;
+    }
 }
 
 /// A time as stored: µs since the Unix epoch (0 before it).
@@ -66,6 +81,8 @@ pub fn stored_time(time: SystemTime) -> SystemTime {
 pub struct Record<'a> {
     /// Tombstone flag.
     pub deleted: bool,
+    /// Whether it is the last record of its commit (always, for format 3).
+    pub commit_end: bool,
     /// Version of the state.
     pub version: Version,
     /// Seq of the document's previous version (0 for none).
@@ -87,7 +104,7 @@ impl<'a> Record<'a> {
         let (header, rest) = bytes
             .split_first_chunk::<HEADER>()
             .ok_or_else(|| corrupt("short record"))?;
-        if header[0] != FORMAT {
+        if header[0] != FORMAT && header[0] != FORMAT_3 {
             return Err(corrupt(&format!("unknown record format {}", header[0])));
         }
         let u64_at = |at: usize| {
@@ -104,7 +121,8 @@ impl<'a> Record<'a> {
             .split_at_checked(key_len)
             .ok_or_else(|| corrupt("short record"))?;
         Ok(Self {
-            deleted: header[1] != 0,
+            deleted: header[1] & DELETED != 0,
+            commit_end: header[0] == FORMAT_3 || header[1] & COMMIT_END != 0,
             version: Version(u64_at(2)),
             prev: Seq(u64_at(10)),
             micros: u64_at(18),
@@ -190,6 +208,22 @@ mod tests {
         };
         let bytes = encode(&tomb, &key, Seq(0)).unwrap();
         assert_eq!(decode(Seq(9), &bytes).unwrap(), tomb);
+    }
+
+    /// Rule: a record says whether it ends its commit; one written before
+    /// commit boundaries were kept (format 3) reads as ending its own.
+    #[test]
+    fn commit_ends_are_kept_and_old_records_end_their_own() {
+        let key = DocKey::new("todos", "1").unwrap();
+        let mut bytes = encode(&doc(), &key, Seq(0)).unwrap();
+        assert!(!Record::parse(&bytes).unwrap().commit_end);
+        mark_commit_end(&mut bytes);
+        let record = Record::parse(&bytes).unwrap();
+        assert!(record.commit_end && !record.deleted);
+        assert_eq!(decode(Seq(9), &bytes).unwrap(), doc());
+        let mut old = encode(&doc(), &key, Seq(0)).unwrap();
+        old[0] = FORMAT_3;
+        assert!(Record::parse(&old).unwrap().commit_end);
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub fn upgrade(db: &sled::Db, trees: &Trees, now: SystemTime) -> Result<(), Stor
                 Some(SCHEMA_VERSION) => break,
                 Some(1) => from_v1(db, trees)?,
                 Some(2) => from_v2(db, trees, now)?,
+                Some(3) => from_v3(db, trees)?,
                 Some(found) => {
                     return Err(StoreError::Schema {
                         found,
@@ -51,6 +52,19 @@ pub fn upgrade(db: &sled::Db, trees: &Trees, now: SystemTime) -> Result<(), Stor
             db.drop_tree(name)?;
         }
     }
+    Ok(())
+}
+
+/// Layout 4 writes records that mark the end of their commit and client
+/// states that say which commit wrote them (for replication); it reads
+/// layout 3's as they are, so nothing is rewritten. A build of layout 3
+/// would misread the new ones, so the schema changes.
+fn from_v3(db: &sled::Db, trees: &Trees) -> Result<(), StoreError> {
+    trees
+        .meta
+        .insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+    db.flush()?;
+    tracing::info!("upgraded the store from layout 3");
     Ok(())
 }
 

@@ -51,7 +51,7 @@ pub use self::{
 
 /// The on-disk layout this build reads and writes (`migrate` upgrades
 /// earlier ones).
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
 
 /// Source of the time stamped on changes and used for retention; injectable
 /// so tests can age data without waiting.
@@ -326,13 +326,14 @@ impl Store {
     }
 
     /// The records in `(after, upto]` (superseded ones included), about
-    /// `max_bytes` of them at most, and the seq the read reached.
+    /// `max_bytes` of them at most, the seq the read reached and whether
+    /// it ends a commit.
     pub async fn read_records(
         &self,
         after: Seq,
         upto: Seq,
         max_bytes: usize,
-    ) -> Result<(Vec<Document>, Seq), StoreError> {
+    ) -> Result<replica::Records, StoreError> {
         let shared = self.shared.clone();
         blocking(move || replica::read_records(&shared.trees, after, upto, max_bytes)).await
     }

@@ -168,9 +168,12 @@ pub fn apply_group(
         })
         .collect();
     // Replication sends a catching-up replica the states written since it
-    // last applied: each says which commit wrote it.
+    // last applied: each says which commit wrote it; and whole commits.
     for write in group.clients.values_mut() {
         write.state.at = head.0;
+    }
+    if let Some(last) = group.records.last_mut() {
+        codec::mark_commit_end(last);
     }
     Ok(group)
 }

@@ -212,6 +212,11 @@ pub fn plan(
             group.head = doc.seq;
             group.changes.push(doc);
         }
+        if commit.head > commit.prev_head
+            && let Some(last) = group.records.last_mut()
+        {
+            codec::mark_commit_end(last);
+        }
         group.head = commit.head;
         for (client, mut state) in commit.clients {
             let stored_last = match group.clients.get(&client) {
@@ -230,28 +235,50 @@ pub fn plan(
     Ok(group)
 }
 
-/// Reads the log's records in `(after, upto]`, superseded ones included,
-/// until about `max_bytes` of them (at least one); returns them and the seq
-/// the read reached (`upto` if it read everything).
+/// A run of the log's records, as a primary sends them.
+#[derive(Debug)]
+pub struct Records {
+    /// The records, superseded ones included, in seq order.
+    pub docs: Vec<Document>,
+    /// Every seq up to here was read.
+    pub reached: Seq,
+    /// Whether `reached` ends a commit (the last record read ends one, or
+    /// the read reached its end, which the caller chose at a commit's end).
+    pub commit_end: bool,
+}
+
+/// Reads the log's records in `(after, upto]` until about `max_bytes` of
+/// them (at least one).
 pub fn read_records(
     trees: &Trees,
     after: Seq,
     upto: Seq,
     max_bytes: usize,
-) -> Result<(Vec<Document>, Seq), StoreError> {
+) -> Result<Records, StoreError> {
     let mut docs = Vec::new();
     let mut bytes = 0;
+    let mut commit_end = true;
     let range = keys::seq_key(Seq(after.0 + 1))..=keys::seq_key(upto);
     for entry in trees.log.range(range) {
         let (key, value) = entry?;
         let seq = super::index::parse_seq(&key)?;
         if !docs.is_empty() && bytes + value.len() > max_bytes {
-            return Ok((docs, Seq(seq.0 - 1)));
+            return Ok(Records {
+                docs,
+                reached: Seq(seq.0 - 1),
+                commit_end,
+            });
         }
         bytes += value.len();
-        docs.push(codec::decode(seq, &value)?);
+        let record = codec::Record::parse(&value)?;
+        commit_end = record.commit_end;
+        docs.push(record.to_document(seq)?);
     }
-    Ok((docs, upto))
+    Ok(Records {
+        docs,
+        reached: upto,
+        commit_end: true,
+    })
 }
 
 /// The clients' states written at or after seq `since` and at or before

@@ -125,3 +125,47 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+impl Process {
+    /// Starts the binary as [`Process::start_logged`] does, but keeps every
+    /// entry, those logged before the server serves included: a replica's
+    /// follower may log (e.g. a refusal) before the "serving gRPC" line.
+    pub fn start_logged_from_launch(data_dir: &Path, args: &[&str]) -> (Self, Logs) {
+        let logs = Logs::default();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_deltasync"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("server starts");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("server logs its address before exiting")
+                .expect("log line");
+            let entry: Value = serde_json::from_str(&line).unwrap_or_default();
+            logs.lock().expect("logs").push(entry.clone());
+            if entry["message"] == "serving gRPC" {
+                break entry["addr"].as_str().expect("addr field").to_owned();
+            }
+        };
+        let kept = logs.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                let entry = serde_json::from_str(&line).unwrap_or_default();
+                kept.lock().expect("logs").push(entry);
+            }
+        });
+        (Self { child, addr }, logs)
+    }
+}

@@ -313,7 +313,7 @@ impl Source {
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {
-                        tracing::debug!(missed, sent = %self.sent, "replication stream lagged; catching up from the log");
+                        tracing::info!(missed, sent = %self.sent, "a replica fell behind the live ring; catching it up from the log");
                         return Ok(Stop::CatchUp);
                     }
                     Err(RecvError::Closed) => return Err(StoreError::Closed),

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Replication benchmarks on this machine: a primary and two replicas, all
+# fsyncing, fresh stores each round, RUNS rounds, medians printed.
+#
+#   scripts/bench-replication.sh                  # 3 rounds, 10 s each
+#   RUNS=5 DURATION=20s scripts/bench-replication.sh
+#
+# replicate: 16 clients push 100 mutations per request to the primary (the
+#   push100 load); a live Subscribe on each replica notes when it applied
+#   each checkpoint: replica apply rate and lag from the primary's ack to
+#   the replica having applied it (p50/p99).
+# sync: 64 clients push 1 mutation (push1) to a primary followed by one
+#   replica, with --sync-replicas 0 and 1 alternating: what waiting for a
+#   replica's durable ack costs in throughput and p99.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-10s}
+if ! command -v protoc > /dev/null; then
+  if [ "$(id -u)" -eq 0 ]; then apt-get update -qq && apt-get install -y -qq protobuf-compiler > /dev/null
+  else sudo apt-get update -qq && sudo apt-get install -y -qq protobuf-compiler > /dev/null; fi
+fi
+cargo build --release --features bench --quiet
+bin=./target/release/deltasync
+bench=./target/release/deltasync-bench
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2> /dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+results="$work/results.txt"
+: > "$results"
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+# start NAME [flags...]: sets url and pid.
+start() {
+  local name=$1 port; shift; port=$(free_port)
+  "$bin" --listen "127.0.0.1:$port" --data-dir "$work/$name" "$@" > "$work/$name.log" 2>&1 &
+  pid=$!; pids+=("$pid"); url="http://127.0.0.1:$port"; wait_port "$port"
+}
+stop_all() { for p in "${pids[@]}"; do kill "$p" 2> /dev/null || true; wait "$p" 2> /dev/null || true; done; pids=(); }
+record() { echo "run=$1 name=$2 $3" | tee -a "$results" >&2; }
+
+for run in $(seq 1 "$RUNS"); do
+  echo "== round $run/$RUNS: replicate" >&2
+  start "p-$run"; primary=$url; ppid=$pid
+  start "r1-$run" --replicate-from "$primary"; r1=$url
+  start "r2-$run" --replicate-from "$primary"; r2=$url
+  line=$("$bench" --endpoint "$primary" --server-pid "$ppid" replicate --replicas "$r1,$r2" \
+    --clients 16 --batch 100 --duration "$DURATION" | grep '^RESULT')
+  record "$run" replicate "$line"
+  stop_all
+  for sync in 0 1; do
+    echo "== round $run/$RUNS: push1 with --sync-replicas $sync" >&2
+    start "s$sync-p-$run" --sync-replicas "$sync"; primary=$url; ppid=$pid
+    start "s$sync-r-$run" --replicate-from "$primary"
+    line=$("$bench" --endpoint "$primary" --server-pid "$ppid" push --clients 64 --batch 1 \
+      --body 256 --duration "$DURATION" --tracked | grep '^RESULT')
+    record "$run" "sync$sync" "$line"
+    stop_all
+  done
+done
+
+echo
+echo "Machine: $(nproc) cores; runs: $RUNS (medians)"
+python3 - "$results" << 'PY'
+import re, statistics, sys
+from collections import defaultdict
+rows = defaultdict(lambda: defaultdict(list))
+for line in open(sys.argv[1]):
+    kv = dict(re.findall(r"(\w+)=(\S+)", line))
+    for k, v in kv.items():
+        for i, part in enumerate(v.split(",")):
+            try:
+                rows[kv["name"]][k if "," not in v else f"{k}[{i}]"].append(float(part))
+            except ValueError:
+                pass
+med = lambda name, key: statistics.median(rows[name][key]) if rows[name].get(key) else float("nan")
+print("replicate (primary at the push100 load, 2 replicas):")
+print(f"  primary            {med('replicate', 'docs_per_s'):>10.0f} docs/s")
+for i in range(2):
+    print(f"  replica {i + 1} applied {med('replicate', f'replica_seqs_per_s[{i}]'):>10.0f} seqs/s")
+print(f"  lag p50            {med('replicate', 'lag_p50_us') / 1000:>10.1f} ms")
+print(f"  lag p99            {med('replicate', 'lag_p99_us') / 1000:>10.1f} ms  (goal: under 50 ms)")
+print(f"  drained after load {med('replicate', 'drain_ms'):>10.0f} ms")
+a, s = med("sync0", "requests_per_s"), med("sync1", "requests_per_s")
+print("push1, 64 clients, one replica attached:")
+print(f"  --sync-replicas 0  {a:>10.0f} pushes/s, p99 {med('sync0', 'p99_us') / 1000:.1f} ms")
+print(f"  --sync-replicas 1  {s:>10.0f} pushes/s, p99 {med('sync1', 'p99_us') / 1000:.1f} ms")
+print(f"  cost of sync       {100 * (1 - s / a):>10.1f} % of throughput  (goal: at most 30 %)")
+PY

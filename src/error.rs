@@ -27,6 +27,20 @@ pub enum Error {
         /// This store's head.
         head: u64,
     },
+    /// The checkpoint came from a primary replaced before it was
+    /// replicated: this node's history gives its seq to another epoch.
+    #[error(
+        "checkpoint {since} was given out in epoch {epoch}, but here seq {since} belongs to epoch {ours}: \
+         it came from a primary that was replaced before that change was replicated; discard local state and resync from 0"
+    )]
+    CheckpointDiverged {
+        /// The caller's checkpoint.
+        since: u64,
+        /// The epoch the caller says it came from.
+        epoch: u64,
+        /// The epoch this node's history gives it.
+        ours: u64,
+    },
     /// Too many subscribers, or a similar limit.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -123,6 +137,16 @@ impl From<Error> for Status {
             Error::InvalidArgument(msg) => Status::invalid_argument(msg),
             e @ Error::WrongStore { .. } => Status::failed_precondition(e.to_string()),
             e @ Error::CheckpointAhead { .. } => Status::out_of_range(e.to_string()),
+            e @ Error::CheckpointDiverged { since, epoch, ours } => detailed(
+                Code::OutOfRange,
+                &e,
+                "CHECKPOINT_DIVERGED",
+                [
+                    ("checkpoint", since.to_string()),
+                    ("checkpoint_epoch", epoch.to_string()),
+                    ("epoch", ours.to_string()),
+                ],
+            ),
             Error::ResourceExhausted(msg) => Status::resource_exhausted(msg),
             e @ Error::ReplicaBehind { applied, wanted } => detailed(
                 Code::Unavailable,

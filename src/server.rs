@@ -88,7 +88,7 @@ async fn run(
         // another name says so with --advertise-url.
         cluster.advertise_url = format!("http://{addr}");
     }
-    let node = Node::new(store.clone(), cluster)?;
+    let node = Node::new(store.clone(), cluster, streams.clone())?;
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -114,7 +114,7 @@ async fn run(
         node.watch_ready(),
         health.clone(),
     ));
-    node.start_following(&streams);
+    node.start_following();
     let api = SyncApi::new(node.clone(), Settings::from_config(config), streams.clone());
     let sync = SyncServiceServer::new(api)
         .max_decoding_message_size(config.max_request_bytes)

@@ -979,6 +979,7 @@ async fn a_new_replica_bootstraps_from_a_compacted_primary() {
             epoch: primary.status().await.epoch,
             url: "http://stale-follower".into(),
             clients_since: 5,
+            ..Default::default()
         })),
     };
     let status = follow
@@ -1277,6 +1278,7 @@ async fn follow_refuses_bad_input_and_survives_a_departing_follower() {
             epoch: status.epoch,
             url: url.into(),
             clients_since: applied,
+            ..Default::default()
         })),
     };
     let mut follow = replication(&primary).await;

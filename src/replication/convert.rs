@@ -10,7 +10,7 @@ use crate::{
     store::{
         clients::{ClientState, ExceptionRange},
         model::{Document, EncodedBody, Seq, Version},
-        replica::{EpochStart, Epochs, ReplicatedCommit},
+        replica::{CommitKind, EpochStart, Epochs, ReplicatedCommit},
     },
 };
 
@@ -59,6 +59,7 @@ pub fn epochs(epochs: &Epochs) -> Vec<pb::EpochStart> {
         .map(|e| pb::EpochStart {
             epoch: e.epoch,
             first_seq: e.first_seq.0,
+            id: e.id,
         })
         .collect()
 }
@@ -71,6 +72,7 @@ pub fn epochs_from(starts: &[pb::EpochStart]) -> Result<Epochs, String> {
             .map(|e| EpochStart {
                 epoch: e.epoch,
                 first_seq: Seq(e.first_seq),
+                id: e.id,
             })
             .collect(),
     )
@@ -131,6 +133,11 @@ pub fn commit_from(c: pb::ReplicatedCommit) -> Result<ReplicatedCommit, String> 
         epoch: c.epoch,
         records,
         clients,
+        kind: if c.from_log {
+            CommitKind::FromLog
+        } else {
+            CommitKind::Live
+        },
     })
 }
 

@@ -20,7 +20,7 @@ use crate::{
     store::{
         Admin, StoreError,
         model::Seq,
-        replica::{Epochs, ReplicatedCommit},
+        replica::{CommitKind, ReplicatedCommit},
     },
 };
 
@@ -155,15 +155,6 @@ async fn run(node: Node, stop: CancellationToken) {
     }
 }
 
-/// A commit queued for the writer, and what its landing means.
-struct InFlight {
-    /// The writer's answer.
-    reply: oneshot::Receiver<Result<Seq, StoreError>>,
-    /// Set for the last part of a client snapshot: the replica's client
-    /// states are consistent once it has applied this seq.
-    consistent_at: Option<u64>,
-}
-
 /// One connection: runs until the stream breaks.
 async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
     let store = node.store().clone();
@@ -195,7 +186,8 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
         applied: head.0,
         epoch: store.seen_epoch()?,
         url: node.settings().advertise_url.clone(),
-        clients_since: if store.has_no_clients() { 0 } else { head.0 },
+        clients_since: store.clients_progress()?.from,
+        epochs: convert::epochs(&store.epochs()),
     };
     let (acks, ack_rx) = tokio::sync::mpsc::channel::<pb::FollowRequest>(64);
     let first = pb::FollowRequest {
@@ -215,26 +207,24 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
     };
     admit(node, &hello).await?;
     tracing::info!(primary = %url, epoch = hello.epoch, primary_head = hello.head, applied = %head, "following the primary");
-    node.set_consistent_at(None).await?;
     node.heard_primary_head(hello.head);
 
     let mut expected = head;
     let mut partial: Option<ReplicatedCommit> = None;
-    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-    let mut acked = store.head();
+    let mut in_flight: VecDeque<oneshot::Receiver<Result<Seq, StoreError>>> = VecDeque::new();
+    // The first ack tells the primary what is durable here.
+    let mut acked = Seq(0);
+    ack(node, &acks, &mut acked).await;
     let mut ticker = tokio::time::interval(ACK_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            landed = async { (&mut in_flight.front_mut()?.reply).await.ok() }, if !in_flight.is_empty() => {
-                let Some(done) = in_flight.pop_front() else { continue };
+            landed = async { in_flight.front_mut()?.await.ok() }, if !in_flight.is_empty() => {
+                in_flight.pop_front();
                 match landed {
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(e.into()),
                     None => return Err(Failure::Transient("the store closed".into())),
-                }
-                if let Some(at) = done.consistent_at {
-                    node.set_consistent_at(Some(at)).await?;
                 }
                 ack(node, &acks, &mut acked).await;
             }
@@ -245,6 +235,9 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
                 match message.response {
                     Some(Reply::Commit(part)) => {
                         node.heard_primary_head(part.primary_head);
+                        if part.purge_horizon > store.purge_horizon().0 {
+                            store.admin(Admin::RaiseHorizon(Seq(part.purge_horizon))).await?;
+                        }
                         let continued = part.continued;
                         let part = convert::commit_from(part).map_err(Failure::Transient)?;
                         // A commit's parts share its range (live), or each
@@ -274,8 +267,7 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
                             )));
                         }
                         expected = commit.head;
-                        let reply = store.replicate(commit).await?;
-                        in_flight.push_back(InFlight { reply, consistent_at: None });
+                        in_flight.push_back(store.replicate(commit).await?);
                     }
                     Some(Reply::Clients(snapshot)) => {
                         let clients = snapshot
@@ -290,10 +282,11 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
                             epoch: hello.epoch,
                             records: Vec::new(),
                             clients,
+                            kind: CommitKind::Snapshot(
+                                snapshot.complete.then_some(snapshot.consistent_at),
+                            ),
                         };
-                        let reply = store.replicate(commit).await?;
-                        let consistent_at = snapshot.complete.then_some(snapshot.consistent_at);
-                        in_flight.push_back(InFlight { reply, consistent_at });
+                        in_flight.push_back(store.replicate(commit).await?);
                     }
                     Some(Reply::Progress(progress)) => {
                         node.heard_primary_head(progress.head);
@@ -331,6 +324,14 @@ async fn ack(node: &Node, acks: &tokio::sync::mpsc::Sender<pb::FollowRequest>, a
 /// epoch history and purge horizon.
 async fn admit(node: &Node, hello: &pb::FollowHello) -> Result<(), Failure> {
     let store = node.store();
+    if !store.is_blank()? && *store.store_id() != *hello.store_id {
+        return Err(Failure::Refused(format!(
+            "this store is {}, the primary's is {}; a replica only follows its own store \
+             (start it from an empty data directory to copy the primary's)",
+            store.store_id(),
+            hello.store_id
+        )));
+    }
     let seen = store.seen_epoch()?;
     if hello.epoch < seen {
         return Err(Failure::Transient(format!(
@@ -340,25 +341,18 @@ async fn admit(node: &Node, hello: &pb::FollowHello) -> Result<(), Failure> {
         )));
     }
     let theirs = convert::epochs_from(&hello.epochs).map_err(Failure::Transient)?;
-    let ours: Epochs = store.epochs()?;
-    if let Some((first, last)) = theirs.divergence(ours.current(), store.written()) {
+    let ours = store.epochs();
+    if let Some((first, last)) = theirs.divergence(&ours, store.written()) {
         return Err(Failure::Diverged(
             first,
             format!(
-                "this node holds seqs {first}..={last} that the primary never had (committed here in epoch {} \
-                 before epoch {} began at seq {first}); restart with --discard-divergent to drop them",
-                ours.current(),
-                theirs.current()
+                "this node holds seqs {first}..={last} that the primary never had (its epoch history \
+                 and the primary's part at seq {first}); restart with --discard-divergent to drop them"
             ),
         ));
     }
-    if !store.is_blank()? && *store.store_id() != *hello.store_id {
-        return Err(Failure::Refused(format!(
-            "this store is {}, the primary's is {}; a replica only follows its own store \
-             (start it from an empty data directory to copy the primary's)",
-            store.store_id(),
-            hello.store_id
-        )));
+    if *store.store_id() != *hello.store_id {
+        tracing::info!(store_id = %hello.store_id, "a new replica takes its primary's store id");
     }
     store
         .admin(Admin::AdoptStoreId(hello.store_id.clone()))

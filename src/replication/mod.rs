@@ -39,7 +39,7 @@ use crate::{
     error::Error,
     pb::{self, sync_service_client::SyncServiceClient},
     shutdown::CancellationToken,
-    store::{Admin, Store, StoreError, model::Seq},
+    store::{Admin, Store, model::Seq},
 };
 
 /// What a node does now.
@@ -121,9 +121,6 @@ impl Follower {
 struct Upstream {
     /// The primary's head as last heard (`None` before the first hello).
     primary_head: Option<u64>,
-    /// The head at which this replica's client states are consistent with
-    /// its documents, once a snapshot was received.
-    consistent_at: Option<u64>,
 }
 
 /// A cheap `Clone` handle to the node's cluster state.
@@ -158,16 +155,22 @@ struct Shared {
     primary: Option<SyncServiceClient<Channel>>,
     /// One promotion at a time.
     promoting: tokio::sync::Mutex<()>,
+    /// Server shutdown, which also stops the follower.
+    shutdown: CancellationToken,
 }
 
 impl Node {
     /// The node of `store`: a replica if settings name a primary, a deposed
     /// primary if its store has seen a higher epoch than its own, else a
     /// primary.
-    pub fn new(store: Store, settings: Settings) -> Result<Self, Error> {
+    pub fn new(
+        store: Store,
+        settings: Settings,
+        shutdown: CancellationToken,
+    ) -> Result<Self, Error> {
         let role = if settings.primary.is_some() {
             Role::Replica
-        } else if store.seen_epoch()? > store.epochs()?.current() {
+        } else if store.seen_epoch()? > store.epochs().current() {
             tracing::warn!(
                 "this store was deposed by a newer epoch: it serves reads and refuses writes; \
                  restart it as a replica of the current primary"
@@ -181,7 +184,6 @@ impl Node {
             Some(url) => Some(forward::client(url, usize::MAX).map_err(Error::FailedPrecondition)?),
             None => None,
         };
-        let consistent_at = store.replica_consistent_at()?;
         Ok(Self {
             shared: Arc::new(Shared {
                 store,
@@ -190,22 +192,20 @@ impl Node {
                 followers: Mutex::default(),
                 next_follower: AtomicU64::new(0),
                 acked: Notify::new(),
-                upstream: Mutex::new(Upstream {
-                    primary_head: None,
-                    consistent_at,
-                }),
+                upstream: Mutex::default(),
                 ready: watch::Sender::new(ready),
                 follower: Mutex::default(),
                 primary,
                 promoting: tokio::sync::Mutex::new(()),
+                shutdown,
             }),
         })
     }
 
     /// On a replica: starts following the primary.
-    pub fn start_following(&self, shutdown: &CancellationToken) {
+    pub fn start_following(&self) {
         if self.role() == Role::Replica {
-            let handle = follower::spawn(self.clone(), shutdown.clone());
+            let handle = follower::spawn(self.clone(), self.shared.shutdown.clone());
             *self
                 .shared
                 .follower
@@ -244,17 +244,7 @@ impl Node {
                 ));
             }
         }
-        if !self.is_consistent() {
-            return Err(Error::FailedPrecondition(format!(
-                "this replica is still catching up (head {}, client states consistent from {}); \
-                 promote another replica or wait until it caught up",
-                self.shared.store.head(),
-                self.upstream().consistent_at.map_or_else(
-                    || "a snapshot not yet received".to_owned(),
-                    |at| at.to_string()
-                )
-            )));
-        }
+        self.check_consistent()?;
         let follower = self
             .shared
             .follower
@@ -265,12 +255,17 @@ impl Node {
             follower.stop().await;
         }
         let store = &self.shared.store;
-        // Every commit the follower queued is applied and durable first.
+        // Every commit the follower queued is applied and durable first;
+        // then the check holds for good (nothing changes the store now).
         store.admin(Admin::Flush).await?;
+        if let Err(e) = self.check_consistent() {
+            self.start_following();
+            return Err(e);
+        }
         let head = store.head();
-        let epochs = store.epochs()?.promoted(head, store.seen_epoch()?);
+        let epochs = store.epochs().promoted(head, store.seen_epoch()?);
         let epoch = epochs.current();
-        store.admin(Admin::SetEpochs(epochs, epoch)).await?;
+        store.admin(Admin::Promote(epochs)).await?;
         self.become_primary();
         tracing::warn!(epoch, %head, "promoted to primary");
         Ok((epoch, head))
@@ -356,10 +351,18 @@ impl Node {
                 consistent_at: None,
             },
         );
+        self.hold_purges();
         FollowerGuard {
             node: self.clone(),
             id,
         }
+    }
+
+    /// Tombstones above what some follower acknowledged are not purged
+    /// while it follows: it would never see those deletions.
+    fn hold_purges(&self) {
+        let floor = self.followers().values().map(|f| f.acked).min();
+        self.shared.store.hold_purges_above(floor.map(Seq));
     }
 
     fn followers(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Follower>> {
@@ -431,20 +434,24 @@ impl Node {
         self.refresh_ready();
     }
 
-    /// On a replica: its client states are consistent once it has applied
-    /// `at`; `None` while a new snapshot is on its way. Kept in the store,
-    /// so a replica restarted while its primary is down can be promoted.
-    pub async fn set_consistent_at(&self, at: Option<u64>) -> Result<(), StoreError> {
-        self.shared.store.admin(Admin::ConsistentAt(at)).await?;
-        self.upstream().consistent_at = at;
-        Ok(())
-    }
-
-    /// On a replica: whether its client states are consistent with its
-    /// documents (it may be promoted).
-    pub fn is_consistent(&self) -> bool {
-        let head = self.shared.store.head().0;
-        self.upstream().consistent_at.is_some_and(|at| head >= at)
+    /// Fails unless this replica's client states are consistent with its
+    /// documents (kept in the store with the commits, so it holds across
+    /// restarts): promoting it otherwise could apply a retry twice.
+    fn check_consistent(&self) -> Result<(), Error> {
+        let store = &self.shared.store;
+        let progress = store.clients_progress()?;
+        if progress.consistent(store.written()) {
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition(format!(
+            "this replica is still catching up (head {}; its client mutation-id states are consistent {}); \
+             promote another replica or wait until it caught up",
+            store.head(),
+            progress.consistent_at.map_or_else(
+                || "once a snapshot from the primary arrives".to_owned(),
+                |at| format!("from seq {at}")
+            )
+        )))
     }
 
     /// On a replica: re-evaluates readiness after applying or hearing.
@@ -480,6 +487,7 @@ impl FollowerGuard {
         if let Some(f) = self.node.followers().get_mut(&self.id) {
             f.acked = f.acked.max(applied);
         }
+        self.node.hold_purges();
         self.node.shared.acked.notify_waiters();
     }
 
@@ -502,6 +510,7 @@ impl FollowerGuard {
 impl Drop for FollowerGuard {
     fn drop(&mut self) {
         self.node.followers().remove(&self.id);
+        self.node.hold_purges();
         self.node.shared.acked.notify_waiters();
     }
 }

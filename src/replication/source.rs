@@ -69,8 +69,12 @@ impl ReplicationService for ReplicationApi {
                 .into());
             }
         };
-        let epochs = admit(&self.node, &start).await?;
-        let guard = Arc::new(self.node.follower(start.url.clone(), start.applied));
+        // Registered first: from now on it holds back tombstone purges
+        // above what it acknowledged (see `Node::follower`). What it
+        // acknowledges counts, not what it says it applied (in `buffered`
+        // mode that may not be durable yet).
+        let guard = Arc::new(self.node.follower(start.url.clone(), 0));
+        let (epochs, horizon) = admit(&self.node, &start).await?;
         tracing::info!(replica = %start.url, applied = start.applied, "replica following");
         let (tx, rx) = mpsc::channel(16);
         let stream = Source {
@@ -86,6 +90,7 @@ impl ReplicationService for ReplicationApi {
                 .max_message_bytes
                 .saturating_sub(MESSAGE_OVERHEAD_BYTES),
             shutdown: self.shutdown.clone(),
+            horizon,
         };
         tokio::spawn(read_acks(requests, guard));
         tokio::spawn(stream.run());
@@ -96,21 +101,14 @@ impl ReplicationService for ReplicationApi {
     }
 }
 
-/// Checks that `start` may follow this node; returns the epoch history.
-async fn admit(node: &Node, start: &pb::FollowStart) -> Result<Epochs, Error> {
+/// Checks that `start` may follow this node; returns the epoch history and
+/// the purge horizon it was checked against. Nothing is changed for a
+/// follower of another store.
+async fn admit(node: &Node, start: &pb::FollowStart) -> Result<(Arc<Epochs>, Seq), Error> {
     if node.role() != Role::Primary {
         return Err(node.not_primary());
     }
     let store = node.store();
-    let epochs = store.epochs()?;
-    if start.epoch > epochs.current() {
-        // Another node was promoted past this one: stop taking writes.
-        store
-            .admin(crate::store::Admin::SeenEpoch(start.epoch))
-            .await?;
-        node.depose(start.epoch);
-        return Err(node.not_primary());
-    }
     let store_id = store.store_id();
     if !start.store_id.is_empty() && *start.store_id != *store_id {
         return Err(Error::StoreMismatch {
@@ -118,8 +116,23 @@ async fn admit(node: &Node, start: &pb::FollowStart) -> Result<Epochs, Error> {
             primary: store_id.to_string(),
         });
     }
+    let epochs = store.epochs();
+    if start.epoch > epochs.current() {
+        // Another node of this store was promoted past this one: stop
+        // taking writes.
+        store
+            .admin(crate::store::Admin::SeenEpoch(start.epoch))
+            .await?;
+        node.depose(start.epoch);
+        return Err(node.not_primary());
+    }
+    let theirs = if start.epochs.is_empty() {
+        Epochs::default()
+    } else {
+        convert::epochs_from(&start.epochs).map_err(|e| Error::invalid("start.epochs", e))?
+    };
     let head = store.head();
-    if let Some((first, last)) = epochs.divergence(start.epoch, Seq(start.applied)) {
+    if let Some((first, last)) = epochs.divergence(&theirs, Seq(start.applied)) {
         return Err(Error::Diverged {
             first: first.0,
             last: last.0,
@@ -139,7 +152,7 @@ async fn admit(node: &Node, start: &pb::FollowStart) -> Result<Epochs, Error> {
         }
         .into());
     }
-    Ok(epochs)
+    Ok((epochs, horizon))
 }
 
 /// Reads the replica's acks until the stream ends.
@@ -163,7 +176,7 @@ struct Source {
     /// Where messages go.
     tx: mpsc::Sender<Result<pb::FollowResponse, Status>>,
     /// The epoch history as of the start.
-    epochs: Epochs,
+    epochs: Arc<Epochs>,
     /// Everything up to here was sent.
     sent: Seq,
     /// The next client snapshot holds states written at or after this.
@@ -172,6 +185,9 @@ struct Source {
     budget: usize,
     /// Server shutdown.
     shutdown: CancellationToken,
+    /// The purge horizon when the stream was admitted: a purge above what
+    /// the stream has read since then may have hidden a deletion.
+    horizon: Seq,
 }
 
 /// Why a stream stops sending.
@@ -213,12 +229,29 @@ impl Source {
         }
     }
 
-    /// Sends `message`; false if the replica is gone.
+    /// Sends `message`; false if the replica is gone or the server is
+    /// shutting down (a stalled replica does not hold the drain up).
     async fn send(&self, message: Reply) -> bool {
         let message = pb::FollowResponse {
             response: Some(message),
         };
-        self.tx.send(Ok(message)).await.is_ok()
+        tokio::select! {
+            sent = self.tx.send(Ok(message)) => sent.is_ok(),
+            () = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// Fails if tombstones above `from` were purged while the stream read
+    /// the log from there: the replica would never see those deletions.
+    fn check_purges(&self, from: Seq) -> Result<(), StoreError> {
+        let horizon = self.node.store().purge_horizon();
+        if horizon > from && horizon > self.horizon {
+            return Err(StoreError::Compacted {
+                since: from.0,
+                horizon: horizon.0,
+            });
+        }
+        Ok(())
     }
 
     /// Sends what the log retains up to the head, then the client
@@ -233,6 +266,7 @@ impl Source {
         // commit is `continued`, so the replica applies whole commits.
         while self.sent < upto {
             let run = store.read_records(self.sent, upto, self.budget).await?;
+            self.check_purges(self.sent)?;
             let reached = run.reached;
             let commit = pb::ReplicatedCommit {
                 prev_head: self.sent.0,
@@ -242,6 +276,8 @@ impl Source {
                 clients: Vec::new(),
                 primary_head: store.head().0,
                 continued: !run.commit_end,
+                from_log: true,
+                purge_horizon: store.purge_horizon().0,
             };
             if !self.send(Reply::Commit(commit)).await {
                 return Err(StoreError::Closed);
@@ -352,6 +388,7 @@ impl Source {
                 let mut from = commit.prev_head;
                 while from < commit.head {
                     let run = store.read_records(from, commit.head, self.budget).await?;
+                    self.check_purges(from)?;
                     records.extend(run.docs.iter().map(convert::record));
                     from = run.reached;
                 }
@@ -375,6 +412,8 @@ impl Source {
                 clients: Vec::new(),
                 primary_head: store.head().0,
                 continued: false,
+                from_log: false,
+                purge_horizon: store.purge_horizon().0,
             };
             let mut size = 0;
             while let Some(record) = records.pop_front() {

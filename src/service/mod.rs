@@ -98,14 +98,16 @@ impl SyncApi {
     /// was given that is not durable yet is waited for.
     /// Returns the purge horizon the checkpoint is consistent with.
     /// On a replica, a checkpoint above its head is waited for (at most
-    /// `wait`), as `min_checkpoint` is.
-    async fn check_checkpoint(
-        &self,
-        store_id: &str,
-        since: u64,
-        seen: u64,
-        wait: Duration,
-    ) -> Result<Seq, Error> {
+    /// `wait`), as `min_checkpoint` is. A checkpoint whose epoch is not the
+    /// one this node's history gives its seq came from a primary replaced
+    /// before it was replicated.
+    async fn check_checkpoint(&self, from: Checkpoint<'_>, wait: Duration) -> Result<Seq, Error> {
+        let Checkpoint {
+            store_id,
+            since,
+            seen,
+            epoch,
+        } = from;
         if !store_id.is_empty() && *store_id != *self.store.store_id() {
             return Err(Error::WrongStore {
                 current: self.store.store_id().to_string(),
@@ -117,7 +119,16 @@ impl SyncApi {
             let head = self.store.head().0;
             return Err(Error::CheckpointAhead { since, head });
         }
+        let ours = self.store.epochs().epoch_of(Seq(since));
+        if epoch != 0 && since != 0 && ours != epoch {
+            return Err(Error::CheckpointDiverged { since, epoch, ours });
+        }
         Ok(self.store.check_checkpoint(Seq(since), Seq(seen))?)
+    }
+
+    /// The epoch checkpoint `seq` was committed in, for answers.
+    fn epoch_of(&self, seq: u64) -> u64 {
+        self.store.epochs().epoch_of(Seq(seq))
     }
 
     /// How long a read may wait for this node to reach a checkpoint:
@@ -138,6 +149,18 @@ impl SyncApi {
         }
         self.node.wait_applied(Seq(min_checkpoint), wait).await
     }
+}
+
+/// Where a reader stands, as its request says.
+pub struct Checkpoint<'a> {
+    /// The store its checkpoint came from ("" if unknown).
+    pub store_id: &'a str,
+    /// The checkpoint.
+    pub since: u64,
+    /// The purge horizon it is consistent with.
+    pub seen: u64,
+    /// The epoch it was committed in (0 if unknown).
+    pub epoch: u64,
 }
 
 /// A stored document that cannot be sent within the message cap: only

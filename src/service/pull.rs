@@ -23,8 +23,13 @@ pub async fn handle(
     validate::collections(&req.collections)?;
     validate::client_id(&req.client_id)?;
     api.await_min_checkpoint(req.min_checkpoint, wait).await?;
-    api.check_checkpoint(&req.store_id, req.since, req.purge_horizon, wait)
-        .await?;
+    let from = super::Checkpoint {
+        store_id: &req.store_id,
+        since: req.since,
+        seen: req.purge_horizon,
+        epoch: req.checkpoint_epoch,
+    };
+    api.check_checkpoint(from, wait).await?;
     let limit = match req.limit {
         0 => DEFAULT_PULL_LIMIT,
         n => n,
@@ -66,6 +71,7 @@ pub async fn handle(
         last_mutation_id,
         store_id: api.store.store_id().to_string(),
         purge_horizon: page.horizon.0,
+        checkpoint_epoch: api.epoch_of(checkpoint),
     };
     let size = response.encoded_len();
     match response.documents.first() {

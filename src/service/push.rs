@@ -19,11 +19,9 @@ pub async fn handle(api: &SyncApi, req: pb::PushRequest) -> Result<pb::PushRespo
     tracing::debug!(mutations = count, checkpoint = %outcome.checkpoint, "push committed");
     // --sync-replicas: answered once enough replicas hold it.
     api.node.await_replicated(outcome.checkpoint).await?;
-    Ok(answer(
-        &outcome,
-        &api.store.store_id(),
-        api.settings.message_budget,
-    ))
+    let mut response = answer(&outcome, &api.store.store_id(), api.settings.message_budget);
+    response.checkpoint_epoch = api.epoch_of(response.checkpoint);
+    Ok(response)
 }
 
 /// The answer to a committed push, within `budget` bytes encoded, counting
@@ -38,6 +36,7 @@ fn answer(outcome: &PushOutcome, store_id: &str, budget: usize) -> pb::PushRespo
         last_mutation_id: outcome.last_mutation_id,
         checkpoint: outcome.checkpoint.0,
         store_id: store_id.to_owned(),
+        checkpoint_epoch: 0,
     };
     let mut room = budget.saturating_sub(response.encoded_len());
     for (full, result) in outcome.results.iter().zip(&mut response.results) {

@@ -36,9 +36,13 @@ pub async fn handle(
 ) -> Result<SubscribeStream, Error> {
     validate::collections(&req.collections)?;
     api.await_min_checkpoint(req.min_checkpoint, wait).await?;
-    let seen = api
-        .check_checkpoint(&req.store_id, req.since, req.purge_horizon, wait)
-        .await?;
+    let from = super::Checkpoint {
+        store_id: &req.store_id,
+        since: req.since,
+        seen: req.purge_horizon,
+        epoch: req.checkpoint_epoch,
+    };
+    let seen = api.check_checkpoint(from, wait).await?;
     let permit = api.subscribers.clone().try_acquire_owned().map_err(|_| {
         Error::ResourceExhausted(format!(
             "too many subscribers: this server allows {} open Subscribe streams; retry later or use another replica",
@@ -68,6 +72,7 @@ pub async fn handle(
         max_message_bytes: api.settings.max_message_bytes,
         failed: false,
         _permit: permit,
+        api: api.clone(),
     };
     Ok(Box::pin(futures_util::stream::unfold(
         state,
@@ -110,6 +115,8 @@ struct Feed {
     failed: bool,
     /// This stream's place under --max-subscribers, released on drop.
     _permit: OwnedSemaphorePermit,
+    /// The service, for the epochs of checkpoints.
+    api: SyncApi,
 }
 
 impl Feed {
@@ -185,6 +192,7 @@ impl Feed {
                 documents,
                 checkpoint,
                 purge_horizon: self.subscription.purge_horizon().0,
+                checkpoint_epoch: self.api.epoch_of(checkpoint),
             })),
         };
         let size = message.encoded_len();
@@ -205,6 +213,7 @@ impl Feed {
                 checkpoint: checkpoint.0,
                 caught_up,
                 purge_horizon: self.subscription.purge_horizon().0,
+                checkpoint_epoch: self.api.epoch_of(checkpoint.0),
             })),
         }));
     }

@@ -35,9 +35,9 @@ pub const META_EPOCHS: &[u8] = b"epochs";
 /// Meta key: the highest epoch this store has seen. Above the history's
 /// newest, this node was deposed: it takes no writes as a primary.
 pub const META_SEEN_EPOCH: &[u8] = b"seen_epoch";
-/// Meta key: on a replica, the seq from which its client states are
-/// consistent with its documents (absent while a snapshot is on its way).
-pub const META_CONSISTENT_AT: &[u8] = b"consistent_at";
+/// Meta key: on a replica, how complete its client states are (see
+/// `replica::ClientsProgress`); absent on a store that never followed one.
+pub const META_CLIENTS_PROGRESS: &[u8] = b"clients_progress";
 /// Meta key: the on-disk layout version.
 pub const META_SCHEMA: &[u8] = b"schema_version";
 

@@ -159,6 +159,11 @@ struct Shared {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     /// Next pages of paged pulls, read while the current one is sent.
     readahead: ReadAhead,
+    /// The epoch history (as in the meta tree; changed only by `admin`).
+    epochs: RwLock<Arc<Epochs>>,
+    /// Tombstones above this seq are not purged (see
+    /// [`Store::hold_purges_above`]).
+    purge_floor: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Store {
@@ -192,6 +197,7 @@ impl Store {
         let (tx, rx) = mpsc::channel(1024);
         let (writable_tx, writable) = watch::channel(true);
         let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let purge_floor = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
         let writer = Writer {
             db: db.clone(),
             trees: trees.clone(),
@@ -209,6 +215,7 @@ impl Store {
             writes: writes.clone(),
             max_unflushed_bytes: options.feed_max_bytes,
             epoch: std::cell::Cell::new(replica::Epochs::read(&trees.meta)?.current()),
+            purge_floor: purge_floor.clone(),
         };
         let spawn_failed = |e| StoreError::Storage(sled::Error::Io(e));
         let thread = std::thread::Builder::new()
@@ -225,6 +232,7 @@ impl Store {
                 .map_err(spawn_failed)?
         };
         tracing::info!(dir = %dir.display(), %store_id, head = %head, "store opened");
+        let trees_meta = trees.meta.clone();
         Ok(Self {
             shared: Arc::new(Shared {
                 trees,
@@ -239,6 +247,8 @@ impl Store {
                 writer: tx,
                 writer_thread: Mutex::new(Some(thread)),
                 readahead: ReadAhead::default(),
+                epochs: RwLock::new(Arc::new(Epochs::read(&trees_meta)?)),
+                purge_floor,
             }),
         })
     }
@@ -275,20 +285,9 @@ impl Store {
         Ok(self.feed().written() == Seq(0) && t.log.is_empty() && t.clients.is_empty())
     }
 
-    /// On a replica: the seq from which its client states are consistent
-    /// with its documents; `None` while a snapshot is on its way. A store
-    /// that never followed anyone is consistent from 0.
-    pub fn replica_consistent_at(&self) -> Result<Option<u64>, StoreError> {
-        match self.shared.trees.meta.get(keys::META_CONSISTENT_AT)? {
-            Some(bytes) => Ok(keys::parse_u64(&bytes)),
-            None if self.shared.trees.meta.get(keys::META_EPOCHS)?.is_none() => Ok(Some(0)),
-            None => Ok(None),
-        }
-    }
-
-    /// Whether no client state is stored.
-    pub fn has_no_clients(&self) -> bool {
-        self.shared.trees.clients.is_empty()
+    /// On a replica: how complete its client states are.
+    pub fn clients_progress(&self) -> Result<replica::ClientsProgress, StoreError> {
+        replica::ClientsProgress::read(&self.shared.trees.meta, self.written())
     }
 
     /// Changes identity, epochs or horizon, in order with commits, durably.
@@ -304,6 +303,12 @@ impl Store {
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)??;
+        let epochs = Epochs::read(&self.shared.trees.meta)?;
+        *self
+            .shared
+            .epochs
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(epochs);
         if let Some(id) = adopted {
             *self
                 .shared
@@ -314,15 +319,29 @@ impl Store {
         Ok(())
     }
 
+    /// Holds back the purge of tombstones above `seq` (`None`: no hold):
+    /// a primary keeps the deletions a connected replica has not yet
+    /// acknowledged, as a replication slot does.
+    pub fn hold_purges_above(&self, seq: Option<Seq>) {
+        self.shared.purge_floor.store(
+            seq.map_or(u64::MAX, |s| s.0),
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
     /// The epoch history.
-    pub fn epochs(&self) -> Result<Epochs, StoreError> {
-        Epochs::read(&self.shared.trees.meta)
+    pub fn epochs(&self) -> Arc<Epochs> {
+        self.shared
+            .epochs
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The highest epoch this store has seen (at least its own).
     pub fn seen_epoch(&self) -> Result<u64, StoreError> {
         let seen = read_meta_u64(&self.shared.trees.meta, keys::META_SEEN_EPOCH)?;
-        Ok(seen.max(self.epochs()?.current()))
+        Ok(seen.max(self.epochs().current()))
     }
 
     /// The records in `(after, upto]` (superseded ones included), about

@@ -46,6 +46,8 @@ pub struct GroupCommit {
     pub prev_head: Seq,
     /// Head seq after the group.
     pub head: Seq,
+    /// On a replica: its client progress after the group, written with it.
+    pub clients_progress: Option<super::replica::ClientsProgress>,
 }
 
 /// The rules a plan is held to besides the documents themselves.
@@ -147,6 +149,7 @@ pub fn apply_group(
             index: DocMap::default(),
             prev_head,
             head: prev_head,
+            clients_progress: None,
         },
         batch: DocMap::default(),
     };

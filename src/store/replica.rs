@@ -40,6 +40,92 @@ pub struct ReplicatedCommit {
     pub records: Vec<Document>,
     /// The clients' mutation-id states it wrote.
     pub clients: Vec<(String, ClientState)>,
+    /// What it is, for the replica's client states.
+    pub kind: CommitKind,
+}
+
+/// Where a replicated commit comes from, which says whether the replica's
+/// client states are complete after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitKind {
+    /// A live commit, with every client state it wrote.
+    Live,
+    /// Records read back from the primary's log, without client states
+    /// (a snapshot of them follows): the replica's client states are
+    /// behind its documents until then.
+    FromLog,
+    /// Client states of a snapshot; the last part says from which head on
+    /// the replica's client states are consistent with its documents.
+    Snapshot(Option<u64>),
+}
+
+/// How complete a replica's client states are, kept in its meta tree and
+/// changed only with the commits that change it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientsProgress {
+    /// Every client state written by a commit below this seq is here and
+    /// current: the next stream asks for the states written from here on.
+    pub from: u64,
+    /// The client states are consistent with the documents once the head
+    /// reaches this (`None`: a snapshot is on its way).
+    pub consistent_at: Option<u64>,
+}
+
+impl ClientsProgress {
+    /// Whether the client states are consistent with documents up to `head`.
+    pub fn consistent(&self, head: Seq) -> bool {
+        self.consistent_at.is_some_and(|at| head.0 >= at)
+    }
+
+    /// After a commit of `kind` ending at `head`.
+    fn after(self, kind: CommitKind, head: Seq) -> Self {
+        match kind {
+            CommitKind::FromLog => Self {
+                consistent_at: None,
+                ..self
+            },
+            CommitKind::Snapshot(Some(at)) => Self {
+                consistent_at: Some(at),
+                ..self
+            },
+            CommitKind::Snapshot(None) => self,
+            CommitKind::Live if self.consistent(head) => Self {
+                from: head.0,
+                ..self
+            },
+            CommitKind::Live => self,
+        }
+    }
+
+    /// The stored form: `[from][consistent_at or u64::MAX]`.
+    pub fn encode(&self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.from.to_be_bytes());
+        out[8..].copy_from_slice(&self.consistent_at.unwrap_or(u64::MAX).to_be_bytes());
+        out
+    }
+
+    /// Reads it from the meta tree. A store that never followed a primary
+    /// holds its own clients' states: complete and consistent up to `head`.
+    pub fn read(meta: &sled::Tree, head: Seq) -> Result<Self, StoreError> {
+        match meta.get(keys::META_CLIENTS_PROGRESS)? {
+            None => Ok(Self {
+                from: head.0,
+                consistent_at: Some(0),
+            }),
+            Some(bytes) => {
+                let from = keys::parse_u64(bytes.get(..8).unwrap_or_default());
+                let at = keys::parse_u64(bytes.get(8..).unwrap_or_default());
+                match (from, at) {
+                    (Some(from), Some(at)) => Ok(Self {
+                        from,
+                        consistent_at: (at != u64::MAX).then_some(at),
+                    }),
+                    _ => Err(StoreError::corrupt(keys::META, "bad clients progress")),
+                }
+            }
+        }
+    }
 }
 
 /// Where an epoch began.
@@ -49,6 +135,9 @@ pub struct EpochStart {
     pub epoch: u64,
     /// Its first seq.
     pub first_seq: Seq,
+    /// Chosen at random by the promotion that began it (0 for epoch 1), so
+    /// two promotions to the same epoch number differ.
+    pub id: u64,
 }
 
 /// A store's epoch history, oldest first; never empty. A store starts in
@@ -61,6 +150,7 @@ impl Default for Epochs {
         Self(vec![EpochStart {
             epoch: 1,
             first_seq: Seq(1),
+            id: 0,
         }])
     }
 }
@@ -107,20 +197,31 @@ impl Epochs {
         next.push(EpochStart {
             epoch: self.current().max(seen) + 1,
             first_seq: Seq(head.0 + 1),
+            id: uuid::Uuid::new_v4().as_u64_pair().0,
         });
         Self(next)
     }
 
-    /// The seqs a node holds that this history does not share: the node's
-    /// newest epoch is `epoch` and it holds seqs up to `applied`; if a later
-    /// epoch of this history began at or below `applied`, the node's seqs
-    /// from there on were committed by a primary this history replaced.
-    pub fn divergence(&self, epoch: u64, applied: Seq) -> Option<(Seq, Seq)> {
-        let next = self.0.iter().find(|e| e.epoch > epoch)?;
-        (applied >= next.first_seq).then_some((next.first_seq, applied))
+    /// The seqs a node with history `theirs` holding seqs up to `applied`
+    /// has that this history does not share: from the first seq where the
+    /// two histories disagree (an epoch one of them began that the other
+    /// does not have) to `applied`; none if that is above `applied`.
+    pub fn divergence(&self, theirs: &Epochs, applied: Seq) -> Option<(Seq, Seq)> {
+        let shared = self
+            .0
+            .iter()
+            .zip(&theirs.0)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let first = match (self.0.get(shared), theirs.0.get(shared)) {
+            (None, None) => return None,
+            (Some(e), None) | (None, Some(e)) => e.first_seq,
+            (Some(a), Some(b)) => a.first_seq.min(b.first_seq),
+        };
+        (applied >= first).then_some((first, applied))
     }
 
-    /// The stored form: `[epoch][first seq]` per entry, big-endian.
+    /// The stored form: `[epoch][first seq][id]` per entry, big-endian.
     pub fn encode(&self) -> Vec<u8> {
         self.0
             .iter()
@@ -129,6 +230,7 @@ impl Epochs {
                     .to_be_bytes()
                     .into_iter()
                     .chain(e.first_seq.0.to_be_bytes())
+                    .chain(e.id.to_be_bytes())
             })
             .collect()
     }
@@ -136,7 +238,7 @@ impl Epochs {
     /// Parses the stored form.
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let corrupt = |detail| StoreError::corrupt(keys::META, detail);
-        let (entries, rest) = bytes.as_chunks::<16>();
+        let (entries, rest) = bytes.as_chunks::<24>();
         if !rest.is_empty() {
             return Err(corrupt("short epoch history"));
         }
@@ -144,7 +246,8 @@ impl Epochs {
             .iter()
             .map(|e| EpochStart {
                 epoch: keys::parse_u64(&e[..8]).unwrap_or_default(),
-                first_seq: Seq(keys::parse_u64(&e[8..]).unwrap_or_default()),
+                first_seq: Seq(keys::parse_u64(&e[8..16]).unwrap_or_default()),
+                id: keys::parse_u64(&e[16..]).unwrap_or_default(),
             })
             .collect();
         Self::from_starts(starts).map_err(corrupt)
@@ -162,11 +265,14 @@ impl Epochs {
 /// Makes replicated commits (consecutive, starting at the replica's head)
 /// one group commit, checking that they are the next ones and well formed.
 /// `overlay` holds index entries written but not yet published.
+/// `progress` is the replica's client progress before them; the group
+/// carries it after them.
 pub fn plan(
     trees: &Trees,
     index: &Index,
     overlay: &DocMap<Entry>,
     head: Seq,
+    progress: ClientsProgress,
     commits: Vec<ReplicatedCommit>,
 ) -> Result<GroupCommit, StoreError> {
     let mut group = GroupCommit {
@@ -177,7 +283,9 @@ pub fn plan(
         index: DocMap::default(),
         prev_head: head,
         head,
+        clients_progress: Some(progress),
     };
+    let mut progress = progress;
     for commit in commits {
         if commit.prev_head != group.head || commit.head < commit.prev_head {
             return Err(StoreError::Replication(format!(
@@ -218,6 +326,7 @@ pub fn plan(
             codec::mark_commit_end(last);
         }
         group.head = commit.head;
+        progress = progress.after(commit.kind, commit.head);
         for (client, mut state) in commit.clients {
             let stored_last = match group.clients.get(&client) {
                 Some(write) => write.stored_last,
@@ -232,6 +341,7 @@ pub fn plan(
                 .insert(client, ClientWrite { stored_last, state });
         }
     }
+    group.clients_progress = Some(progress);
     Ok(group)
 }
 
@@ -305,31 +415,35 @@ pub fn clients_between(
 mod tests {
     use super::*;
 
+    /// Rule: a node's seqs from the first one where its epoch history and
+    /// the primary's disagree are divergent; two promotions to the same
+    /// epoch number disagree.
     #[test]
     fn divergence_is_the_suffix_a_later_epoch_replaced() {
-        let history = Epochs::default().promoted(Seq(10), 1);
+        let old = Epochs::default();
+        let history = old.promoted(Seq(10), 1);
         assert_eq!(history.current(), 2);
         assert_eq!(history.epoch_of(Seq(10)), 1);
         assert_eq!(history.epoch_of(Seq(11)), 2);
         // The old primary (epoch 1) went on to seq 14 alone.
-        assert_eq!(history.divergence(1, Seq(14)), Some((Seq(11), Seq(14))));
+        assert_eq!(history.divergence(&old, Seq(14)), Some((Seq(11), Seq(14))));
         // It stopped at 10: nothing to discard.
-        assert_eq!(history.divergence(1, Seq(10)), None);
+        assert_eq!(history.divergence(&old, Seq(10)), None);
         // A replica that followed epoch 2 shares everything.
-        assert_eq!(history.divergence(2, Seq(30)), None);
+        assert_eq!(history.divergence(&history, Seq(30)), None);
+        // Another replica promoted to epoch 2 at the same head.
+        let twin = old.promoted(Seq(10), 1);
+        assert_eq!(twin.current(), 2);
+        assert_eq!(history.divergence(&twin, Seq(12)), Some((Seq(11), Seq(12))));
+        assert_eq!(history.divergence(&twin, Seq(10)), None);
         assert_eq!(Epochs::decode(&history.encode()).unwrap(), history);
         assert!(Epochs::decode(&[1, 2, 3]).is_err());
-        let backwards = vec![
-            EpochStart {
-                epoch: 2,
-                first_seq: Seq(1),
-            },
-            EpochStart {
-                epoch: 1,
-                first_seq: Seq(5),
-            },
-        ];
-        assert!(Epochs::from_starts(backwards).is_err());
+        let start = |epoch, seq| EpochStart {
+            epoch,
+            first_seq: Seq(seq),
+            id: 0,
+        };
+        assert!(Epochs::from_starts(vec![start(2, 1), start(1, 5)]).is_err());
     }
 
     #[test]

@@ -42,7 +42,7 @@ use super::{
     model::{Document, PushBatch, PushOutcome, Seq},
     pull,
     push::{self, GroupCommit, Limits},
-    replica::{self, Epochs, ReplicatedCommit},
+    replica::{self, ClientsProgress, Epochs, ReplicatedCommit},
 };
 
 /// Most document bytes in one commit published to subscribers when durable
@@ -96,9 +96,9 @@ pub enum Admin {
     /// Nothing but the flush: everything queued before is durable and
     /// published once it answers.
     Flush,
-    /// On a replica: its client states are consistent with its documents
-    /// from this seq on (`None`: a new client snapshot is on its way).
-    ConsistentAt(Option<u64>),
+    /// This replica becomes a primary with this history: its clients'
+    /// states are its own from now on.
+    Promote(Epochs),
 }
 
 /// What the writer is asked to do.
@@ -205,6 +205,9 @@ pub struct Writer {
     pub max_unflushed_bytes: usize,
     /// The current epoch, stamped on published commits.
     pub epoch: Cell<u64>,
+    /// Tombstones above this seq stay (a replica has not acknowledged
+    /// them yet); `u64::MAX`: no hold.
+    pub purge_floor: Arc<AtomicU64>,
 }
 
 /// State only the writer thread touches.
@@ -333,13 +336,16 @@ impl Writer {
         let (commits, replies): (Vec<ReplicatedCommit>, Vec<_>) =
             jobs.into_iter().map(|j| (j.commit, j.reply)).unzip();
         let head = self.feed.written();
-        let planned = replica::plan(
-            &self.trees,
-            &self.index,
-            &local.borrow().overlay,
-            head,
-            commits,
-        );
+        let planned = ClientsProgress::read(&self.trees.meta, head).and_then(|progress| {
+            replica::plan(
+                &self.trees,
+                &self.index,
+                &local.borrow().overlay,
+                head,
+                progress,
+                commits,
+            )
+        });
         let result = planned.and_then(|group| {
             // Commit times go on from the primary's: after a promotion
             // they still never go backwards.
@@ -365,7 +371,9 @@ impl Writer {
         local: &RefCell<Local>,
         group: GroupCommit,
     ) -> Result<Vec<Result<PushOutcome, StoreError>>, StoreError> {
-        let wrote = group.head != group.prev_head || !group.clients.is_empty();
+        let wrote = group.head != group.prev_head
+            || !group.clients.is_empty()
+            || group.clients_progress.is_some();
         if wrote && let Err(e) = self.write(&group) {
             tracing::error!(cause = %e, "group commit failed");
             return Err(StoreError::CommitFailed);
@@ -548,6 +556,9 @@ impl Writer {
             if group.head != group.prev_head {
                 meta.insert(keys::META_HEAD, &group.head.0.to_be_bytes())?;
             }
+            if let Some(progress) = &group.clients_progress {
+                meta.insert(keys::META_CLIENTS_PROGRESS, &progress.encode())?;
+            }
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         });
         if let Err(e) = marked {
@@ -556,8 +567,8 @@ impl Writer {
             }
             // Without the mark the records are not committed: take them
             // back (a crash now leaves them for discard_uncommitted).
-            for seq in group.prev_head.0 + 1..=group.head.0 {
-                let _ = t.log.remove(keys::seq_key(Seq(seq)));
+            for doc in &group.changes {
+                let _ = t.log.remove(keys::seq_key(doc.seq));
             }
             return Err(match e {
                 TransactionError::Abort(e) => e,
@@ -578,9 +589,11 @@ impl Writer {
         }
         // Only this thread changes the index, so what it says now holds
         // through the commit.
+        let floor = self.purge_floor.load(Ordering::Acquire);
         let tombstones: Vec<_> = purge
             .tombstones
             .iter()
+            .filter(|t| t.seq.0 <= floor)
             .filter(|t| {
                 local
                     .overlay
@@ -673,11 +686,12 @@ impl Writer {
             }
             Admin::Discard(from) => self.discard(local, from)?,
             Admin::Flush => {}
-            Admin::ConsistentAt(Some(at)) => {
-                meta.insert(keys::META_CONSISTENT_AT, &at.to_be_bytes())?;
-            }
-            Admin::ConsistentAt(None) => {
-                meta.remove(keys::META_CONSISTENT_AT)?;
+            Admin::Promote(epochs) => {
+                let epoch = epochs.current();
+                meta.insert(keys::META_EPOCHS, epochs.encode())?;
+                meta.insert(keys::META_SEEN_EPOCH, &epoch.to_be_bytes())?;
+                meta.remove(keys::META_CLIENTS_PROGRESS)?;
+                self.epoch.set(epoch);
             }
         }
         let write = self.writes.fetch_add(1, Ordering::AcqRel) + 1;
@@ -740,6 +754,14 @@ impl Writer {
         self.trees
             .meta
             .insert(keys::META_HEAD, &head.0.to_be_bytes())?;
+        // Every client state is copied again from the primary.
+        let progress = ClientsProgress {
+            from: 0,
+            consistent_at: None,
+        };
+        self.trees
+            .meta
+            .insert(keys::META_CLIENTS_PROGRESS, &progress.encode())?;
         let (back, gone): (Vec<_>, Vec<_>) = restore.into_iter().partition(|(_, e)| e.is_some());
         self.index.remove(gone.iter().map(|(k, _)| k));
         self.index

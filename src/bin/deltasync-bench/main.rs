@@ -134,6 +134,10 @@ enum Workload {
         body: usize,
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// Most documents pushed per second (0: closed loop, as fast as
+        /// the primary answers).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
     },
     /// Opens many idle streams to measure server memory per subscriber, then
     /// writes a few changes and checks every stream gets each exactly once.
@@ -201,7 +205,16 @@ async fn main() -> Result<(), Error> {
             batch,
             body,
             duration,
-        } => replicate::run(&args, replicas, clients, batch, body, duration).await?,
+            rate,
+        } => {
+            let load = Load {
+                clients,
+                batch,
+                body,
+                duration,
+            };
+            replicate::run(&args, replicas, load, rate).await?
+        }
     };
     let rss = rss_kb(args.server_pid).map_or_else(|| "na".to_owned(), |kb| kb.to_string());
     println!(
@@ -209,6 +222,14 @@ async fn main() -> Result<(), Error> {
         args.target, result
     );
     Ok(())
+}
+
+/// The shape of a push load.
+struct Load {
+    clients: usize,
+    batch: usize,
+    body: usize,
+    duration: Duration,
 }
 
 /// A `body`-byte value, built once per run (and once per encoding).

@@ -1,56 +1,48 @@
 //! The `replicate` workload (deltasync only): closed-loop pushes to a
-//! primary while one live Subscribe per replica records when each replica
-//! has applied what: the replica's apply rate, and replication lag from
-//! the primary's acknowledgement of a push to the moment a replica has
-//! applied its checkpoint (measured by that replica's Subscribe stream,
-//! so it includes the replica's own fan-out, a fraction of a millisecond).
+//! primary while the primary's Status, polled every millisecond, tells
+//! when each replica acknowledged what as durable: the replicas' apply
+//! rate, and replication lag from the primary's answer to a push to the
+//! moment a replica has durably applied its checkpoint (to within the
+//! poll interval).
 
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use deltasync::pb::{
-    self, admin_service_client::AdminServiceClient, subscribe_response::Event,
-    sync_service_client::SyncServiceClient,
-};
+use deltasync::pb::{self, admin_service_client::AdminServiceClient};
 
 use crate::{Args, Error, histogram, latency_fields, micros, target::Conn, value};
 
 /// (checkpoint, when) pairs, in checkpoint order.
 type Marks = Arc<Mutex<Vec<(u64, Instant)>>>;
 
-/// Follows `replica` from its head, noting when each checkpoint arrived.
-async fn follow(replica: String, marks: Marks) -> Result<(), Error> {
-    let channel = tonic::transport::Endpoint::from_shared(replica)?
+/// Polls the primary's Status every millisecond, noting for each replica
+/// (by URL) when its acknowledged seq moved: when it had durably applied
+/// what. (A Subscribe on the replica would add the replica's own fan-out
+/// and the subscriber's decoding to the lag.)
+async fn watch_acks(primary: String, replicas: Vec<String>, marks: Vec<Marks>) -> Result<(), Error> {
+    let channel = tonic::transport::Endpoint::from_shared(primary)?
         .tcp_nodelay(true)
         .connect()
         .await?;
-    let head = AdminServiceClient::new(channel.clone())
-        .status(pb::StatusRequest {})
-        .await?
-        .into_inner()
-        .head;
-    let mut stream = SyncServiceClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .subscribe(pb::SubscribeRequest {
-            since: head,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    while let Some(message) = stream.message().await? {
-        let checkpoint = match message.event {
-            Some(Event::Changes(batch)) => batch.checkpoint,
-            Some(Event::Progress(p)) => p.checkpoint,
-            None => continue,
-        };
-        marks
-            .lock()
-            .map_err(|_| "poisoned")?
-            .push((checkpoint, Instant::now()));
+    let mut admin = AdminServiceClient::new(channel);
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticker.tick().await;
+        let status = admin.status(pb::StatusRequest {}).await?.into_inner();
+        let now = Instant::now();
+        for r in status.replicas {
+            let Some(i) = replicas.iter().position(|u| *u == r.url) else {
+                continue;
+            };
+            let mut m = marks[i].lock().map_err(|_| "poisoned")?;
+            if m.last().is_none_or(|(c, _)| *c < r.acked) {
+                m.push((r.acked, now));
+            }
+        }
     }
-    Ok(())
 }
 
 /// When the replica had applied `checkpoint`, from its marks.
@@ -59,20 +51,26 @@ fn applied_at(marks: &[(u64, Instant)], checkpoint: u64) -> Option<Instant> {
     marks.get(i).map(|(_, t)| *t)
 }
 
+/// `rate` caps the documents pushed per second (0: as fast as the
+/// primary answers).
 pub async fn run(
     args: &Args,
     replicas: &[String],
-    clients: usize,
-    batch: usize,
-    body: usize,
-    duration: Duration,
+    load: crate::Load,
+    rate: u64,
 ) -> Result<String, Error> {
+    let crate::Load {
+        clients,
+        batch,
+        body,
+        duration,
+    } = load;
     let marks: Vec<Marks> = replicas.iter().map(|_| Marks::default()).collect();
-    let followers: Vec<_> = replicas
-        .iter()
-        .zip(&marks)
-        .map(|(r, m)| tokio::spawn(follow(r.clone(), m.clone())))
-        .collect();
+    let followers = vec![tokio::spawn(watch_acks(
+        args.endpoint.clone(),
+        replicas.to_vec(),
+        marks.clone(),
+    ))];
     let value = Arc::new(value(body));
     let start = Instant::now();
     let deadline = start + duration;
@@ -81,10 +79,20 @@ pub async fn run(
         let mut conn = Conn::connect(args.target, &args.endpoint).await?;
         let value = value.clone();
         let client = format!("bench-r{c}");
+        // Each client's share of the rate, as one push every `period`.
+        let mut pace = (rate > 0).then(|| {
+            let pushes_per_s = rate as f64 / (batch * clients) as f64;
+            let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / pushes_per_s));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         tasks.push(tokio::spawn(async move {
             let mut acks = Vec::new();
             let mut n = 0usize;
             while Instant::now() < deadline {
+                if let Some(pace) = &mut pace {
+                    pace.tick().await;
+                }
                 let keys: Vec<String> = (0..batch).map(|i| format!("r{c}-{n}-{i}")).collect();
                 let first = u64::try_from(n * batch + 1)?;
                 let checkpoint = conn
@@ -120,11 +128,19 @@ pub async fn run(
     }
     let mut lag = histogram();
     let mut per_replica = Vec::new();
+    // Lag over time, per second of the run: where a tail comes from.
+    let mut seconds: Vec<hdrhistogram::Histogram<u64>> = Vec::new();
     for m in &marks {
         let m = m.lock().map_err(|_| "poisoned")?;
         for (checkpoint, acked) in &acks {
             if let Some(at) = applied_at(&m, *checkpoint) {
-                lag.record(micros(at.saturating_duration_since(*acked)))?;
+                let us = micros(at.saturating_duration_since(*acked));
+                lag.record(us)?;
+                let second = usize::try_from(acked.duration_since(start).as_secs())?;
+                while seconds.len() <= second {
+                    seconds.push(histogram());
+                }
+                seconds[second].record(us)?;
             }
         }
         // Documents the replica applied while the load ran.
@@ -145,13 +161,21 @@ pub async fn run(
         .map(|r| format!("{r:.0}"))
         .collect::<Vec<_>>()
         .join(",");
+    for (i, h) in seconds.iter().enumerate() {
+        eprintln!(
+            "  second {i}: lag p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+            h.max() as f64 / 1000.0
+        );
+    }
     eprintln!(
         "replicate: primary {primary_rate:.0} docs/s; replicas applied {apply} seqs/s; lag {}; drained {:.0} ms after the load",
         latency_fields(&lag),
         drain.as_secs_f64() * 1000.0
     );
     Ok(format!(
-        "workload=replicate clients={clients} batch={batch} body={body} replicas={} docs_per_s={primary_rate:.0} replica_seqs_per_s={apply} drain_ms={} lag_{}",
+        "workload=replicate clients={clients} batch={batch} body={body} rate={rate} replicas={} docs_per_s={primary_rate:.0} replica_seqs_per_s={apply} drain_ms={} lag_{}",
         replicas.len(),
         drain.as_millis(),
         latency_fields(&lag).replace(' ', " lag_")

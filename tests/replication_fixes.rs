@@ -1,0 +1,778 @@
+//! Replication review fixes: real `deltasync` processes checking the rules
+//! a review of the replication change found broken. A catch-up cut before
+//! its client snapshot must not lose client mutation-id states (nor let the
+//! replica be promoted meanwhile); a follower of another store never
+//! deposes a primary; a checkpoint from a replaced primary's unreplicated
+//! suffix is refused (CHECKPOINT_DIVERGED) instead of silently skipping
+//! changes; and a primary keeps the tombstones a connected replica has not
+//! acknowledged.
+//!
+//! Nothing sleeps to wait for a server: every wait is a bounded poll
+//! ([`Patience`]). Where a test must hold the replication stream it puts a
+//! [`Gate`], a TCP relay with a byte allowance, between the replica and its
+//! primary.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::{process::Process, *};
+use deltasync::pb::{
+    self, EpochStart, FollowRequest, FollowStart, Outcome, PullRequest, Role, SubscribeRequest,
+    follow_request, replication_service_client::ReplicationServiceClient,
+};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::{AbortHandle, JoinHandle},
+    time::Instant,
+};
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::{ErrorInfo, StatusExt};
+
+/// The collection every test writes to.
+const DOCS: &str = "docs";
+/// A primary whose replication messages are small (about 60 KiB of
+/// records): a catch-up over a few dozen documents of [`BIG`] bytes spans
+/// several messages. `--max-batch` must shrink with the message cap (every
+/// result skeleton must fit an answer).
+const SMALL_MESSAGES: [&str; 6] = [
+    "--max-message-bytes",
+    "65536",
+    "--max-batch",
+    "50",
+    "--max-body-bytes",
+    "8192",
+];
+/// Body size (one string field) of the documents that fill messages.
+const BIG: usize = 4000;
+/// Short retention: superseded versions and tombstones go after 1 s,
+/// rounds every 100 ms.
+const SHORT_RETENTION: [&str; 8] = [
+    "--history-retention",
+    "1s",
+    "--tombstone-retention",
+    "1s",
+    "--history-max-versions",
+    "1",
+    "--compaction-interval",
+    "100ms",
+];
+
+// ---------------------------------------------------------------------------
+// Harness (from tests/replication.rs)
+// ---------------------------------------------------------------------------
+
+/// A bounded poll for multi-process tests: each `tick` waits 20 ms, and
+/// panics naming what was awaited once 20 s have gone by.
+struct Patience {
+    /// What the test waits for, for the panic message.
+    what: String,
+    /// When it gives up.
+    deadline: Instant,
+}
+
+impl Patience {
+    fn new(what: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            deadline: Instant::now() + Duration::from_secs(20),
+        }
+    }
+
+    async fn tick(&self) {
+        assert!(
+            Instant::now() < self.deadline,
+            "{}: not reached in 20 s",
+            self.what
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A temporary directory and the store path inside it, which outlives the
+/// processes started on it (a restart reuses it).
+fn data_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("store");
+    (dir, data)
+}
+
+/// Starts the binary on `data` with `args` (log discarded).
+fn start(data: &Path, args: &[&str]) -> Process {
+    Process::start(data, args, |_| {})
+}
+
+/// Starts a replica of `primary_url` on `data`, with `extra` flags.
+fn start_replica(data: &Path, primary_url: &str, extra: &[&str]) -> Process {
+    let mut args = vec!["--replicate-from", primary_url];
+    args.extend_from_slice(extra);
+    start(data, &args)
+}
+
+/// A ReplicationService client of `p`.
+async fn replication(p: &Process) -> ReplicationServiceClient<Channel> {
+    ReplicationServiceClient::connect(p.url())
+        .await
+        .expect("connect")
+}
+
+/// The ErrorInfo detail of `status`, which must have one.
+fn error_info(status: &Status) -> ErrorInfo {
+    status
+        .get_error_details()
+        .error_info()
+        .cloned()
+        .unwrap_or_else(|| panic!("{status:?} has no ErrorInfo detail"))
+}
+
+/// Asserts `status` is `code` with ErrorInfo `reason` (domain deltasync).
+fn assert_reason(status: &Status, code: Code, reason: &str) -> ErrorInfo {
+    assert_eq!(status.code(), code, "{status:?}");
+    let info = error_info(status);
+    assert_eq!(
+        (info.reason.as_str(), info.domain.as_str()),
+        (reason, "deltasync"),
+        "{status:?}"
+    );
+    info
+}
+
+/// Everything a client can read of a node's store, to compare nodes.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    /// The store's identity, as every page reported it.
+    store_id: String,
+    /// Every document, from a Pull from 0 paged to the end.
+    documents: Vec<pb::Document>,
+    /// The checkpoint of the last page.
+    checkpoint: u64,
+    /// The purge horizon of the last page.
+    purge_horizon: u64,
+    /// `last_mutation_id` per client id, from Pull with `client_id`.
+    last_ids: BTreeMap<String, u64>,
+}
+
+/// Reads a [`Snapshot`] of `p` in pages of 50, passing back each page's
+/// checkpoint and purge horizon.
+async fn snapshot(p: &Process, clients: &[String]) -> Snapshot {
+    let mut c = p.client().await;
+    let (mut since, mut seen) = (0, 0);
+    let mut documents = Vec::new();
+    let mut store_id: Option<String> = None;
+    loop {
+        let page = c
+            .pull(PullRequest {
+                since,
+                purge_horizon: seen,
+                limit: 50,
+                ..Default::default()
+            })
+            .await
+            .expect("pull")
+            .into_inner();
+        let id = store_id.get_or_insert_with(|| page.store_id.clone());
+        assert_eq!(*id, page.store_id, "pages of one pass name one store");
+        documents.extend(page.documents);
+        (since, seen) = (page.checkpoint, page.purge_horizon);
+        if !page.has_more {
+            break;
+        }
+    }
+    let mut last_ids = BTreeMap::new();
+    for client in clients {
+        last_ids.insert(client.clone(), last_mutation_id(&mut c, client).await);
+    }
+    Snapshot {
+        store_id: store_id.unwrap_or_default(),
+        documents,
+        checkpoint: since,
+        purge_horizon: seen,
+        last_ids,
+    }
+}
+
+/// Waits until every replica's Status.head is the primary's, then until
+/// each returns the primary's snapshot (client states may land in a commit
+/// that moves no head), and returns it.
+async fn converged(primary: &Process, replicas: &[&Process], clients: &[String]) -> Snapshot {
+    let head = primary.status().await.head;
+    for r in replicas {
+        let wait = Patience::new(format!("replica {} reaches head {head}", r.url()));
+        while r.status().await.head != head {
+            wait.tick().await;
+        }
+    }
+    let expected = snapshot(primary, clients).await;
+    assert_eq!(expected.checkpoint, head);
+    for r in replicas {
+        let wait = Patience::new(format!("replica {} reads as the primary", r.url()));
+        loop {
+            let got = snapshot(r, clients).await;
+            if got == expected {
+                break;
+            }
+            if Instant::now() + Duration::from_millis(40) >= wait.deadline {
+                assert_eq!(got, expected, "replica {} differs", r.url());
+            }
+            wait.tick().await;
+        }
+    }
+    expected
+}
+
+/// A body of about `size` bytes.
+fn big(n: u64, size: usize) -> Value {
+    json!({"n": n, "pad": "x".repeat(size)})
+}
+
+/// Pushes `mutations` through `p` (non-atomic, anonymous): the checkpoint.
+async fn write(p: &Process, mutations: Vec<pb::Mutation>) -> u64 {
+    let mut c = p.client().await;
+    push(&mut c, "", mutations).await.checkpoint
+}
+
+/// A Pull on `p` from `since`, naming the store and the epoch the
+/// checkpoint was given out in (0: an old client that does not say).
+async fn pull_at(
+    p: &Process,
+    store_id: &str,
+    since: u64,
+    checkpoint_epoch: u64,
+) -> Result<pb::PullResponse, Status> {
+    let mut c = p.client().await;
+    let request = PullRequest {
+        since,
+        store_id: store_id.into(),
+        checkpoint_epoch,
+        ..Default::default()
+    };
+    c.pull(request).await.map(tonic::Response::into_inner)
+}
+
+/// `p`'s purge horizon, as a Pull from 0 reports it.
+async fn purge_horizon(p: &Process) -> u64 {
+    pull_page(&mut p.client().await, 0).await.purge_horizon
+}
+
+/// Promotes `p` (a replica).
+async fn promote(p: &Process) -> Result<pb::PromoteResponse, Status> {
+    let mut admin = p.admin().await;
+    admin
+        .promote(pb::PromoteRequest {})
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+// ---------------------------------------------------------------------------
+// A gate between a replica and its primary (from tests/replication.rs)
+// ---------------------------------------------------------------------------
+
+/// A TCP relay standing between a replica and its primary. What the
+/// replica sends passes freely; what the primary sends passes only up to a
+/// byte allowance per connection. A test holds the replication stream at a
+/// chosen point by choosing the allowance. Unlike the gate of
+/// tests/replication.rs, a connection accepted while the allowance is 0
+/// does not reach the primary until it is raised: the primary starts that
+/// stream (and reads the head its catch-up goes to) only then.
+struct Gate {
+    /// Where replicas connect.
+    addr: SocketAddr,
+    /// Bytes of the primary's that each connection may pass.
+    allowance: watch::Sender<u64>,
+    /// The connections accepted so far.
+    connections: Arc<Mutex<Vec<Relayed>>>,
+    /// The accept loop.
+    accept: JoinHandle<()>,
+}
+
+impl Gate {
+    /// A gate to the primary at `upstream` (`host:port`).
+    async fn start(upstream: &str, allowance: u64) -> Self {
+        let upstream: SocketAddr = upstream.parse().expect("primary address");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let allowance = watch::Sender::new(allowance);
+        let connections: Arc<Mutex<Vec<Relayed>>> = Arc::default();
+        let accept = tokio::spawn({
+            let (allowance, connections) = (allowance.clone(), connections.clone());
+            async move {
+                while let Ok((down, _)) = listener.accept().await {
+                    let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                    let task = tokio::spawn(relay(
+                        down,
+                        upstream,
+                        allowance.subscribe(),
+                        delivered.clone(),
+                    ));
+                    connections.lock().unwrap().push(Relayed {
+                        task: task.abort_handle(),
+                        delivered,
+                    });
+                }
+            }
+        });
+        Self {
+            addr,
+            allowance,
+            connections,
+            accept,
+        }
+    }
+
+    /// The URL a replica is given as its primary.
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Lets each connection pass `bytes` of the primary's in all.
+    fn allow(&self, bytes: u64) {
+        self.allowance.send_replace(bytes);
+    }
+
+    /// Lets everything through.
+    fn open(&self) {
+        self.allow(u64::MAX);
+    }
+
+    /// Holds the newest connection where it is: nothing more of the
+    /// primary's passes.
+    fn hold(&self) {
+        let delivered = self
+            .connections
+            .lock()
+            .unwrap()
+            .last()
+            .map_or(0, |c| c.delivered.load(std::sync::atomic::Ordering::SeqCst));
+        self.allow(delivered);
+    }
+
+    /// Breaks every open connection (the replica sees its stream fail);
+    /// connections from now on may pass `allowance` bytes.
+    fn cut(&self, allowance: u64) {
+        self.allow(allowance);
+        for c in self.connections.lock().unwrap().iter() {
+            c.task.abort();
+        }
+    }
+}
+
+/// One connection through a [`Gate`].
+struct Relayed {
+    /// Its relay task (aborted to break the connection).
+    task: AbortHandle,
+    /// Bytes of the primary's it delivered to the replica.
+    delivered: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for c in self.connections.lock().unwrap().iter() {
+            c.task.abort();
+        }
+    }
+}
+
+/// One relayed connection: the replica's bytes go up freely, the primary's
+/// come down within the allowance. While the allowance is 0 it does not
+/// connect to the primary at all.
+async fn relay(
+    down: TcpStream,
+    upstream: SocketAddr,
+    mut allowance: watch::Receiver<u64>,
+    delivered: Arc<std::sync::atomic::AtomicU64>,
+) {
+    if allowance.wait_for(|a| *a > 0).await.is_err() {
+        return;
+    }
+    let Ok(up) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (mut down_read, mut down_write) = down.into_split();
+    let (mut up_read, mut up_write) = up.into_split();
+    let requests = async {
+        let _ = tokio::io::copy(&mut down_read, &mut up_write).await;
+    };
+    let responses = async {
+        let mut buf = vec![0; 16 * 1024];
+        let mut sent: u64 = 0;
+        loop {
+            let n = match up_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut at = 0;
+            while at < n {
+                let Ok(allowed) = allowance.wait_for(|a| *a > sent).await.map(|a| *a) else {
+                    return;
+                };
+                let room = usize::try_from(allowed - sent).unwrap_or(usize::MAX);
+                let len = room.min(n - at);
+                if down_write.write_all(&buf[at..at + len]).await.is_err() {
+                    return;
+                }
+                at += len;
+                sent += u64::try_from(len).expect("small");
+                delivered.store(sent, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    };
+    tokio::select! {
+        () = requests => {}
+        () = responses => {}
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client states across a catch-up cut before its snapshot
+// ---------------------------------------------------------------------------
+
+/// Rule: a replica whose catch-up from the log is cut before the client
+/// snapshot still ends with every client's mutation-id state, and cannot be
+/// promoted while its client states are behind its documents; once they
+/// have caught up it can, and a retry of a mutation applied before the cut
+/// answers DUPLICATE on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_catch_up_cut_before_the_snapshot_keeps_client_states() {
+    let (_dp, dp) = data_dir();
+    let (_dr, dr) = data_dir();
+    let primary = start(&dp, &SMALL_MESSAGES);
+    let mut c = primary.client().await;
+    // c0 gives the replica a non-empty clients tree.
+    push(&mut c, "c0", vec![put(DOCS, "zero", json!({})).id(1)]).await;
+    let gate = Gate::start(&primary.addr, u64::MAX).await;
+    let replica = start_replica(&dr, &gate.url(), &[]);
+    converged(&primary, &[&replica], &["c0".to_owned()]).await;
+
+    // Break the stream; the replica's next connection waits at the gate
+    // before reaching the primary, so everything below is sent from the log.
+    gate.cut(0);
+    let c1_at = push(&mut c, "c1", vec![put(DOCS, "one", json!({})).id(1)])
+        .await
+        .checkpoint;
+    for k in 0..40 {
+        push(&mut c, "", vec![put(DOCS, &format!("b{k}"), big(k, BIG))]).await;
+    }
+    let head = primary.status().await.head;
+    assert_eq!(head, c1_at + 40);
+
+    // The hello and about two of the catch-up's ~60 KiB messages (of 160 KiB).
+    gate.allow(130_000);
+    let wait = Patience::new("the replica applies past c1's write");
+    let applied = loop {
+        let applied = replica.status().await.head;
+        if applied > c1_at {
+            break applied;
+        }
+        wait.tick().await;
+    };
+    assert!(applied < head, "130 KB cannot carry the whole catch-up");
+    let mut rc = replica.client().await;
+    assert_eq!(
+        last_mutation_id(&mut rc, "c1").await,
+        0,
+        "the client snapshot comes after the log records, held at the gate"
+    );
+    let refused = promote(&replica)
+        .await
+        .expect_err("a replica whose client states are behind its documents");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(replica.status().await.role(), Role::Replica);
+
+    // Cut again; the next connection passes everything.
+    gate.cut(u64::MAX);
+    let wait = Patience::new("the replica learns c1's mutation id");
+    while last_mutation_id(&mut rc, "c1").await != 1 {
+        wait.tick().await;
+    }
+    let clients = vec!["c0".to_owned(), "c1".to_owned()];
+    let s = converged(&primary, &[&replica], &clients).await;
+    assert_eq!((s.last_ids["c0"], s.last_ids["c1"]), (1, 1));
+
+    let promoted = promote(&replica)
+        .await
+        .expect("a replica whose client states caught up");
+    assert_eq!((promoted.epoch, promoted.head), (2, head));
+    let retried = push_one(&mut rc, "c1", put(DOCS, "one", json!({})).id(1)).await;
+    assert_eq!(outcome(&retried), Outcome::Duplicate, "{retried:?}");
+    let retried = push_one(&mut rc, "c0", put(DOCS, "zero", json!({})).id(1)).await;
+    assert_eq!(outcome(&retried), Outcome::Duplicate, "{retried:?}");
+    assert_eq!(replica.status().await.head, head, "a retry writes nothing");
+}
+
+// ---------------------------------------------------------------------------
+// A foreign follower
+// ---------------------------------------------------------------------------
+
+/// Rule: a follower of another store never deposes a primary, whatever
+/// epoch it claims: it is refused FAILED_PRECONDITION (STORE_MISMATCH), and
+/// the primary stays a primary at its own epoch, taking writes, also after
+/// a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_follower_never_deposes_the_primary() {
+    let (_dp, dp) = data_dir();
+    let primary = start(&dp, &[]);
+    assert_eq!(write(&primary, vec![put(DOCS, "a", json!({}))]).await, 1);
+    let own = primary.status().await;
+
+    // Another store's cluster failed over once: its follower is at epoch 2.
+    let mut follow = replication(&primary).await;
+    let foreign = FollowRequest {
+        request: Some(follow_request::Request::Start(FollowStart {
+            store_id: "some-other-store".into(),
+            applied: 1,
+            epoch: 2,
+            url: "http://elsewhere:1".into(),
+            clients_since: 1,
+            epochs: vec![
+                EpochStart {
+                    epoch: 1,
+                    first_seq: 1,
+                    id: 0,
+                },
+                EpochStart {
+                    epoch: 2,
+                    first_seq: 1,
+                    id: 7,
+                },
+            ],
+        })),
+    };
+    let refused = follow
+        .follow(futures_util::stream::iter([foreign]))
+        .await
+        .expect_err("a follower of another store is refused");
+    assert_reason(&refused, Code::FailedPrecondition, "STORE_MISMATCH");
+
+    assert_still_primary(&primary, &own, "after the refusal").await;
+    // Nothing of the foreign epoch was kept: a restart leaves it primary.
+    primary.kill_9();
+    let primary = start(&dp, &[]);
+    assert_still_primary(&primary, &own, "after a restart").await;
+}
+
+/// Asserts `p` is the primary `own` described (same store, epoch, not
+/// deposed), and takes a write.
+async fn assert_still_primary(p: &Process, own: &pb::StatusResponse, context: &str) {
+    let s = p.status().await;
+    assert_eq!(
+        (s.role(), s.deposed, s.epoch, s.store_id.as_str()),
+        (Role::Primary, false, own.epoch, own.store_id.as_str()),
+        "{context}"
+    );
+    let mut c = p.client().await;
+    let pushed = c
+        .push(pb::PushRequest {
+            mutations: vec![put(DOCS, context, json!({}))],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{context}: the primary takes writes: {e:?}"))
+        .into_inner();
+    assert_eq!(outcome(&pushed.results[0]), Outcome::Applied, "{context}");
+    assert_eq!(pushed.checkpoint, s.head + 1, "{context}");
+}
+
+// ---------------------------------------------------------------------------
+// Checkpoints across a failover
+// ---------------------------------------------------------------------------
+
+/// Rule: a reader holding a checkpoint from the old primary's unreplicated
+/// suffix is told to resync after failover instead of silently missing
+/// changes: once the promoted replica's own seqs pass that checkpoint, a
+/// Pull or Subscribe from it with its epoch is OUT_OF_RANGE (reason
+/// CHECKPOINT_DIVERGED). A checkpoint both primaries share is served, and
+/// answered with the new epoch; a reader that does not say its
+/// checkpoint's epoch (0, an old client) is served as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkpoint_from_an_unreplicated_suffix_is_refused_after_failover() {
+    let (_da, da) = data_dir();
+    let (_db, db) = data_dir();
+    let a = start(&da, &["--sync-replicas", "0"]);
+    let gate = Gate::start(&a.addr, u64::MAX).await;
+    let b = start_replica(&db, &gate.url(), &[]);
+    let shared = (0..5)
+        .map(|i| put(DOCS, &format!("shared{i}"), json!({"i": i})))
+        .collect();
+    let shared = write(&a, shared).await;
+    converged(&a, &[&b], &[]).await;
+    let store_id = a.status().await.store_id;
+
+    // B is held: what A writes from now on is never replicated, but a
+    // reader of A sees it.
+    gate.hold();
+    let page = pull_at(&a, &store_id, 0, 0).await.expect("a pull from 0");
+    assert_eq!((page.checkpoint, page.checkpoint_epoch), (shared, 1));
+    for i in 0..3 {
+        write(&a, vec![put(DOCS, &format!("lost{i}"), json!({"i": i}))]).await;
+    }
+    let page = pull_at(&a, &store_id, shared, 1)
+        .await
+        .expect("the reader reads on");
+    let (checkpoint, epoch) = (page.checkpoint, page.checkpoint_epoch);
+    assert_eq!(
+        (checkpoint, epoch, page.documents.len()),
+        (shared + 3, 1, 3)
+    );
+    a.kill_9();
+
+    let promoted = promote(&b).await.expect("B is promoted");
+    assert_eq!((promoted.epoch, promoted.head), (2, shared));
+    let refused = pull_at(&b, &store_id, checkpoint, epoch)
+        .await
+        .expect_err("a checkpoint beyond B's head");
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+
+    // B's own writes take the seqs after `shared`, past the checkpoint.
+    for i in 0..4 {
+        write(&b, vec![put(DOCS, &format!("new{i}"), json!({"i": i}))]).await;
+    }
+    let head = b.status().await.head;
+    assert_eq!(head, shared + 4);
+    assert!(head > checkpoint);
+
+    let refused = pull_at(&b, &store_id, checkpoint, epoch)
+        .await
+        .expect_err("a checkpoint of the unreplicated suffix");
+    let info = assert_reason(&refused, Code::OutOfRange, "CHECKPOINT_DIVERGED");
+    let metadata = |key: &str| info.metadata.get(key).cloned().unwrap_or_default();
+    assert_eq!(
+        (
+            metadata("checkpoint"),
+            metadata("checkpoint_epoch"),
+            metadata("epoch")
+        ),
+        (checkpoint.to_string(), "1".to_owned(), "2".to_owned())
+    );
+    let refused = b
+        .client()
+        .await
+        .subscribe(SubscribeRequest {
+            since: checkpoint,
+            store_id: store_id.clone(),
+            checkpoint_epoch: epoch,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a Subscribe from the unreplicated suffix");
+    assert_reason(&refused, Code::OutOfRange, "CHECKPOINT_DIVERGED");
+
+    // The shared checkpoint is served: every change B made, in epoch 2.
+    let page = pull_at(&b, &store_id, shared, 1)
+        .await
+        .expect("a checkpoint both primaries share");
+    let ids: Vec<&str> = page.documents.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["new0", "new1", "new2", "new3"]);
+    assert_eq!((page.checkpoint, page.checkpoint_epoch), (head, 2));
+
+    // An old client (no epoch) is served as before.
+    let page = pull_at(&b, &store_id, checkpoint, 0)
+        .await
+        .expect("a checkpoint without its epoch");
+    let ids: Vec<&str> = page.documents.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["new3"]);
+    assert_eq!((page.checkpoint, page.checkpoint_epoch), (head, 2));
+}
+
+// ---------------------------------------------------------------------------
+// Tombstones a replica has not acknowledged
+// ---------------------------------------------------------------------------
+
+/// Rule: a primary does not purge tombstones a connected replica has not
+/// acknowledged: while the replica's stream is held, the primary's purge
+/// horizon stays at or below the replica's ack, though a lone primary with
+/// the same retention purges the same deletions; once released, the
+/// replica converges (the documents deleted on both, identical Pulls from
+/// 0) and the primary purges them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_primary_keeps_tombstones_a_replica_has_not_acknowledged() {
+    let (_dp, dp) = data_dir();
+    let (_dr, dr) = data_dir();
+    let (_dl, dl) = data_dir();
+    let primary = start(&dp, &SHORT_RETENTION);
+    let lone = start(&dl, &SHORT_RETENTION);
+    let gate = Gate::start(&primary.addr, u64::MAX).await;
+    let replica = start_replica(&dr, &gate.url(), &SHORT_RETENTION);
+    let created: Vec<_> = (0..5)
+        .map(|i| put(DOCS, &format!("d{i}"), json!({"i": i})))
+        .collect();
+    for node in [&primary, &lone] {
+        assert_eq!(write(node, created.clone()).await, 5);
+    }
+    let acked = |s: pb::StatusResponse| s.replicas.iter().map(|r| r.acked).collect::<Vec<_>>();
+    let wait = Patience::new("the replica acknowledges the creations");
+    while acked(primary.status().await) != [5] {
+        wait.tick().await;
+    }
+
+    // Held: the deletions (seqs 6..=8) do not reach the replica.
+    gate.hold();
+    let deletions: Vec<_> = (0..3).map(|i| delete(DOCS, &format!("d{i}"))).collect();
+    for node in [&primary, &lone] {
+        assert_eq!(write(node, deletions.clone()).await, 8);
+    }
+    // Watched for as long as the lone primary takes to purge them, and ten
+    // compaction rounds more.
+    let wait = Patience::new("the lone primary purges the deletions");
+    let mut until = None;
+    loop {
+        assert_eq!(
+            acked(primary.status().await),
+            [5],
+            "the held replica acknowledged the creations only"
+        );
+        let horizon = purge_horizon(&primary).await;
+        assert!(
+            horizon <= 5,
+            "the primary purged up to {horizon}, above its replica's ack 5"
+        );
+        match until {
+            None if purge_horizon(&lone).await == 8 => {
+                until = Some(Instant::now() + Duration::from_secs(1));
+            }
+            Some(t) if Instant::now() >= t => break,
+            _ => {}
+        }
+        wait.tick().await;
+    }
+    let kept = snapshot(&primary, &[]).await;
+    let tombstones: Vec<&str> = kept
+        .documents
+        .iter()
+        .filter(|d| d.deleted)
+        .map(|d| d.id.as_str())
+        .collect();
+    assert_eq!(tombstones, ["d0", "d1", "d2"]);
+    assert_eq!(replica.status().await.head, 5);
+
+    gate.open();
+    let wait = Patience::new("the replica applies the deletions");
+    while replica.status().await.head != 8 {
+        wait.tick().await;
+    }
+    let mut rc = replica.client().await;
+    for i in 0..3 {
+        let id = format!("d{i}");
+        let doc = get(&mut rc, DOCS, &id).await;
+        assert!(
+            doc.is_none_or(|d| d.deleted),
+            "{id} is deleted on the replica"
+        );
+    }
+    let wait = Patience::new("the primary purges the acknowledged deletions");
+    while purge_horizon(&primary).await != 8 {
+        wait.tick().await;
+    }
+    let s = converged(&primary, &[&replica], &[]).await;
+    let live: Vec<&str> = s.documents.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!((live, s.purge_horizon), (vec!["d3", "d4"], 8));
+}

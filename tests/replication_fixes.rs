@@ -18,7 +18,10 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -306,7 +309,7 @@ impl Gate {
             let (allowance, connections) = (allowance.clone(), connections.clone());
             async move {
                 while let Ok((down, _)) = listener.accept().await {
-                    let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                    let delivered = Arc::new(AtomicU64::new(0));
                     let task = tokio::spawn(relay(
                         down,
                         upstream,
@@ -351,7 +354,7 @@ impl Gate {
             .lock()
             .unwrap()
             .last()
-            .map_or(0, |c| c.delivered.load(std::sync::atomic::Ordering::SeqCst));
+            .map_or(0, |c| c.delivered.load(Ordering::SeqCst));
         self.allow(delivered);
     }
 
@@ -370,7 +373,7 @@ struct Relayed {
     /// Its relay task (aborted to break the connection).
     task: AbortHandle,
     /// Bytes of the primary's it delivered to the replica.
-    delivered: Arc<std::sync::atomic::AtomicU64>,
+    delivered: Arc<AtomicU64>,
 }
 
 impl Drop for Gate {
@@ -389,7 +392,7 @@ async fn relay(
     down: TcpStream,
     upstream: SocketAddr,
     mut allowance: watch::Receiver<u64>,
-    delivered: Arc<std::sync::atomic::AtomicU64>,
+    delivered: Arc<AtomicU64>,
 ) {
     if allowance.wait_for(|a| *a > 0).await.is_err() {
         return;
@@ -422,7 +425,7 @@ async fn relay(
                 }
                 at += len;
                 sent += u64::try_from(len).expect("small");
-                delivered.store(sent, std::sync::atomic::Ordering::SeqCst);
+                delivered.store(sent, Ordering::SeqCst);
             }
         }
     };

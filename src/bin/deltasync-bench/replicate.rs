@@ -21,7 +21,11 @@ type Marks = Arc<Mutex<Vec<(u64, Instant)>>>;
 /// (by URL) when its acknowledged seq moved: when it had durably applied
 /// what. (A Subscribe on the replica would add the replica's own fan-out
 /// and the subscriber's decoding to the lag.)
-async fn watch_acks(primary: String, replicas: Vec<String>, marks: Vec<Marks>) -> Result<(), Error> {
+async fn watch_acks(
+    primary: String,
+    replicas: Vec<String>,
+    marks: Vec<Marks>,
+) -> Result<(), Error> {
     let channel = tonic::transport::Endpoint::from_shared(primary)?
         .tcp_nodelay(true)
         .connect()

@@ -22,22 +22,9 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
 DURATION=${DURATION:-10s}
 PACED_RATE=${PACED_RATE:-20000}
-if ! command -v protoc > /dev/null; then
-  if [ "$(id -u)" -eq 0 ]; then apt-get update -qq && apt-get install -y -qq protobuf-compiler > /dev/null
-  else sudo apt-get update -qq && sudo apt-get install -y -qq protobuf-compiler > /dev/null; fi
-fi
-cargo build --release --features bench --quiet
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 bin=./target/release/deltasync
-bench=./target/release/deltasync-bench
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2> /dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-results="$work/results.txt"
-: > "$results"
-
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 # start NAME [flags...]: sets url and pid.
 start() {
   local name=$1 port; shift; port=$(free_port)

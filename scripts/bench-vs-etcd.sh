@@ -23,22 +23,9 @@ DURATION=${DURATION:-10s}
 DOCS=${DOCS:-1000000}
 SOAK_STREAMS=${SOAK_STREAMS:-10000}
 
-sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-if ! command -v etcd > /dev/null || ! command -v protoc > /dev/null; then
-  sudo_if_needed apt-get update -qq
-  sudo_if_needed apt-get install -y -qq etcd-server protobuf-compiler > /dev/null
-fi
-cargo build --release --features bench --quiet
-bench=./target/release/deltasync-bench
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2> /dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
-results="$work/results.txt"
-: > "$results"
-
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+PACKAGES="etcd:etcd-server"
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 
 start_deltasync() {
   local port; port=$(free_port)

@@ -8,7 +8,6 @@ mod common;
 
 use std::{
     collections::{BTreeSet, HashMap},
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -17,51 +16,13 @@ use std::{
 };
 
 use common::{
+    cluster::*,
     process::{Logs, Process},
     *,
 };
 use deltasync::pb::{self, Outcome, PushRequest, Role};
 use serde_json::{Value, json};
 use tonic::Code;
-use tonic_types::StatusExt;
-
-/// The longest wait for anything a node does in the background.
-const PATIENCE: Duration = Duration::from_secs(20);
-
-/// Waits until `done` holds, polling every 20 ms, at most [`PATIENCE`].
-async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done().await {
-        assert!(Instant::now() < deadline, "not within {PATIENCE:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A temporary data directory, kept (with the store in it) across restarts
-/// of the node that uses it.
-struct DataDir(tempfile::TempDir);
-
-impl DataDir {
-    fn new() -> Self {
-        Self(tempfile::tempdir().expect("temp dir"))
-    }
-
-    fn path(&self) -> PathBuf {
-        self.0.path().join("store")
-    }
-}
-
-/// A primary on `dir` with `args` added.
-fn primary(dir: &DataDir, args: &[&str]) -> Process {
-    Process::start(&dir.path(), args, |_| {})
-}
-
-/// A replica of `upstream` on `dir` with `args` added, keeping its log.
-fn replica(dir: &DataDir, upstream: &str, args: &[&str]) -> (Process, Logs) {
-    let mut all = vec!["--replicate-from", upstream];
-    all.extend_from_slice(args);
-    Process::start_logged(&dir.path(), &all)
-}
 
 /// Waits until `replica` has everything `primary` has, and `primary` lists
 /// it (by its advertise URL) as in sync at its head.
@@ -77,46 +38,28 @@ async fn caught_up(primary: &Process, replica: &Process) {
     .await;
 }
 
-/// Every document from checkpoint 0, page by page.
-async fn pull_all(node: &Process) -> Vec<pb::Document> {
-    let mut client = node.client().await;
-    let mut docs = Vec::new();
-    let mut since = 0;
-    loop {
-        let page = client
-            .pull(pb::PullRequest {
-                since,
-                limit: 1000,
-                ..Default::default()
-            })
-            .await
-            .expect("pull")
-            .into_inner();
-        docs.extend(page.documents);
-        since = page.checkpoint;
-        if !page.has_more {
-            return docs;
-        }
-    }
+/// A primary on `dirs[0]` and two replicas of it on `dirs[1]` and
+/// `dirs[2]` (logs kept), all started with `args`: the cluster a failover
+/// starts from, returned once both replicas have caught up.
+async fn primary_and_replicas(
+    dirs: [&DataDir; 3],
+    args: &[&str],
+) -> (Process, (Process, Logs), (Process, Logs)) {
+    let primary = start(dirs[0], args);
+    let a = start_replica_logged(dirs[1], &primary.url(), args);
+    let b = start_replica_logged(dirs[2], &primary.url(), args);
+    caught_up(&primary, &a.0).await;
+    caught_up(&primary, &b.0).await;
+    (primary, a, b)
 }
 
-/// Promotes `node` (a replica).
-async fn promote(node: &Process) -> pb::PromoteResponse {
-    node.admin()
+/// Every document of `node` by id, to look a writer's documents up.
+async fn docs_by_id(node: &Process) -> HashMap<String, pb::Document> {
+    pull_all(node)
         .await
-        .promote(pb::PromoteRequest {})
-        .await
-        .expect("promote")
-        .into_inner()
-}
-
-/// The ErrorInfo reason of a status (empty if it has none).
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|info| info.reason.clone())
-        .unwrap_or_default()
+        .into_iter()
+        .map(|d| (d.id.clone(), d))
+        .collect()
 }
 
 /// The log entries at `level` whose message contains `text`.
@@ -263,11 +206,8 @@ fn check_state(w: &Writer, doc: &pb::Document) {
 async fn acknowledged_writes_survive_failover() {
     let sync = ["--sync-replicas", "1"];
     let (p_dir, a_dir, b_dir) = (DataDir::new(), DataDir::new(), DataDir::new());
-    let old = primary(&p_dir, &sync);
-    let (a, a_logs) = replica(&a_dir, &old.url(), &sync);
-    let (b, b_logs) = replica(&b_dir, &old.url(), &sync);
-    caught_up(&old, &a).await;
-    caught_up(&old, &b).await;
+    let (old, (a, a_logs), (b, b_logs)) =
+        primary_and_replicas([&p_dir, &a_dir, &b_dir], &sync).await;
 
     let acks = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -313,7 +253,7 @@ async fn acknowledged_writes_survive_failover() {
     } else {
         ((b, b_dir), (a, a_dir), heads.1)
     };
-    let promoted = promote(&new).await;
+    let promoted = promote(&new).await.expect("promote");
     assert_eq!((promoted.epoch, promoted.head), (2, head));
     let status = new.status().await;
     assert_eq!(
@@ -324,11 +264,7 @@ async fn acknowledged_writes_survive_failover() {
     // Every acknowledged change is there as acknowledged.
     let acked: usize = writers.iter().map(|w| w.acked.len()).sum();
     assert!(acked >= 20, "only {acked} mutations acknowledged");
-    let docs: HashMap<String, pb::Document> = pull_all(&new)
-        .await
-        .into_iter()
-        .map(|d| (d.id.clone(), d))
-        .collect();
+    let docs = docs_by_id(&new).await;
     let mut client = new.client().await;
     for w in &writers {
         let mut changes: HashMap<&str, u64> = HashMap::new();
@@ -387,7 +323,7 @@ async fn acknowledged_writes_survive_failover() {
 
     // The other replica, pointed at the new primary, converges.
     other.kill_9();
-    let (other, _) = replica(&other_dir, &new.url(), &sync);
+    let other = start_replica(&other_dir, &new.url(), &sync);
     caught_up(&new, &other).await;
     assert_eq!(pull_all(&other).await, pull_all(&new).await);
 
@@ -447,7 +383,7 @@ async fn acknowledged_writes_survive_failover() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreplicated_push_is_unavailable_until_a_replica_holds_it() {
     let (p_dir, r_dir) = (DataDir::new(), DataDir::new());
-    let node = primary(&p_dir, &["--sync-replicas", "1", "--sync-timeout", "500ms"]);
+    let node = start(&p_dir, &["--sync-replicas", "1", "--sync-timeout", "500ms"]);
     let mut client = node.client().await;
     let req = request(
         "sync-client",
@@ -470,7 +406,7 @@ async fn unreplicated_push_is_unavailable_until_a_replica_holds_it() {
         );
     }
 
-    let (replica, _) = replica(&r_dir, &node.url(), &[]);
+    let replica = start_replica(&r_dir, &node.url(), &[]);
     caught_up(&node, &replica).await;
     let resp = client.push(req).await.expect("the retry").into_inner();
     for r in &resp.results {
@@ -503,11 +439,7 @@ async fn unreplicated_push_is_unavailable_until_a_replica_holds_it() {
 async fn old_primary_is_fenced_by_the_new_epoch() {
     let sync = ["--sync-replicas", "1", "--sync-timeout", "500ms"];
     let (p_dir, a_dir, b_dir) = (DataDir::new(), DataDir::new(), DataDir::new());
-    let old = primary(&p_dir, &sync);
-    let (a, _) = replica(&a_dir, &old.url(), &sync);
-    let (b, _) = replica(&b_dir, &old.url(), &sync);
-    caught_up(&old, &a).await;
-    caught_up(&old, &b).await;
+    let (old, (a, _), (b, _)) = primary_and_replicas([&p_dir, &a_dir, &b_dir], &sync).await;
     let mut client = old.client().await;
     push(
         &mut client,
@@ -523,10 +455,10 @@ async fn old_primary_is_fenced_by_the_new_epoch() {
     old.kill_9();
 
     // A becomes the primary (epoch 2); B follows it and writes continue.
-    let promoted = promote(&a).await;
+    let promoted = promote(&a).await.expect("promote");
     assert_eq!(promoted.epoch, 2);
     b.kill_9();
-    let (b, _) = replica(&b_dir, &a.url(), &sync);
+    let b = start_replica(&b_dir, &a.url(), &sync);
     caught_up(&a, &b).await;
     let mut on_new = a.client().await;
     push(
@@ -540,7 +472,7 @@ async fn old_primary_is_fenced_by_the_new_epoch() {
 
     // The old primary comes back as a primary: it has not heard of epoch 2,
     // but no replica of it holds its writes, so none is acknowledged.
-    let old = primary(&p_dir, &sync);
+    let old = start(&p_dir, &sync);
     let status = old.status().await;
     assert_eq!(
         (status.role(), status.epoch, status.deposed),
@@ -557,7 +489,7 @@ async fn old_primary_is_fenced_by_the_new_epoch() {
     // B (epoch 2) is pointed at it: it is deposed, and B takes nothing.
     let (b_head, b_docs) = (b.status().await.head, pull_all(&b).await);
     b.kill_9();
-    let (b, _) = replica(&b_dir, &old.url(), &sync);
+    let b = start_replica(&b_dir, &old.url(), &sync);
     wait_for("the old primary is deposed", async || {
         old.status().await.deposed
     })
@@ -565,11 +497,7 @@ async fn old_primary_is_fenced_by_the_new_epoch() {
     let status = old.status().await;
     assert_eq!((status.deposed, status.epoch), (true, 2));
     let refused = push_refused(&mut client, stale.clone()).await;
-    assert_eq!(
-        (refused.code(), reason(&refused).as_str()),
-        (Code::FailedPrecondition, "NOT_PRIMARY"),
-        "{refused:?}"
-    );
+    assert_reason(&refused, Code::FailedPrecondition, "NOT_PRIMARY");
     let status = b.status().await;
     assert_eq!((status.head, status.epoch), (b_head, 2));
     assert_eq!(pull_all(&b).await, b_docs);
@@ -577,14 +505,10 @@ async fn old_primary_is_fenced_by_the_new_epoch() {
 
     // Restarted as a primary, it is still deposed.
     old.kill_9();
-    let old = primary(&p_dir, &sync);
+    let old = start(&p_dir, &sync);
     assert!(old.status().await.deposed);
     let refused = push_refused(&mut old.client().await, stale).await;
-    assert_eq!(
-        (refused.code(), reason(&refused).as_str()),
-        (Code::FailedPrecondition, "NOT_PRIMARY"),
-        "{refused:?}"
-    );
+    assert_reason(&refused, Code::FailedPrecondition, "NOT_PRIMARY");
 }
 
 /// Rule: an old primary restarted as a replica of the new primary while
@@ -596,9 +520,9 @@ async fn old_primary_is_fenced_by_the_new_epoch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_primary_rejoins_after_discarding_its_divergent_suffix() {
     let (p_dir, r_dir) = (DataDir::new(), DataDir::new());
-    let old = primary(&p_dir, &[]);
+    let old = start(&p_dir, &[]);
     let old_url = old.url();
-    let (r, _) = replica(&r_dir, &old_url, &[]);
+    let r = start_replica(&r_dir, &old_url, &[]);
     let mut client = old.client().await;
     push(
         &mut client,
@@ -630,8 +554,8 @@ async fn old_primary_rejoins_after_discarding_its_divergent_suffix() {
 
     // The replica, restarted while its primary is down, is promoted and
     // takes other writes, with the same client's next ids.
-    let (r, _) = replica(&r_dir, &old_url, &[]);
-    let promoted = promote(&r).await;
+    let r = start_replica(&r_dir, &old_url, &[]);
+    let promoted = promote(&r).await.expect("promote");
     assert_eq!((promoted.epoch, promoted.head), (2, shared));
     let mut on_new = r.client().await;
     push(
@@ -645,7 +569,7 @@ async fn old_primary_rejoins_after_discarding_its_divergent_suffix() {
     .await;
 
     // Pointed at the new primary, the old one refuses to follow.
-    let (old, logs) = replica(&p_dir, &r.url(), &[]);
+    let (old, logs) = start_replica_logged(&p_dir, &r.url(), &[]);
     let range = format!("{}..={}", shared + 1, old_head);
     wait_for("the old primary refuses to follow", async || {
         !logged(&logs, "ERROR", &range).is_empty()
@@ -653,11 +577,7 @@ async fn old_primary_rejoins_after_discarding_its_divergent_suffix() {
     .await;
     let status = old.status().await;
     assert_eq!((status.role(), status.head), (Role::Replica, old_head));
-    let docs: HashMap<String, pb::Document> = pull_all(&old)
-        .await
-        .into_iter()
-        .map(|d| (d.id.clone(), d))
-        .collect();
+    let docs = docs_by_id(&old).await;
     assert_eq!(json(&docs["a"])["by"], "old");
     assert!(docs["b"].deleted);
     assert!(docs.contains_key("e") && docs.contains_key("f"));
@@ -667,7 +587,7 @@ async fn old_primary_rejoins_after_discarding_its_divergent_suffix() {
     old.kill_9();
 
     // With --discard-divergent it drops them, logging each, and converges.
-    let (old, logs) = replica(&p_dir, &r.url(), &["--discard-divergent"]);
+    let (old, logs) = start_replica_logged(&p_dir, &r.url(), &["--discard-divergent"]);
     wait_for("the old primary converges", async || {
         if let Some(refusal) = logged(&logs, "ERROR", "not following").pop() {
             panic!("with --discard-divergent it still refuses to follow: {refusal}");
@@ -710,10 +630,10 @@ async fn old_primary_rejoins_after_discarding_its_divergent_suffix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_describes_the_cluster_and_a_primary_is_not_promoted() {
     let (p_dir, a_dir, b_dir) = (DataDir::new(), DataDir::new(), DataDir::new());
-    let node = primary(&p_dir, &[]);
+    let node = start(&p_dir, &[]);
     let url = node.url();
-    let (a, _) = replica(&a_dir, &url, &[]);
-    let (b, _) = replica(&b_dir, &url, &[]);
+    let a = start_replica(&a_dir, &url, &[]);
+    let b = start_replica(&b_dir, &url, &[]);
     let mut client = node.client().await;
     push(
         &mut client,
@@ -727,12 +647,7 @@ async fn status_describes_the_cluster_and_a_primary_is_not_promoted() {
     caught_up(&node, &a).await;
     caught_up(&node, &b).await;
 
-    let refused = node
-        .admin()
-        .await
-        .promote(pb::PromoteRequest {})
-        .await
-        .expect_err("a primary is not promoted");
+    let refused = promote(&node).await.expect_err("a primary is not promoted");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
 
     let status = node.status().await;

@@ -14,108 +14,36 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use common::{
+    cluster::*,
     process::{Logs, Process},
     *,
 };
 use deltasync::pb::{
     self, ConflictStrategy, FollowRequest, FollowStart, GetRequest, Outcome, PullRequest,
     PushRequest, Role, SubscribeRequest, follow_request, follow_response,
-    replication_service_client::ReplicationServiceClient, subscribe_response::Event,
+    subscribe_response::Event,
 };
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::watch,
-    task::{AbortHandle, JoinHandle},
-    time::Instant,
-};
+use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Status, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
-use tonic_types::{ErrorInfo, StatusExt};
 
 /// The collection every test writes to.
 const DOCS: &str = "docs";
 /// The service name whose health is the node's readiness.
 const SYNC_SERVICE: &str = "deltasync.v1.SyncService";
-/// A primary whose replication messages are small (about 60 KiB of
-/// records): a few documents of [`BIG`] bytes make a commit span several
-/// messages. `--max-batch` must shrink with the message cap (every result
-/// skeleton must fit an answer).
-const SMALL_MESSAGES: [&str; 6] = [
-    "--max-message-bytes",
-    "65536",
-    "--max-batch",
-    "50",
-    "--max-body-bytes",
-    "8192",
-];
-/// Body size (one string field) of the documents that fill messages.
-const BIG: usize = 4000;
 
 // ---------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------
-
-/// A bounded poll for multi-process tests: each `tick` waits 20 ms, and
-/// panics naming what was awaited once 20 s have gone by.
-struct Patience {
-    /// What the test waits for, for the panic message.
-    what: String,
-    /// When it gives up.
-    deadline: Instant,
-}
-
-impl Patience {
-    fn new(what: impl Into<String>) -> Self {
-        Self {
-            what: what.into(),
-            deadline: Instant::now() + Duration::from_secs(20),
-        }
-    }
-
-    async fn tick(&self) {
-        assert!(
-            Instant::now() < self.deadline,
-            "{}: not reached in 20 s",
-            self.what
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A temporary directory and the store path inside it, which outlives the
-/// processes started on it (a restart reuses it).
-fn data_dir() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().join("store");
-    (dir, data)
-}
-
-/// Starts the binary on `data` with `args` (log discarded).
-fn start(data: &Path, args: &[&str]) -> Process {
-    Process::start(data, args, |_| {})
-}
-
-/// Starts a replica of `primary_url` on `data`, with `extra` flags.
-fn start_replica(data: &Path, primary_url: &str, extra: &[&str]) -> Process {
-    let mut args = vec!["--replicate-from", primary_url];
-    args.extend_from_slice(extra);
-    start(data, &args)
-}
 
 /// The health of `service` on `p` (`""` is liveness).
 async fn health(p: &Process, service: &str) -> ServingStatus {
@@ -135,296 +63,9 @@ async fn health(p: &Process, service: &str) -> ServingStatus {
     ServingStatus::try_from(response.status).expect("known serving status")
 }
 
-/// A ReplicationService client of `p`.
-async fn replication(p: &Process) -> ReplicationServiceClient<Channel> {
-    ReplicationServiceClient::connect(p.url())
-        .await
-        .expect("connect")
-}
-
-/// The ErrorInfo detail of `status`, which must have one.
-fn error_info(status: &Status) -> ErrorInfo {
-    status
-        .get_error_details()
-        .error_info()
-        .cloned()
-        .unwrap_or_else(|| panic!("{status:?} has no ErrorInfo detail"))
-}
-
-/// Asserts `status` is `code` with ErrorInfo `reason` (domain deltasync).
-fn assert_reason(status: &Status, code: Code, reason: &str) -> ErrorInfo {
-    assert_eq!(status.code(), code, "{status:?}");
-    let info = error_info(status);
-    assert_eq!(
-        (info.reason.as_str(), info.domain.as_str()),
-        (reason, "deltasync"),
-        "{status:?}"
-    );
-    info
-}
-
-/// Everything a client can read of a node's store, to compare nodes.
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    /// The store's identity, as every page reported it.
-    store_id: String,
-    /// Every document, from a Pull from 0 paged to the end.
-    documents: Vec<pb::Document>,
-    /// The checkpoint of the last page.
-    checkpoint: u64,
-    /// The purge horizon of the last page.
-    purge_horizon: u64,
-    /// `last_mutation_id` per client id, from Pull with `client_id`.
-    last_ids: BTreeMap<String, u64>,
-}
-
-/// Reads a [`Snapshot`] of `p` in pages of 50, passing back each page's
-/// checkpoint and purge horizon.
-async fn snapshot(p: &Process, clients: &[String]) -> Snapshot {
-    let mut c = p.client().await;
-    let (mut since, mut seen) = (0, 0);
-    let mut documents = Vec::new();
-    let mut store_id: Option<String> = None;
-    loop {
-        let page = c
-            .pull(PullRequest {
-                since,
-                purge_horizon: seen,
-                limit: 50,
-                ..Default::default()
-            })
-            .await
-            .expect("pull")
-            .into_inner();
-        let id = store_id.get_or_insert_with(|| page.store_id.clone());
-        assert_eq!(*id, page.store_id, "pages of one pass name one store");
-        documents.extend(page.documents);
-        (since, seen) = (page.checkpoint, page.purge_horizon);
-        if !page.has_more {
-            break;
-        }
-    }
-    let mut last_ids = BTreeMap::new();
-    for client in clients {
-        last_ids.insert(client.clone(), last_mutation_id(&mut c, client).await);
-    }
-    Snapshot {
-        store_id: store_id.unwrap_or_default(),
-        documents,
-        checkpoint: since,
-        purge_horizon: seen,
-        last_ids,
-    }
-}
-
-/// Waits until every replica's Status.head is the primary's, then until
-/// each returns the primary's snapshot (client states may land in a commit
-/// that moves no head), and returns it.
-async fn converged(primary: &Process, replicas: &[&Process], clients: &[String]) -> Snapshot {
-    let head = primary.status().await.head;
-    for r in replicas {
-        let wait = Patience::new(format!("replica {} reaches head {head}", r.url()));
-        while r.status().await.head != head {
-            wait.tick().await;
-        }
-    }
-    let expected = snapshot(primary, clients).await;
-    assert_eq!(expected.checkpoint, head);
-    for r in replicas {
-        let wait = Patience::new(format!("replica {} reads as the primary", r.url()));
-        loop {
-            let got = snapshot(r, clients).await;
-            if got == expected {
-                break;
-            }
-            if Instant::now() + Duration::from_millis(40) >= wait.deadline {
-                assert_eq!(got, expected, "replica {} differs", r.url());
-            }
-            wait.tick().await;
-        }
-    }
-    expected
-}
-
-/// A body of about `size` bytes.
-fn big(n: u64, size: usize) -> Value {
-    json!({"n": n, "pad": "x".repeat(size)})
-}
-
 /// A JSON object with one field.
 fn field(name: String, value: Value) -> Value {
     Value::Object(serde_json::Map::from_iter([(name, value)]))
-}
-
-/// Pushes `mutations` through `p` (non-atomic, anonymous): the checkpoint.
-async fn write(p: &Process, mutations: Vec<pb::Mutation>) -> u64 {
-    let mut c = p.client().await;
-    push(&mut c, "", mutations).await.checkpoint
-}
-
-// ---------------------------------------------------------------------------
-// A gate between a replica and its primary
-// ---------------------------------------------------------------------------
-
-/// A TCP relay standing between a replica and its primary. What the
-/// replica sends passes freely; what the primary sends passes only up to a
-/// byte allowance per connection. A test holds the replication stream at a
-/// chosen point (before the hello, in the middle of a commit) by choosing
-/// the allowance, and knows the bytes got through from [`Gate::delivered`].
-struct Gate {
-    /// Where replicas connect.
-    addr: SocketAddr,
-    /// Bytes of the primary's that each connection may pass.
-    allowance: watch::Sender<u64>,
-    /// The connections accepted so far.
-    connections: Arc<Mutex<Vec<Relayed>>>,
-    /// The accept loop.
-    accept: JoinHandle<()>,
-}
-
-impl Gate {
-    /// A gate to the primary at `upstream` (`host:port`).
-    async fn start(upstream: &str, allowance: u64) -> Self {
-        let upstream: SocketAddr = upstream.parse().expect("primary address");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let allowance = watch::Sender::new(allowance);
-        let connections: Arc<Mutex<Vec<Relayed>>> = Arc::default();
-        let accept = tokio::spawn({
-            let (allowance, connections) = (allowance.clone(), connections.clone());
-            async move {
-                while let Ok((down, _)) = listener.accept().await {
-                    let delivered = Arc::new(AtomicU64::new(0));
-                    let task = tokio::spawn(relay(
-                        down,
-                        upstream,
-                        allowance.subscribe(),
-                        delivered.clone(),
-                    ));
-                    connections.lock().unwrap().push(Relayed {
-                        task: task.abort_handle(),
-                        delivered,
-                    });
-                }
-            }
-        });
-        Self {
-            addr,
-            allowance,
-            connections,
-            accept,
-        }
-    }
-
-    /// The URL a replica is given as its primary.
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Lets each connection pass `bytes` of the primary's in all.
-    fn allow(&self, bytes: u64) {
-        self.allowance.send_replace(bytes);
-    }
-
-    /// Lets everything through.
-    fn open(&self) {
-        self.allow(u64::MAX);
-    }
-
-    /// Bytes the newest connection delivered to the replica.
-    fn delivered(&self) -> u64 {
-        self.connections
-            .lock()
-            .unwrap()
-            .last()
-            .map_or(0, |c| c.delivered.load(Ordering::SeqCst))
-    }
-
-    /// How many connections were accepted.
-    fn accepted(&self) -> usize {
-        self.connections.lock().unwrap().len()
-    }
-
-    /// Breaks every open connection (the replica sees its stream fail);
-    /// connections from now on may pass `allowance` bytes.
-    fn cut(&self, allowance: u64) {
-        self.allow(allowance);
-        for c in self.connections.lock().unwrap().iter() {
-            c.task.abort();
-        }
-    }
-
-    /// Waits until the newest connection (after `accepted` earlier ones)
-    /// delivered `bytes`.
-    async fn wait_delivered(&self, accepted: usize, bytes: u64) {
-        let wait = Patience::new(format!("the gate delivers {bytes} bytes"));
-        while self.accepted() <= accepted || self.delivered() < bytes {
-            wait.tick().await;
-        }
-    }
-}
-
-/// One connection through a [`Gate`].
-struct Relayed {
-    /// Its relay task (aborted to break the connection).
-    task: AbortHandle,
-    /// Bytes of the primary's it delivered to the replica.
-    delivered: Arc<AtomicU64>,
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        self.accept.abort();
-        for c in self.connections.lock().unwrap().iter() {
-            c.task.abort();
-        }
-    }
-}
-
-/// One relayed connection: the replica's bytes go up freely, the primary's
-/// come down within the allowance.
-async fn relay(
-    down: TcpStream,
-    upstream: SocketAddr,
-    mut allowance: watch::Receiver<u64>,
-    delivered: Arc<AtomicU64>,
-) {
-    let Ok(up) = TcpStream::connect(upstream).await else {
-        return;
-    };
-    let (mut down_read, mut down_write) = down.into_split();
-    let (mut up_read, mut up_write) = up.into_split();
-    let requests = async {
-        let _ = tokio::io::copy(&mut down_read, &mut up_write).await;
-    };
-    let responses = async {
-        let mut buf = vec![0; 16 * 1024];
-        let mut sent: u64 = 0;
-        loop {
-            let n = match up_read.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let mut at = 0;
-            while at < n {
-                let Ok(allowed) = allowance.wait_for(|a| *a > sent).await.map(|a| *a) else {
-                    return;
-                };
-                let room = usize::try_from(allowed - sent).unwrap_or(usize::MAX);
-                let len = room.min(n - at);
-                if down_write.write_all(&buf[at..at + len]).await.is_err() {
-                    return;
-                }
-                at += len;
-                sent += u64::try_from(len).expect("small");
-                delivered.store(sent, Ordering::SeqCst);
-            }
-        }
-    };
-    tokio::select! {
-        () = requests => {}
-        () = responses => {}
-    }
 }
 
 /// Polls `p`'s head for half a second and fails if it is ever strictly
@@ -587,9 +228,9 @@ impl Tally {
 /// primary's Status lists both replicas as caught up.
 #[tokio::test(flavor = "multi_thread")]
 async fn replicas_converge_under_concurrent_writers() {
-    let (_dp, dp) = data_dir();
-    let (_da, da) = data_dir();
-    let (_db, db) = data_dir();
+    let dp = DataDir::new();
+    let da = DataDir::new();
+    let db = DataDir::new();
     let primary = start(&dp, &[]);
     let a = start_replica(&da, &primary.url(), &[]);
     let b = start_replica(&db, &primary.url(), &[]);
@@ -730,8 +371,8 @@ async fn creator(mut c: Client, w: u64, stop: CancellationToken) {
 /// exactly 1..=head, in order.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_replica_resumes_and_its_subscriber_sees_every_change_once() {
-    let (_dp, dp) = data_dir();
-    let (_dr, dr) = data_dir();
+    let dp = DataDir::new();
+    let dr = DataDir::new();
     let primary = start(&dp, &[]);
     let replica = start_replica(&dr, &primary.url(), &[]);
     let store_id = primary.status().await.store_id;
@@ -829,19 +470,6 @@ async fn a_killed_replica_resumes_and_its_subscriber_sees_every_change_once() {
 // Bootstrap from a compacted primary
 // ---------------------------------------------------------------------------
 
-/// Short retention: superseded versions and tombstones go after 1 s,
-/// rounds every 100 ms.
-const SHORT_RETENTION: [&str; 8] = [
-    "--history-retention",
-    "1s",
-    "--tombstone-retention",
-    "1s",
-    "--history-max-versions",
-    "1",
-    "--compaction-interval",
-    "100ms",
-];
-
 /// Whether version `base` of `DOCS/id` is gone from the delta log, asked
 /// without writing: an atomic batch whose second mutation always conflicts.
 /// A patch of a field nobody touched merges if the base is known (so it is
@@ -898,7 +526,7 @@ async fn assert_pull_compacted(p: &Process, since: u64, horizon: u64) {
 /// A Follow from below the horizon is refused the same way.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_replica_bootstraps_from_a_compacted_primary() {
-    let (_dp, dp) = data_dir();
+    let dp = DataDir::new();
     let primary = start(&dp, &SHORT_RETENTION);
     let mut c = primary.client().await;
     for i in 0..6 {
@@ -945,7 +573,7 @@ async fn a_new_replica_bootstraps_from_a_compacted_primary() {
     }
     assert_pull_compacted(&primary, 5, 14).await;
 
-    let (_dr, dr) = data_dir();
+    let dr = DataDir::new();
     let replica = start_replica(&dr, &primary.url(), &[]);
     let clients = vec!["boot".to_owned()];
     let s = converged(&primary, &[&replica], &clients).await;
@@ -1011,14 +639,14 @@ fn get_at(id: &str, min_checkpoint: u64) -> GetRequest {
 /// metadata applied / wanted.
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_see_writes_through_forwarding_and_min_checkpoint() {
-    let (_dp, dp) = data_dir();
-    let (_da, da) = data_dir();
-    let (_db, db) = data_dir();
-    let (_dc, dc) = data_dir();
+    let dp = DataDir::new();
+    let da = DataDir::new();
+    let db = DataDir::new();
+    let dc = DataDir::new();
     let primary = start(&dp, &[]);
     let a = start_replica(&da, &primary.url(), &[]);
     // B follows through a gate, to be held behind; C gives up early.
-    let gate = Gate::start(&primary.addr, u64::MAX).await;
+    let gate = Gate::start(&primary.addr, u64::MAX, Dial::AtOnce).await;
     let b = start_replica(&db, &gate.url(), &[]);
     let c = start_replica(&dc, &primary.url(), &["--replica-wait", "300ms"]);
     let (mut ca, mut cb) = (a.client().await, b.client().await);
@@ -1074,7 +702,7 @@ async fn reads_see_writes_through_forwarding_and_min_checkpoint() {
     }
 
     // B held: its reads at the new checkpoint wait until it gets there.
-    gate.allow(gate.delivered());
+    gate.hold();
     let response = push(&mut ca, "ryw", vec![put(DOCS, "held", json!({})).id(11)]).await;
     let (held, written) = (response.checkpoint, response.results[0].document.clone());
     let get_held = tokio::spawn({
@@ -1143,8 +771,8 @@ async fn reads_see_writes_through_forwarding_and_min_checkpoint() {
 /// DEADLINE_EXCEEDED): the node answers before the deadline it was given.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deadline_bounds_the_min_checkpoint_wait() {
-    let (_dp, dp) = data_dir();
-    let (_dr, dr) = data_dir();
+    let dp = DataDir::new();
+    let dr = DataDir::new();
     let primary = start(&dp, &[]);
     let replica = start_replica(&dr, &primary.url(), &[]);
     let head = write(&primary, vec![put(DOCS, "x", json!({}))]).await;
@@ -1180,8 +808,8 @@ async fn a_deadline_bounds_the_min_checkpoint_wait() {
 /// = its --replicate-from URL, writing nothing; it still serves reads.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_that_does_not_forward_names_the_primary() {
-    let (_dp, dp) = data_dir();
-    let (_dr, dr) = data_dir();
+    let dp = DataDir::new();
+    let dr = DataDir::new();
     let primary = start(&dp, &[]);
     let replica = start_replica(&dr, &primary.url(), &["--forward-writes=false"]);
     let head = write(&primary, vec![put(DOCS, "p", json!({"v": 1}))]).await;
@@ -1209,21 +837,20 @@ async fn a_replica_that_does_not_forward_names_the_primary() {
 /// replica, and its log has exactly one error naming both store ids.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replica_of_another_store_refuses_to_follow() {
-    let (_dr, dr) = data_dir();
+    let dr = DataDir::new();
     let other = start(&dr, &[]);
     let own_head = write(&other, vec![put(DOCS, "mine", json!({"v": 1}))]).await;
     let own = other.status().await.store_id;
     other.kill_9();
 
-    let (_dp, dp) = data_dir();
+    let dp = DataDir::new();
     let primary = start(&dp, &[]);
     write(&primary, vec![put(DOCS, "theirs", json!({"v": 1}))]).await;
     write(&primary, vec![put(DOCS, "theirs", json!({"v": 2}))]).await;
     let theirs = primary.status().await.store_id;
     assert_ne!(own, theirs);
 
-    let (replica, logs) =
-        Process::start_logged_from_launch(&dr, &["--replicate-from", &primary.url()]);
+    let (replica, logs) = start_replica_logged(&dr, &primary.url(), &[]);
     let names_both = |logs: &Logs| {
         logs.lock()
             .unwrap()
@@ -1259,8 +886,8 @@ async fn a_replica_of_another_store_refuses_to_follow() {
 /// Status, and writes and the real replica go on.
 #[tokio::test(flavor = "multi_thread")]
 async fn follow_refuses_bad_input_and_survives_a_departing_follower() {
-    let (_dp, dp) = data_dir();
-    let (_dr, dr) = data_dir();
+    let dp = DataDir::new();
+    let dr = DataDir::new();
     let primary = start(&dp, &SMALL_MESSAGES);
     let replica = start_replica(&dr, &primary.url(), &[]);
     let mut c = primary.client().await;
@@ -1422,7 +1049,7 @@ async fn readiness_follows_replica_lag() {
     // A primary that hangs up on every connection, then nobody listening.
     let hangs_up = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let nowhere = format!("http://{}", hangs_up.local_addr().expect("addr"));
-    let (_dn, dn) = data_dir();
+    let dn = DataDir::new();
     let orphan = start_replica(&dn, &nowhere, &[]);
     for attempt in 0..2 {
         let (conn, _) = tokio::time::timeout(Duration::from_secs(20), hangs_up.accept())
@@ -1442,7 +1069,7 @@ async fn readiness_follows_replica_lag() {
     drop(orphan);
 
     // A primary with 12 commits of 5 documents of 4 KB: several messages.
-    let (_dp, dp) = data_dir();
+    let dp = DataDir::new();
     let primary = start(&dp, &SMALL_MESSAGES);
     let mut c = primary.client().await;
     for i in 0..12 {
@@ -1455,8 +1082,8 @@ async fn readiness_follows_replica_lag() {
     assert_eq!(head, 60);
 
     // Held before the hello: it never heard the primary.
-    let gate = Gate::start(&primary.addr, 0).await;
-    let (_dr, dr) = data_dir();
+    let gate = Gate::start(&primary.addr, 0, Dial::AtOnce).await;
+    let dr = DataDir::new();
     let replica = start_replica(&dr, &gate.url(), &["--max-replica-lag", "0"]);
     let wait = Patience::new("the replica opens its stream");
     while primary.status().await.replicas.is_empty() {
@@ -1508,7 +1135,7 @@ async fn readiness_follows_replica_lag() {
 /// stream resumes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_commit_cut_mid_stream_is_never_half_applied() {
-    let (_dp, dp) = data_dir();
+    let dp = DataDir::new();
     let primary = start(&dp, &SMALL_MESSAGES);
     let mut c = primary.client().await;
     let atomic_batch = |from: u64| PushRequest {
@@ -1526,8 +1153,8 @@ async fn a_commit_cut_mid_stream_is_never_half_applied() {
     assert_eq!(push_req(&mut c, atomic_batch(1)).await.checkpoint, 41);
 
     // Catching up: the hello and the first message only.
-    let gate = Gate::start(&primary.addr, 70_000).await;
-    let (_dr, dr) = data_dir();
+    let gate = Gate::start(&primary.addr, 70_000, Dial::AtOnce).await;
+    let dr = DataDir::new();
     let replica = start_replica(&dr, &gate.url(), &[]);
     gate.wait_delivered(0, 70_000).await;
     never_inside(&replica, 2, 41, "catching up").await;

@@ -14,234 +14,23 @@
 
 mod common;
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
-use common::{process::Process, *};
+use common::{cluster::*, process::Process, *};
 use deltasync::pb::{
     self, EpochStart, FollowRequest, FollowStart, Outcome, PullRequest, Role, SubscribeRequest,
-    follow_request, replication_service_client::ReplicationServiceClient,
+    follow_request,
 };
-use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-    sync::watch,
-    task::{AbortHandle, JoinHandle},
-    time::Instant,
-};
-use tonic::{Code, Status, transport::Channel};
-use tonic_types::{ErrorInfo, StatusExt};
+use serde_json::json;
+use tokio::time::Instant;
+use tonic::{Code, Status};
 
 /// The collection every test writes to.
 const DOCS: &str = "docs";
-/// A primary whose replication messages are small (about 60 KiB of
-/// records): a catch-up over a few dozen documents of [`BIG`] bytes spans
-/// several messages. `--max-batch` must shrink with the message cap (every
-/// result skeleton must fit an answer).
-const SMALL_MESSAGES: [&str; 6] = [
-    "--max-message-bytes",
-    "65536",
-    "--max-batch",
-    "50",
-    "--max-body-bytes",
-    "8192",
-];
-/// Body size (one string field) of the documents that fill messages.
-const BIG: usize = 4000;
-/// Short retention: superseded versions and tombstones go after 1 s,
-/// rounds every 100 ms.
-const SHORT_RETENTION: [&str; 8] = [
-    "--history-retention",
-    "1s",
-    "--tombstone-retention",
-    "1s",
-    "--history-max-versions",
-    "1",
-    "--compaction-interval",
-    "100ms",
-];
 
 // ---------------------------------------------------------------------------
-// Harness (from tests/replication.rs)
+// Harness
 // ---------------------------------------------------------------------------
-
-/// A bounded poll for multi-process tests: each `tick` waits 20 ms, and
-/// panics naming what was awaited once 20 s have gone by.
-struct Patience {
-    /// What the test waits for, for the panic message.
-    what: String,
-    /// When it gives up.
-    deadline: Instant,
-}
-
-impl Patience {
-    fn new(what: impl Into<String>) -> Self {
-        Self {
-            what: what.into(),
-            deadline: Instant::now() + Duration::from_secs(20),
-        }
-    }
-
-    async fn tick(&self) {
-        assert!(
-            Instant::now() < self.deadline,
-            "{}: not reached in 20 s",
-            self.what
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A temporary directory and the store path inside it, which outlives the
-/// processes started on it (a restart reuses it).
-fn data_dir() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().join("store");
-    (dir, data)
-}
-
-/// Starts the binary on `data` with `args` (log discarded).
-fn start(data: &Path, args: &[&str]) -> Process {
-    Process::start(data, args, |_| {})
-}
-
-/// Starts a replica of `primary_url` on `data`, with `extra` flags.
-fn start_replica(data: &Path, primary_url: &str, extra: &[&str]) -> Process {
-    let mut args = vec!["--replicate-from", primary_url];
-    args.extend_from_slice(extra);
-    start(data, &args)
-}
-
-/// A ReplicationService client of `p`.
-async fn replication(p: &Process) -> ReplicationServiceClient<Channel> {
-    ReplicationServiceClient::connect(p.url())
-        .await
-        .expect("connect")
-}
-
-/// The ErrorInfo detail of `status`, which must have one.
-fn error_info(status: &Status) -> ErrorInfo {
-    status
-        .get_error_details()
-        .error_info()
-        .cloned()
-        .unwrap_or_else(|| panic!("{status:?} has no ErrorInfo detail"))
-}
-
-/// Asserts `status` is `code` with ErrorInfo `reason` (domain deltasync).
-fn assert_reason(status: &Status, code: Code, reason: &str) -> ErrorInfo {
-    assert_eq!(status.code(), code, "{status:?}");
-    let info = error_info(status);
-    assert_eq!(
-        (info.reason.as_str(), info.domain.as_str()),
-        (reason, "deltasync"),
-        "{status:?}"
-    );
-    info
-}
-
-/// Everything a client can read of a node's store, to compare nodes.
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    /// The store's identity, as every page reported it.
-    store_id: String,
-    /// Every document, from a Pull from 0 paged to the end.
-    documents: Vec<pb::Document>,
-    /// The checkpoint of the last page.
-    checkpoint: u64,
-    /// The purge horizon of the last page.
-    purge_horizon: u64,
-    /// `last_mutation_id` per client id, from Pull with `client_id`.
-    last_ids: BTreeMap<String, u64>,
-}
-
-/// Reads a [`Snapshot`] of `p` in pages of 50, passing back each page's
-/// checkpoint and purge horizon.
-async fn snapshot(p: &Process, clients: &[String]) -> Snapshot {
-    let mut c = p.client().await;
-    let (mut since, mut seen) = (0, 0);
-    let mut documents = Vec::new();
-    let mut store_id: Option<String> = None;
-    loop {
-        let page = c
-            .pull(PullRequest {
-                since,
-                purge_horizon: seen,
-                limit: 50,
-                ..Default::default()
-            })
-            .await
-            .expect("pull")
-            .into_inner();
-        let id = store_id.get_or_insert_with(|| page.store_id.clone());
-        assert_eq!(*id, page.store_id, "pages of one pass name one store");
-        documents.extend(page.documents);
-        (since, seen) = (page.checkpoint, page.purge_horizon);
-        if !page.has_more {
-            break;
-        }
-    }
-    let mut last_ids = BTreeMap::new();
-    for client in clients {
-        last_ids.insert(client.clone(), last_mutation_id(&mut c, client).await);
-    }
-    Snapshot {
-        store_id: store_id.unwrap_or_default(),
-        documents,
-        checkpoint: since,
-        purge_horizon: seen,
-        last_ids,
-    }
-}
-
-/// Waits until every replica's Status.head is the primary's, then until
-/// each returns the primary's snapshot (client states may land in a commit
-/// that moves no head), and returns it.
-async fn converged(primary: &Process, replicas: &[&Process], clients: &[String]) -> Snapshot {
-    let head = primary.status().await.head;
-    for r in replicas {
-        let wait = Patience::new(format!("replica {} reaches head {head}", r.url()));
-        while r.status().await.head != head {
-            wait.tick().await;
-        }
-    }
-    let expected = snapshot(primary, clients).await;
-    assert_eq!(expected.checkpoint, head);
-    for r in replicas {
-        let wait = Patience::new(format!("replica {} reads as the primary", r.url()));
-        loop {
-            let got = snapshot(r, clients).await;
-            if got == expected {
-                break;
-            }
-            if Instant::now() + Duration::from_millis(40) >= wait.deadline {
-                assert_eq!(got, expected, "replica {} differs", r.url());
-            }
-            wait.tick().await;
-        }
-    }
-    expected
-}
-
-/// A body of about `size` bytes.
-fn big(n: u64, size: usize) -> Value {
-    json!({"n": n, "pad": "x".repeat(size)})
-}
-
-/// Pushes `mutations` through `p` (non-atomic, anonymous): the checkpoint.
-async fn write(p: &Process, mutations: Vec<pb::Mutation>) -> u64 {
-    let mut c = p.client().await;
-    push(&mut c, "", mutations).await.checkpoint
-}
 
 /// A Pull on `p` from `since`, naming the store and the epoch the
 /// checkpoint was given out in (0: an old client that does not say).
@@ -266,175 +55,6 @@ async fn purge_horizon(p: &Process) -> u64 {
     pull_page(&mut p.client().await, 0).await.purge_horizon
 }
 
-/// Promotes `p` (a replica).
-async fn promote(p: &Process) -> Result<pb::PromoteResponse, Status> {
-    let mut admin = p.admin().await;
-    admin
-        .promote(pb::PromoteRequest {})
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-// ---------------------------------------------------------------------------
-// A gate between a replica and its primary (from tests/replication.rs)
-// ---------------------------------------------------------------------------
-
-/// A TCP relay standing between a replica and its primary. What the
-/// replica sends passes freely; what the primary sends passes only up to a
-/// byte allowance per connection. A test holds the replication stream at a
-/// chosen point by choosing the allowance. Unlike the gate of
-/// tests/replication.rs, a connection accepted while the allowance is 0
-/// does not reach the primary until it is raised: the primary starts that
-/// stream (and reads the head its catch-up goes to) only then.
-struct Gate {
-    /// Where replicas connect.
-    addr: SocketAddr,
-    /// Bytes of the primary's that each connection may pass.
-    allowance: watch::Sender<u64>,
-    /// The connections accepted so far.
-    connections: Arc<Mutex<Vec<Relayed>>>,
-    /// The accept loop.
-    accept: JoinHandle<()>,
-}
-
-impl Gate {
-    /// A gate to the primary at `upstream` (`host:port`).
-    async fn start(upstream: &str, allowance: u64) -> Self {
-        let upstream: SocketAddr = upstream.parse().expect("primary address");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let allowance = watch::Sender::new(allowance);
-        let connections: Arc<Mutex<Vec<Relayed>>> = Arc::default();
-        let accept = tokio::spawn({
-            let (allowance, connections) = (allowance.clone(), connections.clone());
-            async move {
-                while let Ok((down, _)) = listener.accept().await {
-                    let delivered = Arc::new(AtomicU64::new(0));
-                    let task = tokio::spawn(relay(
-                        down,
-                        upstream,
-                        allowance.subscribe(),
-                        delivered.clone(),
-                    ));
-                    connections.lock().unwrap().push(Relayed {
-                        task: task.abort_handle(),
-                        delivered,
-                    });
-                }
-            }
-        });
-        Self {
-            addr,
-            allowance,
-            connections,
-            accept,
-        }
-    }
-
-    /// The URL a replica is given as its primary.
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Lets each connection pass `bytes` of the primary's in all.
-    fn allow(&self, bytes: u64) {
-        self.allowance.send_replace(bytes);
-    }
-
-    /// Lets everything through.
-    fn open(&self) {
-        self.allow(u64::MAX);
-    }
-
-    /// Holds the newest connection where it is: nothing more of the
-    /// primary's passes.
-    fn hold(&self) {
-        let delivered = self
-            .connections
-            .lock()
-            .unwrap()
-            .last()
-            .map_or(0, |c| c.delivered.load(Ordering::SeqCst));
-        self.allow(delivered);
-    }
-
-    /// Breaks every open connection (the replica sees its stream fail);
-    /// connections from now on may pass `allowance` bytes.
-    fn cut(&self, allowance: u64) {
-        self.allow(allowance);
-        for c in self.connections.lock().unwrap().iter() {
-            c.task.abort();
-        }
-    }
-}
-
-/// One connection through a [`Gate`].
-struct Relayed {
-    /// Its relay task (aborted to break the connection).
-    task: AbortHandle,
-    /// Bytes of the primary's it delivered to the replica.
-    delivered: Arc<AtomicU64>,
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        self.accept.abort();
-        for c in self.connections.lock().unwrap().iter() {
-            c.task.abort();
-        }
-    }
-}
-
-/// One relayed connection: the replica's bytes go up freely, the primary's
-/// come down within the allowance. While the allowance is 0 it does not
-/// connect to the primary at all.
-async fn relay(
-    down: TcpStream,
-    upstream: SocketAddr,
-    mut allowance: watch::Receiver<u64>,
-    delivered: Arc<AtomicU64>,
-) {
-    if allowance.wait_for(|a| *a > 0).await.is_err() {
-        return;
-    }
-    let Ok(up) = TcpStream::connect(upstream).await else {
-        return;
-    };
-    let (mut down_read, mut down_write) = down.into_split();
-    let (mut up_read, mut up_write) = up.into_split();
-    let requests = async {
-        let _ = tokio::io::copy(&mut down_read, &mut up_write).await;
-    };
-    let responses = async {
-        let mut buf = vec![0; 16 * 1024];
-        let mut sent: u64 = 0;
-        loop {
-            let n = match up_read.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let mut at = 0;
-            while at < n {
-                let Ok(allowed) = allowance.wait_for(|a| *a > sent).await.map(|a| *a) else {
-                    return;
-                };
-                let room = usize::try_from(allowed - sent).unwrap_or(usize::MAX);
-                let len = room.min(n - at);
-                if down_write.write_all(&buf[at..at + len]).await.is_err() {
-                    return;
-                }
-                at += len;
-                sent += u64::try_from(len).expect("small");
-                delivered.store(sent, Ordering::SeqCst);
-            }
-        }
-    };
-    tokio::select! {
-        () = requests => {}
-        () = responses => {}
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Client states across a catch-up cut before its snapshot
 // ---------------------------------------------------------------------------
@@ -446,13 +66,13 @@ async fn relay(
 /// answers DUPLICATE on it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_catch_up_cut_before_the_snapshot_keeps_client_states() {
-    let (_dp, dp) = data_dir();
-    let (_dr, dr) = data_dir();
+    let dp = DataDir::new();
+    let dr = DataDir::new();
     let primary = start(&dp, &SMALL_MESSAGES);
     let mut c = primary.client().await;
     // c0 gives the replica a non-empty clients tree.
     push(&mut c, "c0", vec![put(DOCS, "zero", json!({})).id(1)]).await;
-    let gate = Gate::start(&primary.addr, u64::MAX).await;
+    let gate = Gate::start(&primary.addr, u64::MAX, Dial::WhenAllowed).await;
     let replica = start_replica(&dr, &gate.url(), &[]);
     converged(&primary, &[&replica], &["c0".to_owned()]).await;
 
@@ -522,7 +142,7 @@ async fn a_catch_up_cut_before_the_snapshot_keeps_client_states() {
 /// a restart.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_foreign_follower_never_deposes_the_primary() {
-    let (_dp, dp) = data_dir();
+    let dp = DataDir::new();
     let primary = start(&dp, &[]);
     assert_eq!(write(&primary, vec![put(DOCS, "a", json!({}))]).await, 1);
     let own = primary.status().await;
@@ -598,10 +218,10 @@ async fn assert_still_primary(p: &Process, own: &pb::StatusResponse, context: &s
 /// checkpoint's epoch (0, an old client) is served as before.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_checkpoint_from_an_unreplicated_suffix_is_refused_after_failover() {
-    let (_da, da) = data_dir();
-    let (_db, db) = data_dir();
+    let da = DataDir::new();
+    let db = DataDir::new();
     let a = start(&da, &["--sync-replicas", "0"]);
-    let gate = Gate::start(&a.addr, u64::MAX).await;
+    let gate = Gate::start(&a.addr, u64::MAX, Dial::WhenAllowed).await;
     let b = start_replica(&db, &gate.url(), &[]);
     let shared = (0..5)
         .map(|i| put(DOCS, &format!("shared{i}"), json!({"i": i})))
@@ -698,12 +318,12 @@ async fn a_checkpoint_from_an_unreplicated_suffix_is_refused_after_failover() {
 /// 0) and the primary purges them.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_primary_keeps_tombstones_a_replica_has_not_acknowledged() {
-    let (_dp, dp) = data_dir();
-    let (_dr, dr) = data_dir();
-    let (_dl, dl) = data_dir();
+    let dp = DataDir::new();
+    let dr = DataDir::new();
+    let dl = DataDir::new();
     let primary = start(&dp, &SHORT_RETENTION);
     let lone = start(&dl, &SHORT_RETENTION);
-    let gate = Gate::start(&primary.addr, u64::MAX).await;
+    let gate = Gate::start(&primary.addr, u64::MAX, Dial::WhenAllowed).await;
     let replica = start_replica(&dr, &gate.url(), &SHORT_RETENTION);
     let created: Vec<_> = (0..5)
         .map(|i| put(DOCS, &format!("d{i}"), json!({"i": i})))

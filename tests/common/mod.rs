@@ -4,6 +4,7 @@
 //! connect at once: no sleeps.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod cluster;
 pub mod process;
 
 use std::{net::SocketAddr, sync::Arc};

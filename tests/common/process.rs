@@ -1,7 +1,7 @@
 //! The real `deltasync` binary as a child process on `127.0.0.1:0`, for
-//! tests that `kill -9` it. Its address is read from its own JSON log; the
-//! rest of the log is drained (so the server never blocks on a full pipe)
-//! and each entry is handed to the test.
+//! tests that `kill -9` it. Its address is read from its own JSON log, which
+//! is drained to the end (so the server never blocks on a full pipe); each
+//! entry, from launch on, is handed to the test.
 
 use std::{
     io::{BufRead, BufReader},
@@ -23,7 +23,9 @@ pub struct Process {
 
 impl Process {
     /// Starts the binary on `data_dir` with `args` added, and returns once
-    /// it serves. `on_log` sees every later log entry, on a thread of its own.
+    /// it serves. `on_log` sees every log entry from launch on (those before
+    /// the server serves on this thread, the rest on a thread of its own):
+    /// a replica's follower may log (e.g. a refusal) before it serves.
     pub fn start(
         data_dir: &Path,
         args: &[&str],
@@ -51,6 +53,7 @@ impl Process {
                 .expect("server logs its address before exiting")
                 .expect("log line");
             let entry: Value = serde_json::from_str(&line).unwrap_or_default();
+            on_log(&entry);
             if entry["message"] == "serving gRPC" {
                 break entry["addr"].as_str().expect("addr field").to_owned();
             }
@@ -107,8 +110,10 @@ impl Process {
 pub type Logs = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
 
 impl Process {
-    /// Starts the binary as [`Process::start`] does, keeping its log.
-    pub fn start_logged(data_dir: &Path, args: &[&str]) -> (Self, Logs) {
+    /// Starts the binary as [`Process::start`] does, keeping every log
+    /// entry, those logged before the server serves included, for a test
+    /// that looks for one.
+    pub fn start_logged_from_launch(data_dir: &Path, args: &[&str]) -> (Self, Logs) {
         let logs = Logs::default();
         let kept = logs.clone();
         let process = Self::start(data_dir, args, move |entry| {
@@ -123,49 +128,5 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-impl Process {
-    /// Starts the binary as [`Process::start_logged`] does, but keeps every
-    /// entry, those logged before the server serves included: a replica's
-    /// follower may log (e.g. a refusal) before the "serving gRPC" line.
-    pub fn start_logged_from_launch(data_dir: &Path, args: &[&str]) -> (Self, Logs) {
-        let logs = Logs::default();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_deltasync"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("server starts");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("server logs its address before exiting")
-                .expect("log line");
-            let entry: Value = serde_json::from_str(&line).unwrap_or_default();
-            logs.lock().expect("logs").push(entry.clone());
-            if entry["message"] == "serving gRPC" {
-                break entry["addr"].as_str().expect("addr field").to_owned();
-            }
-        };
-        let kept = logs.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                let entry = serde_json::from_str(&line).unwrap_or_default();
-                kept.lock().expect("logs").push(entry);
-            }
-        });
-        (Self { child, addr }, logs)
     }
 }

@@ -28,6 +28,22 @@ pub enum LogFormat {
     Json,
 }
 
+/// What the binary does besides serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Bearer tokens for the auth file.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `deltasync token ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Prints a new random token (256 bits) on its first line and the
+    /// `sha256:` hash that goes in the auth file on its second.
+    New,
+}
+
 /// deltasync: versioned JSON documents in sled, kept in sync over gRPC.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "deltasync", version, about)]
@@ -144,6 +160,10 @@ pub struct Config {
     #[arg(long, env = "DELTASYNC_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
 
+    /// A command instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Log format; the level comes from RUST_LOG (default `info`).
     #[arg(long, env = "DELTASYNC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     pub log_format: LogFormat,
@@ -192,6 +212,18 @@ pub struct Config {
     /// of refusing to follow.
     #[arg(long, env = "DELTASYNC_DISCARD_DIVERGENT")]
     pub discard_divergent: bool,
+
+    /// The principals, their token hashes and grants (TOML; see the
+    /// README). Without it the server is open to anyone who reaches it.
+    /// Reloaded within 5 s of a change, or on SIGHUP.
+    #[arg(long, env = "DELTASYNC_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// A file holding the bearer token this node presents to its primary
+    /// when it follows it (surrounding whitespace ignored; read at every
+    /// connection, so it can be rotated).
+    #[arg(long, env = "DELTASYNC_UPSTREAM_TOKEN_FILE")]
+    pub upstream_token_file: Option<PathBuf>,
 
     /// How long shutdown waits for open calls before it stops anyway.
     #[arg(long, env = "DELTASYNC_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]

@@ -41,6 +41,9 @@ pub enum Error {
         /// The epoch this node's history gives it.
         ours: u64,
     },
+    /// The caller may not do this; the message names the field.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Too many subscribers, or a similar limit.
     #[error("{0}")]
     ResourceExhausted(String),
@@ -148,6 +151,7 @@ impl From<Error> for Status {
                 ],
             ),
             Error::ResourceExhausted(msg) => Status::resource_exhausted(msg),
+            Error::PermissionDenied(msg) => Status::permission_denied(msg),
             e @ Error::ReplicaBehind { applied, wanted } => detailed(
                 Code::Unavailable,
                 &e,

@@ -37,6 +37,7 @@
 //! The benchmark binary `deltasync-bench` (`src/bin/deltasync-bench/`, built
 //! with `--features bench`) drives deltasync or etcd with the same workloads.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod pb;

@@ -3,7 +3,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use deltasync::{Config, shutdown, telemetry};
+use deltasync::{
+    Config, auth,
+    config::{Command, TokenCommand},
+    shutdown, telemetry,
+};
 
 /// mimalloc: the server allocates many small, short-lived buffers per call
 /// (protobuf and JSON values); it is measurably faster here than the system
@@ -14,6 +18,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
+    if let Some(Command::Token(TokenCommand::New)) = config.command {
+        return match auth::token::new() {
+            Ok(token) => {
+                println!("{token}\n{}", auth::token::hash_string(&token));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     telemetry::init(config.log_format);
     if let Err(e) = config.validate() {
         tracing::error!("invalid configuration: {e}");

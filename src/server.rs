@@ -7,6 +7,7 @@ use tokio::net::TcpListener;
 use tonic::transport::{Server, server::TcpIncoming};
 
 use crate::{
+    auth::Auth,
     config::Config,
     pb::{
         self, admin_service_server::AdminServiceServer,
@@ -18,6 +19,9 @@ use crate::{
     shutdown::CancellationToken,
     store::{self, Store},
 };
+
+/// How often the auth file is checked for changes.
+const AUTH_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +84,7 @@ async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let streams = CancellationToken::new();
+    let auth = Auth::load(config.auth_file.as_ref()).map_err(ServeError::Config)?;
     let mut cluster = replication::Settings::from_config(config);
     if config.advertise_url.is_none()
         && let Ok(addr) = listener.local_addr()
@@ -116,13 +121,38 @@ async fn run(
     ));
     node.start_following();
     let api = SyncApi::new(node.clone(), Settings::from_config(config), streams.clone());
-    let sync = SyncServiceServer::new(api)
-        .max_decoding_message_size(config.max_request_bytes)
-        .max_encoding_message_size(config.max_message_bytes);
-    let replication_api =
+    // Who calls is decided here, once, for every service but health and
+    // reflection (which stay open to probes and grpcurl).
+    let sync = tonic::service::interceptor::InterceptedService::new(
+        SyncServiceServer::new(api)
+            .max_decoding_message_size(config.max_request_bytes)
+            .max_encoding_message_size(config.max_message_bytes),
+        auth.interceptor(),
+    );
+    let replication_api = tonic::service::interceptor::InterceptedService::new(
         ReplicationServiceServer::new(ReplicationApi::new(node.clone(), streams.clone()))
-            .max_encoding_message_size(usize::MAX);
-    let admin = AdminServiceServer::new(AdminApi::new(node.clone()));
+            .max_encoding_message_size(usize::MAX),
+        auth.interceptor(),
+    );
+    let admin = tonic::service::interceptor::InterceptedService::new(
+        AdminServiceServer::new(AdminApi::new(node.clone())),
+        auth.interceptor(),
+    );
+    if let Some(path) = &config.auth_file {
+        tokio::spawn(crate::auth::watch(
+            auth.clone(),
+            path.clone(),
+            AUTH_RELOAD_INTERVAL,
+            streams.clone(),
+        ));
+    } else if listener
+        .local_addr()
+        .is_ok_and(|addr| !addr.ip().is_loopback())
+    {
+        tracing::warn!(
+            "serving beyond loopback without --auth-file: anyone who reaches this port can read, write and replicate everything"
+        );
+    }
 
     if let Ok(addr) = listener.local_addr() {
         // Tools that start the server on port 0 read the address from here.

@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Node, Role};
 use crate::{
+    auth::{Identity, Permission},
     error::Error,
     pb::{self, admin_service_server::AdminService},
 };
@@ -27,8 +28,9 @@ impl AdminApi {
 impl AdminService for AdminApi {
     async fn status(
         &self,
-        _: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        Identity::of(&request).require_store(Permission::Admin)?;
         let store = self.node.store();
         let role = self.node.role();
         Ok(Response::new(pb::StatusResponse {
@@ -51,8 +53,9 @@ impl AdminService for AdminApi {
 
     async fn promote(
         &self,
-        _: Request<pb::PromoteRequest>,
+        request: Request<pb::PromoteRequest>,
     ) -> Result<Response<pb::PromoteResponse>, Status> {
+        Identity::of(&request).require_store(Permission::Admin)?;
         let (epoch, head) = self.node.promote().await?;
         Ok(Response::new(pb::PromoteResponse {
             epoch,

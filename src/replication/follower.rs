@@ -198,7 +198,20 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
             .chain(futures_util::stream::unfold(ack_rx, |mut rx| async move {
                 rx.recv().await.map(|m| (m, rx))
             }));
-    let mut responses = client.follow(requests).await?.into_inner();
+    let mut request = tonic::Request::new(requests);
+    if let Some(path) = &node.settings().upstream_token_file {
+        let token = std::fs::read_to_string(path).map_err(|e| {
+            Failure::Transient(format!(
+                "cannot read --upstream-token-file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+            Failure::Refused("the upstream token is not a valid header value".into())
+        })?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let mut responses = client.follow(request).await?.into_inner();
     let Some(pb::FollowResponse {
         response: Some(Reply::Hello(hello)),
     }) = responses.message().await?

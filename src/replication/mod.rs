@@ -75,6 +75,8 @@ pub struct Settings {
     pub discard_divergent: bool,
     /// Largest message the stream carries (as the server's sync messages).
     pub max_message_bytes: usize,
+    /// The token this node presents to its primary.
+    pub upstream_token_file: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -93,6 +95,7 @@ impl Settings {
             max_replica_lag: config.max_replica_lag,
             discard_divergent: config.discard_divergent,
             max_message_bytes: config.max_message_bytes,
+            upstream_token_file: config.upstream_token_file.clone(),
         }
     }
 }

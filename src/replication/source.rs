@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{FollowerGuard, Node, Role, convert};
 use crate::{
+    auth::{Identity, Permission},
     config::MESSAGE_OVERHEAD_BYTES,
     error::Error,
     pb::{
@@ -57,6 +58,8 @@ impl ReplicationService for ReplicationApi {
         &self,
         request: Request<Streaming<pb::FollowRequest>>,
     ) -> Result<Response<FollowStream>, Status> {
+        // A copy of the whole store, client ids included.
+        Identity::of(&request).require_store(Permission::Replicate)?;
         let mut requests = request.into_inner();
         let start = match requests.message().await? {
             Some(pb::FollowRequest {

@@ -5,7 +5,11 @@ use std::time::Duration;
 use prost::Message;
 
 use super::{SyncApi, convert, validate};
-use crate::{error::Error, pb};
+use crate::{
+    auth::{Identity, Permission},
+    error::Error,
+    pb,
+};
 
 /// Handles one Get.
 /// `wait` bounds how long it waits for this node to reach `min_checkpoint`.
@@ -13,8 +17,10 @@ pub async fn handle(
     api: &SyncApi,
     req: pb::GetRequest,
     wait: Duration,
+    identity: &Identity,
 ) -> Result<pb::GetResponse, Error> {
     validate::collection("collection", &req.collection)?;
+    identity.require(Permission::Read, &req.collection, "collection")?;
     if req.ids.len() > api.settings.max_batch {
         return Err(Error::invalid(
             "ids",

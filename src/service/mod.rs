@@ -15,6 +15,7 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use crate::{
+    auth::Identity,
     config::{Config, ConflictPolicy, MESSAGE_OVERHEAD_BYTES},
     error::Error,
     pb::{self, sync_service_server::SyncService},
@@ -180,8 +181,10 @@ impl SyncService for SyncApi {
         &self,
         request: Request<pb::PushRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
+        let identity = Identity::of(&request);
+        push::authorize(request.get_ref(), &identity)?;
         let response = match self.node.write_route()? {
-            None => push::handle(self, request.into_inner()).await?,
+            None => push::handle(self, request.into_inner(), &identity).await?,
             Some(primary) => {
                 let wait = self.read_wait(request.metadata());
                 replication::forward::push(&self.node, primary, request, wait).await?
@@ -195,8 +198,9 @@ impl SyncService for SyncApi {
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
         let wait = self.read_wait(request.metadata());
+        let identity = Identity::of(&request);
         Ok(Response::new(
-            pull::handle(self, request.into_inner(), wait).await?,
+            pull::handle(self, request.into_inner(), wait, &identity).await?,
         ))
     }
 
@@ -207,8 +211,9 @@ impl SyncService for SyncApi {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let wait = self.read_wait(request.metadata());
+        let identity = Identity::of(&request);
         Ok(Response::new(
-            subscribe::handle(self, request.into_inner(), wait).await?,
+            subscribe::handle(self, request.into_inner(), wait, &identity).await?,
         ))
     }
 
@@ -217,8 +222,9 @@ impl SyncService for SyncApi {
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
         let wait = self.read_wait(request.metadata());
+        let identity = Identity::of(&request);
         Ok(Response::new(
-            get::handle(self, request.into_inner(), wait).await?,
+            get::handle(self, request.into_inner(), wait, &identity).await?,
         ))
     }
 }

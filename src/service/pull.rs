@@ -6,10 +6,11 @@ use prost::Message;
 
 use super::{SyncApi, convert, validate};
 use crate::{
+    auth::Identity,
     config::DEFAULT_PULL_LIMIT,
     error::Error,
     pb,
-    store::{CollectionFilter, PageLimit, model::Seq},
+    store::{PageLimit, model::Seq},
 };
 
 /// Handles one Pull.
@@ -19,9 +20,11 @@ pub async fn handle(
     api: &SyncApi,
     req: pb::PullRequest,
     wait: Duration,
+    identity: &Identity,
 ) -> Result<pb::PullResponse, Error> {
     validate::collections(&req.collections)?;
     validate::client_id(&req.client_id)?;
+    let filter = identity.scope(req.collections)?;
     api.await_min_checkpoint(req.min_checkpoint, wait).await?;
     let from = super::Checkpoint {
         store_id: &req.store_id,
@@ -41,12 +44,7 @@ pub async fn handle(
     };
     let page = api
         .store
-        .pull(
-            Seq(req.since),
-            Seq(req.purge_horizon),
-            CollectionFilter::new(req.collections),
-            limit,
-        )
+        .pull(Seq(req.since), Seq(req.purge_horizon), filter, limit)
         .await?;
     // Keep the response under the message cap: cut after the last document
     // that fits, and resume from its seq.
@@ -62,7 +60,7 @@ pub async fn handle(
     };
     let last_mutation_id = match req.client_id.as_str() {
         "" => 0,
-        client => api.store.last_mutation_id(client)?,
+        client => api.store.last_mutation_id(&identity.client_key(client))?,
     };
     let response = pb::PullResponse {
         documents,

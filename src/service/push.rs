@@ -4,6 +4,7 @@ use prost::Message;
 
 use super::{SyncApi, convert, validate};
 use crate::{
+    auth::{Identity, Permission},
     error::Error,
     pb,
     store::model::{
@@ -12,8 +13,14 @@ use crate::{
 };
 
 /// Handles one Push.
-pub async fn handle(api: &SyncApi, req: pb::PushRequest) -> Result<pb::PushResponse, Error> {
-    let batch = decode(api, req)?;
+/// `identity` is the caller: its client ids are its own (see
+/// [`Identity::client_key`]).
+pub async fn handle(
+    api: &SyncApi,
+    req: pb::PushRequest,
+    identity: &Identity,
+) -> Result<pb::PushResponse, Error> {
+    let batch = decode(api, req, identity)?;
     let count = batch.mutations.len();
     let outcome = api.store.push(batch).await?;
     tracing::debug!(mutations = count, checkpoint = %outcome.checkpoint, "push committed");
@@ -22,6 +29,18 @@ pub async fn handle(api: &SyncApi, req: pb::PushRequest) -> Result<pb::PushRespo
     let mut response = answer(&outcome, &api.store.store_id(), api.settings.message_budget);
     response.checkpoint_epoch = api.epoch_of(response.checkpoint);
     Ok(response)
+}
+
+/// Fails whole, naming the first mutation the caller may not write.
+pub fn authorize(req: &pb::PushRequest, identity: &Identity) -> Result<(), Error> {
+    for (i, m) in req.mutations.iter().enumerate() {
+        identity.require(
+            Permission::Write,
+            &m.collection,
+            format_args!("mutations[{i}]"),
+        )?;
+    }
+    Ok(())
 }
 
 /// The answer to a committed push, within `budget` bytes encoded, counting
@@ -98,7 +117,7 @@ fn framed(result: &pb::MutationResult) -> usize {
 
 /// Validates everything before anything is written; the first problem fails
 /// the whole request, naming the mutation and field.
-fn decode(api: &SyncApi, req: pb::PushRequest) -> Result<PushBatch, Error> {
+fn decode(api: &SyncApi, req: pb::PushRequest, identity: &Identity) -> Result<PushBatch, Error> {
     let settings = &api.settings;
     validate::client_id(&req.client_id)?;
     if req.mutations.len() > settings.max_batch {
@@ -168,7 +187,8 @@ fn decode(api: &SyncApi, req: pb::PushRequest) -> Result<PushBatch, Error> {
         });
     }
     Ok(PushBatch {
-        client_id: req.client_id,
+        client_id: identity.client_key(&req.client_id),
+        updated_by: identity.author(&req.client_id),
         mutations,
         atomic: req.atomic,
     })

@@ -16,7 +16,7 @@ use crate::{
     pb::{self, subscribe_response::Event},
     shutdown::CancellationToken,
     store::{
-        CollectionFilter, FeedEvent, PageLimit, Subscription,
+        FeedEvent, PageLimit, Subscription,
         model::{Document, Seq},
     },
 };
@@ -33,8 +33,10 @@ pub async fn handle(
     api: &SyncApi,
     req: pb::SubscribeRequest,
     wait: std::time::Duration,
+    identity: &crate::auth::Identity,
 ) -> Result<SubscribeStream, Error> {
     validate::collections(&req.collections)?;
+    let filter = identity.scope(req.collections.clone())?;
     api.await_min_checkpoint(req.min_checkpoint, wait).await?;
     let from = super::Checkpoint {
         store_id: &req.store_id,
@@ -53,12 +55,7 @@ pub async fn handle(
         docs: usize::try_from(DEFAULT_PULL_LIMIT).unwrap_or(1000),
         bytes: api.settings.message_budget,
     };
-    let subscription = api.store.subscribe(
-        Seq(req.since),
-        seen,
-        CollectionFilter::new(req.collections),
-        page,
-    );
+    let subscription = api.store.subscribe(Seq(req.since), seen, filter, page);
     let period = api.settings.heartbeat_interval;
     let mut heartbeat = interval_at(Instant::now() + period, period);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);

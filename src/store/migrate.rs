@@ -261,6 +261,7 @@ mod tests {
         assert_eq!(store.last_mutation_id("phone").unwrap(), 7);
         let retry = crate::store::model::PushBatch {
             client_id: "phone".into(),
+            updated_by: "phone".into(),
             ..testing::batch(vec![Mutation {
                 mutation_id: 7,
                 ..testing::mutation("z", Op::Delete)

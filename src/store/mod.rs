@@ -666,6 +666,7 @@ pub(crate) mod testing {
     pub fn batch(mutations: Vec<Mutation>) -> PushBatch {
         PushBatch {
             client_id: String::new(),
+            updated_by: String::new(),
             mutations,
             atomic: false,
         }

@@ -116,6 +116,9 @@ pub struct Mutation {
 pub struct PushBatch {
     /// Client identity for deduplication ("" = anonymous).
     pub client_id: String,
+    /// Recorded as the changes' `updated_by`: the client id, or the
+    /// authenticated principal.
+    pub updated_by: String,
     /// Mutations in request order.
     pub mutations: Vec<Mutation>,
     /// All or nothing.

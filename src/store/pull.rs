@@ -12,20 +12,48 @@ use super::{
     model::{Document, PullPage, Seq},
 };
 
-/// Which collections a reader wants; empty = all.
+/// Which collections a reader wants (`None`: all).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CollectionFilter(Option<Arc<HashSet<Vec<u8>>>>);
+pub struct CollectionFilter(Option<Arc<Collections>>);
+
+/// Collections by name and by prefix.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Collections {
+    /// These names.
+    exact: HashSet<Vec<u8>>,
+    /// Every name starting with one of these.
+    prefixes: Vec<Vec<u8>>,
+}
 
 impl CollectionFilter {
     /// A filter for these collections (empty = all).
     pub fn new<I: IntoIterator<Item = String>>(collections: I) -> Self {
-        let set: HashSet<Vec<u8>> = collections.into_iter().map(String::into_bytes).collect();
-        Self((!set.is_empty()).then(|| Arc::new(set)))
+        let exact: HashSet<Vec<u8>> = collections.into_iter().map(String::into_bytes).collect();
+        Self((!exact.is_empty()).then(|| {
+            Arc::new(Collections {
+                exact,
+                prefixes: Vec::new(),
+            })
+        }))
+    }
+
+    /// Exactly these names and every name with one of these prefixes
+    /// (both empty: nothing).
+    pub fn patterns(
+        exact: impl IntoIterator<Item = String>,
+        prefixes: impl IntoIterator<Item = String>,
+    ) -> Self {
+        Self(Some(Arc::new(Collections {
+            exact: exact.into_iter().map(String::into_bytes).collect(),
+            prefixes: prefixes.into_iter().map(String::into_bytes).collect(),
+        })))
     }
 
     /// Whether a document of `collection` passes.
     pub fn matches(&self, collection: &[u8]) -> bool {
-        self.0.as_ref().is_none_or(|set| set.contains(collection))
+        self.0.as_ref().is_none_or(|c| {
+            c.exact.contains(collection) || c.prefixes.iter().any(|p| collection.starts_with(p))
+        })
     }
 }
 

@@ -254,7 +254,7 @@ fn apply_batch(
                         limit: limits.max_body_bytes,
                     }));
                 }
-                let doc = write(view, &key, current, body, now, &batch.client_id, limits)?;
+                let doc = write(view, &key, current, body, now, &batch.updated_by, limits)?;
                 view.batch.insert(
                     key,
                     Entry {
@@ -550,6 +550,7 @@ mod tests {
         let put = |v| Op::Put(fields(v).into());
         let tracked = |b: PushBatch| PushBatch {
             client_id: "c1".into(),
+            updated_by: "c1".into(),
             ..b
         };
         let group = apply_limited(
@@ -599,6 +600,7 @@ mod tests {
         let put = |v| Op::Put(fields(v).into());
         let tracked = |atomic, ms: Vec<(u64, Mutation)>| PushBatch {
             client_id: "c1".into(),
+            updated_by: "c1".into(),
             atomic,
             mutations: ms
                 .into_iter()

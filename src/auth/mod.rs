@@ -1,0 +1,425 @@
+//! Who is calling, and what they may do.
+//!
+//! Identity is decided once per call, by [`Auth::identify`] in an
+//! interceptor in front of the sync, replication and admin services, and
+//! handed to handlers as an [`Identity`] in the request's extensions.
+//! Handlers ask the pure [`Principal::allows`]; nothing else reads tokens.
+//! Health and reflection stay open (probes, grpcurl).
+//!
+//! The principals and their grants come from the auth file ([`file`]),
+//! reloaded when it changes; tokens are kept only as SHA-256 hashes
+//! ([`token`]). With no auth file every call is [`Identity::Open`], as a
+//! local development server is.
+
+pub mod file;
+pub mod token;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, PoisonError, RwLock},
+    time::Duration,
+};
+
+use subtle::ConstantTimeEq;
+use tonic::{Request, Status, metadata::MetadataMap};
+
+use crate::{error::Error, store::CollectionFilter};
+
+/// What a grant allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Permission {
+    /// Get, Pull and Subscribe.
+    Read,
+    /// Push (and reading what one may write).
+    Write,
+    /// The replication stream: a copy of the whole store.
+    Replicate,
+    /// AdminService.
+    Admin,
+}
+
+/// Collections a grant covers: one name, or every name with a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pattern {
+    /// Exactly this collection.
+    Exact(String),
+    /// Every collection starting with this (`"tenant-a."` for
+    /// `tenant-a.*`; empty for `*`).
+    Prefix(String),
+}
+
+impl Pattern {
+    /// Whether it covers `collection`.
+    pub fn covers(&self, collection: &str) -> bool {
+        match self {
+            Self::Exact(name) => name == collection,
+            Self::Prefix(prefix) => collection.starts_with(prefix.as_str()),
+        }
+    }
+
+    /// Whether it covers every collection (`*`).
+    pub fn is_all(&self) -> bool {
+        matches!(self, Self::Prefix(p) if p.is_empty())
+    }
+}
+
+/// Permissions on collections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The collections.
+    pub patterns: Vec<Pattern>,
+    /// What is allowed on them.
+    pub permissions: Vec<Permission>,
+}
+
+/// An authenticated caller and its grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Its name: recorded as `updated_by`, and the namespace of its client
+    /// ids.
+    pub name: String,
+    /// What it may do.
+    pub grants: Vec<Grant>,
+}
+
+impl Principal {
+    /// Whether it may do `permission` on `collection`. `write` implies
+    /// `read`; `replicate` and `admin` concern the whole store, so only a
+    /// grant on `*` gives them (pass any collection name, e.g. `"*"`).
+    pub fn allows(&self, permission: Permission, collection: &str) -> bool {
+        self.grants.iter().any(|g| {
+            let has = |p| g.permissions.contains(&p);
+            let granted = match permission {
+                Permission::Read => has(Permission::Read) || has(Permission::Write),
+                Permission::Write => has(Permission::Write),
+                Permission::Replicate | Permission::Admin => {
+                    return has(permission) && g.patterns.iter().any(Pattern::is_all);
+                }
+            };
+            granted && g.patterns.iter().any(|p| p.covers(collection))
+        })
+    }
+
+    /// The patterns it may read: a Pull or Subscribe naming no collection
+    /// gets these.
+    pub fn readable(&self) -> Vec<Pattern> {
+        self.grants
+            .iter()
+            .filter(|g| {
+                g.permissions
+                    .iter()
+                    .any(|p| matches!(p, Permission::Read | Permission::Write))
+            })
+            .flat_map(|g| g.patterns.iter().cloned())
+            .collect()
+    }
+}
+
+/// Who a call comes from.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    /// Auth is off: everything is allowed.
+    Open,
+    /// An authenticated principal.
+    Principal(Arc<Principal>),
+}
+
+impl Identity {
+    /// The identity a handler was given (open if none: a service without
+    /// the interceptor, as in unit tests).
+    pub fn of<T>(request: &Request<T>) -> Self {
+        request
+            .extensions()
+            .get::<Self>()
+            .cloned()
+            .unwrap_or(Self::Open)
+    }
+
+    /// Fails with PERMISSION_DENIED unless `permission` on `collection` is
+    /// allowed. `field` names what in the request asked for it.
+    pub fn require(
+        &self,
+        permission: Permission,
+        collection: &str,
+        field: impl std::fmt::Display,
+    ) -> Result<(), Error> {
+        match self {
+            Self::Open => Ok(()),
+            Self::Principal(p) if p.allows(permission, collection) => Ok(()),
+            Self::Principal(p) => Err(Error::PermissionDenied(format!(
+                "{field}: principal {} may not {} collection {collection}",
+                p.name,
+                match permission {
+                    Permission::Read => "read",
+                    Permission::Write => "write",
+                    Permission::Replicate => "replicate",
+                    Permission::Admin => "administer",
+                }
+            ))),
+        }
+    }
+
+    /// Fails unless it may replicate or administer the whole store.
+    pub fn require_store(&self, permission: Permission) -> Result<(), Error> {
+        self.require(permission, "*", "the store")
+    }
+
+    /// The client id under which the store keeps this caller's mutation
+    /// ids: a principal's own namespace, so no principal can use or learn
+    /// another's (`\x1f` cannot appear in a validated client id).
+    pub fn client_key(&self, client_id: &str) -> String {
+        match self {
+            Self::Principal(p) if !client_id.is_empty() => format!("{}\x1f{client_id}", p.name),
+            _ => client_id.to_owned(),
+        }
+    }
+
+    /// What a change records as its author: the principal, else the client
+    /// id.
+    pub fn author(&self, client_id: &str) -> String {
+        match self {
+            Self::Principal(p) => p.name.clone(),
+            Self::Open => client_id.to_owned(),
+        }
+    }
+
+    /// The collections a Pull or Subscribe reads: the ones named, each of
+    /// which must be readable; none named means every readable one.
+    pub fn scope(&self, named: Vec<String>) -> Result<CollectionFilter, Error> {
+        for (i, name) in named.iter().enumerate() {
+            self.require(Permission::Read, name, format_args!("collections[{i}]"))?;
+        }
+        Ok(match self {
+            Self::Principal(p) if named.is_empty() => {
+                let (mut exact, mut prefixes) = (Vec::new(), Vec::new());
+                for pattern in p.readable() {
+                    match pattern {
+                        Pattern::Exact(name) => exact.push(name),
+                        Pattern::Prefix(prefix) => prefixes.push(prefix),
+                    }
+                }
+                CollectionFilter::patterns(exact, prefixes)
+            }
+            _ => CollectionFilter::new(named),
+        })
+    }
+}
+
+/// The loaded principals, by credential.
+#[derive(Debug, Default)]
+pub struct Directory {
+    /// By SHA-256 of their bearer tokens.
+    by_token: HashMap<[u8; 32], Arc<Principal>>,
+    /// By certificate identity (a SAN URI, SAN DNS name or subject CN).
+    by_certificate: HashMap<String, Arc<Principal>>,
+    /// How many principals.
+    principals: usize,
+}
+
+impl Directory {
+    /// How many principals it holds.
+    pub fn principals(&self) -> usize {
+        self.principals
+    }
+
+    /// The principal of the first of a client certificate's identities
+    /// that the file names.
+    pub fn by_certificate(&self, identities: &[String]) -> Option<Arc<Principal>> {
+        identities
+            .iter()
+            .find_map(|id| self.by_certificate.get(id).cloned())
+    }
+
+    /// The principal whose token hashes to `hash`. The map finds the entry
+    /// by the hash (which tells nothing of the token); the full hash is
+    /// then compared in constant time.
+    fn by_token_hash(&self, hash: &[u8; 32]) -> Option<Arc<Principal>> {
+        let (stored, principal) = self.by_token.get_key_value(hash)?;
+        bool::from(stored.ct_eq(hash)).then(|| principal.clone())
+    }
+}
+
+/// The server's authentication: off, or a reloadable directory. A cheap
+/// `Clone` handle.
+#[derive(Clone, Default)]
+pub struct Auth {
+    /// `None`: auth is off.
+    directory: Option<Arc<RwLock<Arc<Directory>>>>,
+}
+
+impl Auth {
+    /// Loads `path` (`None`: auth off). A file that does not load is an
+    /// error here, at startup; later reloads keep the previous one.
+    pub fn load(path: Option<&PathBuf>) -> Result<Self, String> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let directory = file::load(path)?;
+        Ok(Self {
+            directory: Some(Arc::new(RwLock::new(Arc::new(directory)))),
+        })
+    }
+
+    /// Whether calls must authenticate.
+    pub fn is_on(&self) -> bool {
+        self.directory.is_some()
+    }
+
+    /// Who the call with `metadata` comes from: UNAUTHENTICATED without a
+    /// valid credential when auth is on. The error never says whether a
+    /// token is unknown or malformed.
+    pub fn identify(&self, metadata: &MetadataMap) -> Result<Identity, Status> {
+        let Some(directory) = &self.directory else {
+            return Ok(Identity::Open);
+        };
+        let token = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "this server needs a credential: `authorization: Bearer <token>`",
+                )
+            })?;
+        let hash = token::hash(token);
+        let directory = directory
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        directory
+            .by_token_hash(&hash)
+            .map(Identity::Principal)
+            .ok_or_else(|| Status::unauthenticated("the credential is not valid"))
+    }
+
+    /// Replaces the directory with `path`'s contents; on failure the old
+    /// one stays and the error is returned.
+    pub fn reload(&self, path: &PathBuf) -> Result<usize, String> {
+        let Some(directory) = &self.directory else {
+            return Ok(0);
+        };
+        let fresh = file::load(path)?;
+        let principals = fresh.principals();
+        *directory.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+        Ok(principals)
+    }
+
+    /// An interceptor that puts the caller's [`Identity`] in the request's
+    /// extensions, or refuses it.
+    pub fn interceptor(&self) -> impl tonic::service::Interceptor + Clone + use<> {
+        let auth = self.clone();
+        move |mut request: Request<()>| {
+            let identity = auth.identify(request.metadata())?;
+            request.extensions_mut().insert(identity);
+            Ok(request)
+        }
+    }
+}
+
+/// Watches the auth file: reloads it within `interval` of a change to its
+/// contents (a rename, or Kubernetes' symlink swap of a mounted Secret,
+/// included) and on SIGHUP, until `shutdown`. A file that does not load is
+/// logged and the previous one stays in force.
+pub async fn watch(
+    auth: Auth,
+    path: PathBuf,
+    interval: Duration,
+    shutdown: crate::shutdown::CancellationToken,
+) {
+    if !auth.is_on() {
+        return;
+    }
+    let mut seen = std::fs::read(&path).ok();
+    let mut ticker = tokio::time::interval(interval);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match &mut hangup {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<Option<()>>();
+        let forced = tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => false,
+            _ = hup => true,
+        };
+        let now = std::fs::read(&path).ok();
+        if !forced && now == seen {
+            continue;
+        }
+        seen = now;
+        match auth.reload(&path) {
+            Ok(principals) => {
+                tracing::info!(path = %path.display(), principals, "auth file reloaded")
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), cause = %e, "auth file not reloaded; the previous one stays in force")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(grants: Vec<(Vec<Pattern>, Vec<Permission>)>) -> Principal {
+        Principal {
+            name: "p".into(),
+            grants: grants
+                .into_iter()
+                .map(|(patterns, permissions)| Grant {
+                    patterns,
+                    permissions,
+                })
+                .collect(),
+        }
+    }
+
+    /// Rule: write implies read on the same collections; a prefix covers
+    /// what starts with it; replicate and admin count only on `*`.
+    #[test]
+    fn grants_mean_what_they_say() {
+        use Permission::*;
+        let p = principal(vec![
+            (vec![Pattern::Prefix("a.".into())], vec![Write]),
+            (vec![Pattern::Exact("b".into())], vec![Read, Replicate]),
+        ]);
+        assert!(p.allows(Read, "a.x") && p.allows(Write, "a.x"));
+        assert!(!p.allows(Read, "ab") && !p.allows(Write, "b"));
+        assert!(p.allows(Read, "b"));
+        assert!(
+            !p.allows(Replicate, "*"),
+            "replicate on one collection is no replication"
+        );
+        let all = principal(vec![(
+            vec![Pattern::Prefix(String::new())],
+            vec![Replicate, Admin],
+        )]);
+        assert!(all.allows(Replicate, "*") && all.allows(Admin, "*"));
+        assert!(!all.allows(Read, "x"), "replicate is not read");
+    }
+
+    /// Rule: principals keep their client ids apart.
+    #[test]
+    fn client_ids_live_under_their_principal() {
+        let a = Identity::Principal(Arc::new(Principal {
+            name: "a".into(),
+            grants: vec![],
+        }));
+        assert_ne!(a.client_key("c1"), Identity::Open.client_key("c1"));
+        assert_eq!(a.client_key(""), "", "anonymous stays anonymous");
+        assert_eq!(a.author("c1"), "a");
+    }
+}

@@ -84,7 +84,7 @@ async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let streams = CancellationToken::new();
-    let auth = Auth::load(config.auth_file.as_ref()).map_err(ServeError::Config)?;
+    let auth = Auth::load(config.auth_file.as_deref()).map_err(ServeError::Config)?;
     let mut cluster = replication::Settings::from_config(config);
     if config.advertise_url.is_none()
         && let Ok(addr) = listener.local_addr()

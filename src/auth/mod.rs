@@ -251,7 +251,7 @@ pub struct Auth {
 impl Auth {
     /// Loads `path` (`None`: auth off). A file that does not load is an
     /// error here, at startup; later reloads keep the previous one.
-    pub fn load(path: Option<&PathBuf>) -> Result<Self, String> {
+    pub fn load(path: Option<&std::path::Path>) -> Result<Self, String> {
         let Some(path) = path else {
             return Ok(Self::default());
         };
@@ -300,7 +300,7 @@ impl Auth {
 
     /// Replaces the directory with `path`'s contents; on failure the old
     /// one stays and the error is returned.
-    pub fn reload(&self, path: &PathBuf) -> Result<usize, String> {
+    pub fn reload(&self, path: &std::path::Path) -> Result<usize, String> {
         let Some(directory) = &self.directory else {
             return Ok(0);
         };

@@ -213,6 +213,12 @@ pub struct Config {
     #[arg(long, env = "DELTASYNC_DISCARD_DIVERGENT")]
     pub discard_divergent: bool,
 
+    /// Also serve `grpc.health.v1` alone, plaintext and without auth, on
+    /// this address (for the kubelet's gRPC probes when the main port
+    /// needs credentials).
+    #[arg(long, env = "DELTASYNC_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
     /// The principals, their token hashes and grants (TOML; see the
     /// README). Without it the server is open to anyone who reaches it.
     /// Reloaded within 5 s of a change, or on SIGHUP.

@@ -41,6 +41,18 @@ pub enum Error {
         /// The epoch this node's history gives it.
         ours: u64,
     },
+    /// The caller spent its rate limit.
+    #[error(
+        "rate limit: at most {rate} {what} a second for this principal; retry after {retry_after:?}"
+    )]
+    RateLimited {
+        /// What is limited.
+        what: &'static str,
+        /// The limit.
+        rate: u64,
+        /// When enough will be available.
+        retry_after: std::time::Duration,
+    },
     /// The caller may not do this; the message names the field.
     #[error("{0}")]
     PermissionDenied(String),
@@ -152,6 +164,11 @@ impl From<Error> for Status {
             ),
             Error::ResourceExhausted(msg) => Status::resource_exhausted(msg),
             Error::PermissionDenied(msg) => Status::permission_denied(msg),
+            e @ Error::RateLimited { retry_after, .. } => Status::with_error_details(
+                Code::ResourceExhausted,
+                e.to_string(),
+                ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
             e @ Error::ReplicaBehind { applied, wanted } => detailed(
                 Code::Unavailable,
                 &e,
@@ -201,6 +218,9 @@ impl From<Error> for Status {
                     ],
                 ),
             ),
+            Error::Store(e @ StoreError::DeadlineExceeded) => {
+                Status::deadline_exceeded(e.to_string())
+            }
             Error::Store(StoreError::Closed) => {
                 Status::unavailable("server is shutting down; retry")
             }

@@ -166,6 +166,25 @@ async fn run(
         health.set_not_serving::<SyncServiceServer<SyncApi>>().await;
         draining.cancel();
     };
+    // Probes that speak only plaintext get health alone on a port of its own.
+    let health_only = match config.health_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                ServeError::Config(format!("cannot bind --health-listen {addr}: {e}"))
+            })?;
+            tracing::info!(%addr, "serving grpc.health.v1 alone, plaintext");
+            let stop = streams.clone();
+            Some(tokio::spawn(
+                Server::builder()
+                    .add_service(health_service.clone())
+                    .serve_with_incoming_shutdown(
+                        TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        async move { stop.cancelled().await },
+                    ),
+            ))
+        }
+        None => None,
+    };
     let server = Server::builder()
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
         .http2_keepalive_interval(Some(config.keepalive_interval))
@@ -191,6 +210,9 @@ async fn run(
     }
     streams.cancel();
     let _ = compaction.await;
+    if let Some(health_only) = health_only {
+        let _ = health_only.await;
+    }
     Ok(())
 }
 

@@ -20,7 +20,7 @@ use std::{collections::HashMap, path::Path, sync::Arc};
 
 use serde::Deserialize;
 
-use super::{Directory, Grant, Pattern, Permission, Principal, token};
+use super::{Directory, Grant, Limits, Pattern, Permission, Principal, token};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,7 +50,7 @@ struct GrantDoc {
     permissions: Vec<String>,
 }
 
-/// Per-principal limits (parsed; see [`load`] for what is enforced).
+/// Per-principal limits.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LimitsDoc {
@@ -87,15 +87,15 @@ pub fn parse(text: &str) -> Result<Directory, String> {
         if p.tokens.is_empty() && p.certificates.is_empty() {
             return Err(at("needs at least one token or certificate"));
         }
-        if p.limits.as_ref().is_some_and(|l| {
-            l.requests_per_second.is_some()
-                || l.mutations_per_second.is_some()
-                || l.max_subscriptions.is_some()
-        }) {
-            tracing::warn!(
-                principal = %p.name,
-                "per-principal limits are read but not yet enforced by this build"
-            );
+        let limits = p.limits.as_ref().map_or_else(Limits::default, |l| Limits {
+            requests_per_second: l.requests_per_second,
+            mutations_per_second: l.mutations_per_second,
+            max_subscriptions: l.max_subscriptions,
+        });
+        if [limits.requests_per_second, limits.mutations_per_second].contains(&Some(0)) {
+            return Err(at(
+                "a rate of 0 would refuse every call; leave it out for no limit",
+            ));
         }
         let grants = p
             .grant
@@ -106,6 +106,7 @@ pub fn parse(text: &str) -> Result<Directory, String> {
         let principal = Arc::new(Principal {
             name: p.name.clone(),
             grants,
+            limits,
         });
         for t in &p.tokens {
             let hash = token::parse_hash(t).map_err(|e| at(&e))?;

@@ -12,7 +12,10 @@
 //! local development server is.
 
 pub mod file;
+pub mod limits;
 pub mod token;
+
+pub use limits::{Limiter, Limits, Meter, StreamGuard};
 
 use std::{
     collections::HashMap,
@@ -81,6 +84,8 @@ pub struct Principal {
     pub name: String,
     /// What it may do.
     pub grants: Vec<Grant>,
+    /// How much.
+    pub limits: Limits,
 }
 
 impl Principal {
@@ -121,8 +126,8 @@ impl Principal {
 pub enum Identity {
     /// Auth is off: everything is allowed.
     Open,
-    /// An authenticated principal.
-    Principal(Arc<Principal>),
+    /// An authenticated principal, and the state of everyone's limits.
+    Principal(Arc<Principal>, Limiter),
 }
 
 impl Identity {
@@ -146,8 +151,8 @@ impl Identity {
     ) -> Result<(), Error> {
         match self {
             Self::Open => Ok(()),
-            Self::Principal(p) if p.allows(permission, collection) => Ok(()),
-            Self::Principal(p) => Err(Error::PermissionDenied(format!(
+            Self::Principal(p, _) if p.allows(permission, collection) => Ok(()),
+            Self::Principal(p, _) => Err(Error::PermissionDenied(format!(
                 "{field}: principal {} may not {} collection {collection}",
                 p.name,
                 match permission {
@@ -170,7 +175,7 @@ impl Identity {
     /// another's (`\x1f` cannot appear in a validated client id).
     pub fn client_key(&self, client_id: &str) -> String {
         match self {
-            Self::Principal(p) if !client_id.is_empty() => format!("{}\x1f{client_id}", p.name),
+            Self::Principal(p, _) if !client_id.is_empty() => format!("{}\x1f{client_id}", p.name),
             _ => client_id.to_owned(),
         }
     }
@@ -179,9 +184,50 @@ impl Identity {
     /// id.
     pub fn author(&self, client_id: &str) -> String {
         match self {
-            Self::Principal(p) => p.name.clone(),
+            Self::Principal(p, _) => p.name.clone(),
             Self::Open => client_id.to_owned(),
         }
+    }
+
+    /// Charges `cost` to the caller's `meter` (RESOURCE_EXHAUSTED with the
+    /// time to wait when its limit is spent).
+    pub fn charge(&self, meter: Meter, cost: u64) -> Result<(), Error> {
+        let Self::Principal(p, limiter) = self else {
+            return Ok(());
+        };
+        let rate = match meter {
+            Meter::Requests => p.limits.requests_per_second,
+            Meter::Mutations => p.limits.mutations_per_second,
+        };
+        let Some(rate) = rate else {
+            return Ok(());
+        };
+        limiter
+            .take(&p.name, meter, cost, rate)
+            .map_err(|retry_after| Error::RateLimited {
+                what: match meter {
+                    Meter::Requests => "requests",
+                    Meter::Mutations => "mutations",
+                },
+                rate,
+                retry_after,
+            })
+    }
+
+    /// Opens a Subscribe stream, within the caller's cap.
+    pub fn open_stream(&self) -> Result<Option<StreamGuard>, Error> {
+        let Self::Principal(p, limiter) = self else {
+            return Ok(None);
+        };
+        let Some(max) = p.limits.max_subscriptions else {
+            return Ok(None);
+        };
+        limiter.open_stream(&p.name, max).map(Some).ok_or_else(|| {
+            Error::ResourceExhausted(format!(
+                "principal {} has {max} Subscribe streams open, its limit; close one or retry later",
+                p.name
+            ))
+        })
     }
 
     /// The collections a Pull or Subscribe reads: the ones named, each of
@@ -191,7 +237,7 @@ impl Identity {
             self.require(Permission::Read, name, format_args!("collections[{i}]"))?;
         }
         Ok(match self {
-            Self::Principal(p) if named.is_empty() => {
+            Self::Principal(p, _) if named.is_empty() => {
                 let (mut exact, mut prefixes) = (Vec::new(), Vec::new());
                 for pattern in p.readable() {
                     match pattern {
@@ -246,6 +292,8 @@ impl Directory {
 pub struct Auth {
     /// `None`: auth is off.
     directory: Option<Arc<RwLock<Arc<Directory>>>>,
+    /// Everyone's limits.
+    limiter: Limiter,
 }
 
 impl Auth {
@@ -258,6 +306,7 @@ impl Auth {
         let directory = file::load(path)?;
         Ok(Self {
             directory: Some(Arc::new(RwLock::new(Arc::new(directory)))),
+            limiter: Limiter::default(),
         })
     }
 
@@ -294,7 +343,7 @@ impl Auth {
             .clone();
         directory
             .by_token_hash(&hash)
-            .map(Identity::Principal)
+            .map(|p| Identity::Principal(p, self.limiter.clone()))
             .ok_or_else(|| Status::unauthenticated("the credential is not valid"))
     }
 
@@ -316,6 +365,7 @@ impl Auth {
         let auth = self.clone();
         move |mut request: Request<()>| {
             let identity = auth.identify(request.metadata())?;
+            identity.charge(Meter::Requests, 1)?;
             request.extensions_mut().insert(identity);
             Ok(request)
         }
@@ -376,6 +426,7 @@ mod tests {
 
     fn principal(grants: Vec<(Vec<Pattern>, Vec<Permission>)>) -> Principal {
         Principal {
+            limits: Limits::default(),
             name: "p".into(),
             grants: grants
                 .into_iter()
@@ -414,10 +465,14 @@ mod tests {
     /// Rule: principals keep their client ids apart.
     #[test]
     fn client_ids_live_under_their_principal() {
-        let a = Identity::Principal(Arc::new(Principal {
-            name: "a".into(),
-            grants: vec![],
-        }));
+        let a = Identity::Principal(
+            Arc::new(Principal {
+                name: "a".into(),
+                grants: vec![],
+                limits: Limits::default(),
+            }),
+            Limiter::default(),
+        );
         assert_ne!(a.client_key("c1"), Identity::Open.client_key("c1"));
         assert_eq!(a.client_key(""), "", "anonymous stays anonymous");
         assert_eq!(a.author("c1"), "a");

@@ -183,8 +183,11 @@ impl SyncService for SyncApi {
     ) -> Result<Response<pb::PushResponse>, Status> {
         let identity = Identity::of(&request);
         push::authorize(request.get_ref(), &identity)?;
+        // A push whose caller has given up waiting is not committed.
+        let deadline =
+            replication::call_timeout(request.metadata()).map(|t| std::time::Instant::now() + t);
         let response = match self.node.write_route()? {
-            None => push::handle(self, request.into_inner(), &identity).await?,
+            None => push::handle(self, request.into_inner(), &identity, deadline).await?,
             Some(primary) => {
                 let wait = self.read_wait(request.metadata());
                 replication::forward::push(&self.node, primary, request, wait).await?

@@ -4,7 +4,7 @@ use prost::Message;
 
 use super::{SyncApi, convert, validate};
 use crate::{
-    auth::{Identity, Permission},
+    auth::{Identity, Meter, Permission},
     error::Error,
     pb,
     store::model::{
@@ -19,10 +19,13 @@ pub async fn handle(
     api: &SyncApi,
     req: pb::PushRequest,
     identity: &Identity,
+    deadline: Option<std::time::Instant>,
 ) -> Result<pb::PushResponse, Error> {
     let batch = decode(api, req, identity)?;
+    let mutations = u64::try_from(batch.mutations.len()).unwrap_or(u64::MAX);
+    identity.charge(Meter::Mutations, mutations)?;
     let count = batch.mutations.len();
-    let outcome = api.store.push(batch).await?;
+    let outcome = api.store.push_by(batch, deadline).await?;
     tracing::debug!(mutations = count, checkpoint = %outcome.checkpoint, "push committed");
     // --sync-replicas: answered once enough replicas hold it.
     api.node.await_replicated(outcome.checkpoint).await?;

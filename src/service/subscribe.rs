@@ -45,6 +45,7 @@ pub async fn handle(
         epoch: req.checkpoint_epoch,
     };
     let seen = api.check_checkpoint(from, wait).await?;
+    let stream = identity.open_stream()?;
     let permit = api.subscribers.clone().try_acquire_owned().map_err(|_| {
         Error::ResourceExhausted(format!(
             "too many subscribers: this server allows {} open Subscribe streams; retry later or use another replica",
@@ -69,6 +70,7 @@ pub async fn handle(
         max_message_bytes: api.settings.max_message_bytes,
         failed: false,
         _permit: permit,
+        _principal_stream: stream,
         api: api.clone(),
     };
     Ok(Box::pin(futures_util::stream::unfold(
@@ -112,6 +114,8 @@ struct Feed {
     failed: bool,
     /// This stream's place under --max-subscribers, released on drop.
     _permit: OwnedSemaphorePermit,
+    /// Its place under its principal's `max_subscriptions`.
+    _principal_stream: Option<crate::auth::StreamGuard>,
     /// The service, for the epochs of checkpoints.
     api: SyncApi,
 }

@@ -88,6 +88,10 @@ pub enum StoreError {
         /// The primary's.
         primary: String,
     },
+    /// A push's deadline passed before the writer took it up: nothing of it
+    /// was committed.
+    #[error("the deadline passed before the push was committed; nothing of it was written")]
+    DeadlineExceeded,
     /// A read task panicked; the cause is logged.
     #[error("read failed")]
     ReadFailed,
@@ -107,6 +111,7 @@ impl StoreError {
             Self::Stopped => Self::Stopped,
             Self::Closed => Self::Closed,
             Self::KeyTooLong => Self::KeyTooLong,
+            Self::DeadlineExceeded => Self::DeadlineExceeded,
             _ => Self::CommitFailed,
         }
     }

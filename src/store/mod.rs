@@ -384,11 +384,23 @@ impl Store {
 
     /// Applies a validated batch through the group-commit writer.
     pub async fn push(&self, batch: PushBatch) -> Result<PushOutcome, StoreError> {
+        self.push_by(batch, None).await
+    }
+
+    /// As [`Store::push`], unless `deadline` passes before the writer
+    /// takes it up: then nothing of it is committed
+    /// ([`StoreError::DeadlineExceeded`]).
+    pub async fn push_by(
+        &self,
+        batch: PushBatch,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<PushOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
         let batch = Arc::new(batch);
         let job = Job {
             batch: batch.clone(),
             reply,
+            deadline,
         };
         self.shared
             .writer

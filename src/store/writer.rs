@@ -68,6 +68,9 @@ pub struct Job {
     pub batch: Arc<PushBatch>,
     /// Where its outcome goes.
     pub reply: oneshot::Sender<Result<PushOutcome, StoreError>>,
+    /// Not committed if this passes before the writer takes it up (the
+    /// call's deadline: its caller has stopped waiting).
+    pub deadline: Option<Instant>,
 }
 
 /// A replicated commit waiting for the writer.
@@ -281,6 +284,11 @@ impl Writer {
     }
 
     fn commit(&self, local: &RefCell<Local>, jobs: Vec<Job>) {
+        let now = Instant::now();
+        let (jobs, expired): (Vec<Job>, Vec<Job>) = jobs
+            .into_iter()
+            .partition(|j| j.deadline.is_none_or(|d| d > now));
+        fail_all(expired, || StoreError::DeadlineExceeded);
         if jobs.is_empty() {
             return;
         }

@@ -132,6 +132,16 @@ pub struct Config {
     #[arg(long, env = "DELTASYNC_MAX_SUBSCRIBERS", default_value_t = 20_000)]
     pub max_subscribers: usize,
 
+    /// Most calls in progress at once, over all connections; more are
+    /// answered RESOURCE_EXHAUSTED with a retry delay (health checks are
+    /// always answered). A Subscribe counts until its stream has started.
+    #[arg(
+        long,
+        env = "DELTASYNC_MAX_CONCURRENT_REQUESTS",
+        default_value_t = 4096
+    )]
+    pub max_concurrent_requests: usize,
+
     /// Most concurrent streams (calls) on one HTTP/2 connection.
     #[arg(
         long,
@@ -269,6 +279,9 @@ impl Config {
                  --max-message-bytes ({}), so that every Push can be answered",
                 self.max_batch, self.max_message_bytes
             ));
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err("--max-concurrent-requests must be at least 1".into());
         }
         if self.history_max_versions == 0 || self.compaction_batch == 0 || self.feed_capacity == 0 {
             return Err(

@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tonic::transport::{Server, server::TcpIncoming};
 
 use crate::{
-    auth::Auth,
+    auth::{Auth, overload::OverloadLayer},
     config::Config,
     pb::{
         self, admin_service_server::AdminServiceServer,
@@ -190,6 +190,7 @@ async fn run(
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(Some(config.max_streams_per_connection))
+        .layer(OverloadLayer::new(config.max_concurrent_requests))
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)

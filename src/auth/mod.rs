@@ -13,6 +13,7 @@
 
 pub mod file;
 pub mod limits;
+pub mod overload;
 pub mod token;
 
 pub use limits::{Limiter, Limits, Meter, StreamGuard};

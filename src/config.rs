@@ -231,7 +231,7 @@ pub struct Config {
 
     /// The principals, their token hashes and grants (TOML; see the
     /// README). Without it the server is open to anyone who reaches it.
-    /// Reloaded within 5 s of a change, or on SIGHUP.
+    /// Reloaded within a second of a change, or on SIGHUP.
     #[arg(long, env = "DELTASYNC_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
 

@@ -62,11 +62,14 @@ struct LimitsDoc {
     max_subscriptions: Option<u64>,
 }
 
-/// Reads and checks the file at `path`.
-pub fn load(path: &Path) -> Result<Directory, String> {
-    let text = std::fs::read_to_string(path)
+/// Reads and checks the file at `path`; also returns the bytes read.
+pub fn load(path: &Path) -> Result<(Directory, Vec<u8>), String> {
+    let bytes = std::fs::read(path)
         .map_err(|e| format!("cannot read auth file {}: {e}", path.display()))?;
-    parse(&text).map_err(|e| format!("auth file {}: {e}", path.display()))
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| format!("auth file {} is not UTF-8", path.display()))?;
+    let directory = parse(text).map_err(|e| format!("auth file {}: {e}", path.display()))?;
+    Ok((directory, bytes))
 }
 
 /// Parses and checks an auth file's text.

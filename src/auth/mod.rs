@@ -127,8 +127,24 @@ impl Principal {
 pub enum Identity {
     /// Auth is off: everything is allowed.
     Open,
-    /// An authenticated principal, and the state of everyone's limits.
-    Principal(Arc<Principal>, Limiter),
+    /// An authenticated principal, and how it authenticated.
+    Principal(Arc<Principal>, Session),
+}
+
+/// How a principal authenticated, to check later that it still may (an
+/// open stream ends when its credential is revoked).
+#[derive(Clone)]
+pub struct Session {
+    /// The SHA-256 of its token.
+    credential: [u8; 32],
+    /// The server's auth, for limits and the current directory.
+    auth: Auth,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Session")
+    }
 }
 
 impl Identity {
@@ -193,9 +209,10 @@ impl Identity {
     /// Charges `cost` to the caller's `meter` (RESOURCE_EXHAUSTED with the
     /// time to wait when its limit is spent).
     pub fn charge(&self, meter: Meter, cost: u64) -> Result<(), Error> {
-        let Self::Principal(p, limiter) = self else {
+        let Self::Principal(p, session) = self else {
             return Ok(());
         };
+        let limiter = &session.auth.limiter;
         let rate = match meter {
             Meter::Requests => p.limits.requests_per_second,
             Meter::Mutations => p.limits.mutations_per_second,
@@ -217,18 +234,40 @@ impl Identity {
 
     /// Opens a Subscribe stream, within the caller's cap.
     pub fn open_stream(&self) -> Result<Option<StreamGuard>, Error> {
-        let Self::Principal(p, limiter) = self else {
+        let Self::Principal(p, session) = self else {
             return Ok(None);
         };
         let Some(max) = p.limits.max_subscriptions else {
             return Ok(None);
         };
-        limiter.open_stream(&p.name, max).map(Some).ok_or_else(|| {
+        session.auth.limiter.open_stream(&p.name, max).map(Some).ok_or_else(|| {
             Error::ResourceExhausted(format!(
                 "principal {} has {max} Subscribe streams open, its limit; close one or retry later",
                 p.name
             ))
         })
+    }
+
+    /// Changes when the auth file is reloaded: a long-lived stream then
+    /// checks [`Identity::is_current`] (`None` when auth is off).
+    pub fn reloads(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        match self {
+            Self::Open => None,
+            Self::Principal(_, session) => Some(session.auth.reloads.subscribe()),
+        }
+    }
+
+    /// Whether the credential still gives the same principal, with the
+    /// same grants, under the file now in force.
+    pub fn is_current(&self) -> bool {
+        match self {
+            Self::Open => true,
+            Self::Principal(p, session) => session
+                .auth
+                .directory()
+                .and_then(|d| d.by_token_hash(&session.credential))
+                .is_some_and(|now| *now == **p),
+        }
     }
 
     /// The collections a Pull or Subscribe reads: the ones named, each of
@@ -295,6 +334,10 @@ pub struct Auth {
     directory: Option<Arc<RwLock<Arc<Directory>>>>,
     /// Everyone's limits.
     limiter: Limiter,
+    /// Counts reloads of the auth file.
+    reloads: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The file's bytes as last read, to tell a change.
+    seen: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
 }
 
 impl Auth {
@@ -304,10 +347,12 @@ impl Auth {
         let Some(path) = path else {
             return Ok(Self::default());
         };
-        let directory = file::load(path)?;
+        let (directory, bytes) = file::load(path)?;
         Ok(Self {
             directory: Some(Arc::new(RwLock::new(Arc::new(directory)))),
             limiter: Limiter::default(),
+            reloads: Arc::default(),
+            seen: Arc::new(std::sync::Mutex::new(Some(bytes))),
         })
     }
 
@@ -344,20 +389,47 @@ impl Auth {
             .clone();
         directory
             .by_token_hash(&hash)
-            .map(|p| Identity::Principal(p, self.limiter.clone()))
+            .map(|p| {
+                let session = Session {
+                    credential: hash,
+                    auth: self.clone(),
+                };
+                Identity::Principal(p, session)
+            })
             .ok_or_else(|| Status::unauthenticated("the credential is not valid"))
     }
 
-    /// Replaces the directory with `path`'s contents; on failure the old
-    /// one stays and the error is returned.
-    pub fn reload(&self, path: &std::path::Path) -> Result<usize, String> {
+    /// The directory in force (`None`: auth is off).
+    fn directory(&self) -> Option<Arc<Directory>> {
+        let directory = self.directory.as_ref()?;
+        Some(
+            directory
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
+
+    /// Replaces the directory with `path`'s contents if they changed since
+    /// last read (or `forced`); on failure the old one stays and the error
+    /// is returned. `Ok(None)`: nothing changed.
+    pub fn reload(&self, path: &std::path::Path, forced: bool) -> Result<Option<usize>, String> {
         let Some(directory) = &self.directory else {
-            return Ok(0);
+            return Ok(None);
         };
-        let fresh = file::load(path)?;
+        let now = std::fs::read(path).ok();
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            if !forced && *seen == now {
+                return Ok(None);
+            }
+            *seen = now;
+        }
+        let (fresh, _) = file::load(path)?;
         let principals = fresh.principals();
         *directory.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
-        Ok(principals)
+        self.reloads.send_modify(|n| *n += 1);
+        Ok(Some(principals))
     }
 
     /// An interceptor that puts the caller's [`Identity`] in the request's
@@ -370,6 +442,16 @@ impl Auth {
             request.extensions_mut().insert(identity);
             Ok(request)
         }
+    }
+}
+
+/// Resolves when the auth file was reloaded (see [`Identity::reloads`]);
+/// never when auth is off. Long-lived streams wait on it to check that
+/// their caller is still allowed.
+pub async fn reloaded(reloads: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<()> {
+    match reloads {
+        Some(rx) => rx.changed().await.ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -386,7 +468,6 @@ pub async fn watch(
     if !auth.is_on() {
         return;
     }
-    let mut seen = std::fs::read(&path).ok();
     let mut ticker = tokio::time::interval(interval);
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -405,13 +486,9 @@ pub async fn watch(
             _ = ticker.tick() => false,
             _ = hup => true,
         };
-        let now = std::fs::read(&path).ok();
-        if !forced && now == seen {
-            continue;
-        }
-        seen = now;
-        match auth.reload(&path) {
-            Ok(principals) => {
+        match auth.reload(&path, forced) {
+            Ok(None) => {}
+            Ok(Some(principals)) => {
                 tracing::info!(path = %path.display(), principals, "auth file reloaded")
             }
             Err(e) => {
@@ -472,7 +549,10 @@ mod tests {
                 grants: vec![],
                 limits: Limits::default(),
             }),
-            Limiter::default(),
+            Session {
+                credential: [0; 32],
+                auth: Auth::default(),
+            },
         );
         assert_ne!(a.client_key("c1"), Identity::Open.client_key("c1"));
         assert_eq!(a.client_key(""), "", "anonymous stays anonymous");

@@ -59,7 +59,8 @@ impl ReplicationService for ReplicationApi {
         request: Request<Streaming<pb::FollowRequest>>,
     ) -> Result<Response<FollowStream>, Status> {
         // A copy of the whole store, client ids included.
-        Identity::of(&request).require_store(Permission::Replicate)?;
+        let identity = Identity::of(&request);
+        identity.require_store(Permission::Replicate)?;
         let mut requests = request.into_inner();
         let start = match requests.message().await? {
             Some(pb::FollowRequest {
@@ -94,6 +95,8 @@ impl ReplicationService for ReplicationApi {
                 .saturating_sub(MESSAGE_OVERHEAD_BYTES),
             shutdown: self.shutdown.clone(),
             horizon,
+            reloads: identity.reloads(),
+            identity,
         };
         tokio::spawn(read_acks(requests, guard));
         tokio::spawn(stream.run());
@@ -191,6 +194,10 @@ struct Source {
     /// The purge horizon when the stream was admitted: a purge above what
     /// the stream has read since then may have hidden a deletion.
     horizon: Seq,
+    /// Changes when the auth file is reloaded (`None`: auth is off).
+    reloads: Option<tokio::sync::watch::Receiver<u64>>,
+    /// The follower's principal: the stream ends if it loses `replicate`.
+    identity: Identity,
 }
 
 /// Why a stream stops sending.
@@ -345,6 +352,14 @@ impl Source {
                     return Ok(Stop::Done);
                 }
                 () = self.tx.closed() => return Ok(Stop::Done),
+                Some(()) = crate::auth::reloaded(&mut self.reloads) => {
+                    if !self.identity.is_current() {
+                        let _ = self.tx.send(Err(Status::unauthenticated(
+                            "the replication credential was revoked or its grants changed",
+                        ))).await;
+                        return Ok(Stop::Done);
+                    }
+                }
                 received = rx.recv() => match received {
                     Ok(commit) => {
                         if !self.forward(&commit).await? {

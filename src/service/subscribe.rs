@@ -72,6 +72,8 @@ pub async fn handle(
         _permit: permit,
         _principal_stream: stream,
         api: api.clone(),
+        reloads: identity.reloads(),
+        identity: identity.clone(),
     };
     Ok(Box::pin(futures_util::stream::unfold(
         state,
@@ -118,6 +120,10 @@ struct Feed {
     _principal_stream: Option<crate::auth::StreamGuard>,
     /// The service, for the epochs of checkpoints.
     api: SyncApi,
+    /// Changes when the auth file is reloaded (`None`: auth is off).
+    reloads: Option<tokio::sync::watch::Receiver<u64>>,
+    /// The caller: the stream ends if its credential is revoked.
+    identity: crate::auth::Identity,
 }
 
 impl Feed {
@@ -153,6 +159,14 @@ impl Feed {
                         return Some(Err(Error::from(e).into()));
                     }
                 },
+                Some(()) = crate::auth::reloaded(&mut self.reloads) => {
+                    if !self.identity.is_current() {
+                        self.failed = true;
+                        return Some(Err(Status::unauthenticated(
+                            "the credential of this stream was revoked or its grants changed; reconnect",
+                        )));
+                    }
+                }
                 _ = self.heartbeat.tick() => {
                     let (checkpoint, live) = (self.subscription.checkpoint(), self.subscription.is_live());
                     self.queue_progress(checkpoint, live);

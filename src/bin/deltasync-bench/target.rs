@@ -6,7 +6,7 @@ use deltasync::{
     store::model::EncodedBody,
 };
 use etcd_client::{GetOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions};
-use tonic::{Streaming, transport::Channel};
+use tonic::{Streaming, service::interceptor::InterceptedService, transport::Channel};
 use tonic_health::pb::health_client::HealthClient;
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -41,9 +41,28 @@ impl Value {
     }
 }
 
+/// Adds `authorization` to every call when `DELTASYNC_BENCH_TOKEN` is set
+/// (a server with --auth-file), so the cost of auth can be measured.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// One connection to the system under test.
 pub enum Conn {
-    Deltasync(SyncServiceClient<Channel>),
+    Deltasync(SyncServiceClient<InterceptedService<Channel, Bearer>>),
     Etcd(Box<etcd_client::Client>),
 }
 
@@ -69,7 +88,16 @@ impl Conn {
         Ok(match kind {
             Kind::Deltasync => {
                 let channel = channel(endpoint).await?;
-                Self::Deltasync(SyncServiceClient::new(channel).max_decoding_message_size(64 << 20))
+                let bearer = Bearer(
+                    std::env::var("DELTASYNC_BENCH_TOKEN")
+                        .ok()
+                        .map(|t| format!("Bearer {t}").parse())
+                        .transpose()?,
+                );
+                Self::Deltasync(
+                    SyncServiceClient::with_interceptor(channel, bearer)
+                        .max_decoding_message_size(64 << 20),
+                )
             }
             Kind::Etcd => Self::Etcd(Box::new(
                 etcd_client::Client::connect([endpoint], None).await?,

@@ -223,6 +223,35 @@ pub struct Config {
     #[arg(long, env = "DELTASYNC_DISCARD_DIVERGENT")]
     pub discard_divergent: bool,
 
+    /// Serve TLS on the main port with this certificate chain (PEM);
+    /// reloaded within a second of a change, or on SIGHUP, without
+    /// dropping open connections.
+    #[arg(long, env = "DELTASYNC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "DELTASYNC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// mTLS: clients must present a certificate signed by this CA (PEM);
+    /// others are refused at the handshake.
+    #[arg(long, env = "DELTASYNC_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// The CA (PEM) this node trusts for its primary's certificate, when it
+    /// follows it (or forwards to it) over `https://`.
+    #[arg(long, env = "DELTASYNC_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+
+    /// The client certificate (PEM) this node presents to its primary
+    /// (mTLS).
+    #[arg(long, env = "DELTASYNC_UPSTREAM_CERT", requires = "upstream_key")]
+    pub upstream_cert: Option<PathBuf>,
+
+    /// The private key of --upstream-cert (PEM).
+    #[arg(long, env = "DELTASYNC_UPSTREAM_KEY", requires = "upstream_cert")]
+    pub upstream_key: Option<PathBuf>,
+
     /// Also serve `grpc.health.v1` alone, plaintext and without auth, on
     /// this address (for the kubelet's gRPC probes when the main port
     /// needs credentials).

@@ -20,7 +20,7 @@ use crate::{
     store::{self, Store},
 };
 
-/// How often the auth file is checked for changes.
+/// How often the auth file and TLS certificates are checked for changes.
 const AUTH_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the server could not start or stopped with an error.
@@ -185,7 +185,24 @@ async fn run(
         }
         None => None,
     };
-    let server = Server::builder()
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: config.tls_client_ca.clone(),
+            };
+            let tls = crate::tls::Reloadable::new(files).map_err(ServeError::Config)?;
+            tokio::spawn(crate::tls::watch(
+                tls.clone(),
+                AUTH_RELOAD_INTERVAL,
+                streams.clone(),
+            ));
+            Some(tls)
+        }
+        _ => None,
+    };
+    let router = Server::builder()
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
@@ -196,12 +213,20 @@ async fn run(
         .add_service(reflection().build_v1alpha()?)
         .add_service(sync)
         .add_service(replication_api)
-        .add_service(admin)
-        .serve_with_incoming_shutdown(
+        .add_service(admin);
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+            crate::tls::incoming(listener, tls, streams.clone()),
+            signal,
+        )),
+        None => Box::pin(router.serve_with_incoming_shutdown(
             // Without TCP_NODELAY small responses wait out delayed ACKs (~40 ms).
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             signal,
-        );
+        )),
+    };
     let grace = config.shutdown_grace;
     tokio::select! {
         result = server => result?,

@@ -29,3 +29,35 @@ pub async fn signal() {
         () = term => tracing::info!("SIGTERM received"),
     }
 }
+
+/// Calls `on_tick(false)` every `interval` and `on_tick(true)` on SIGHUP,
+/// until `shutdown`: how files that configure a running server (the auth
+/// file, TLS certificates) are watched. The callee compares the files with
+/// what it last read.
+pub async fn every_change(
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+    mut on_tick: impl FnMut(bool),
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match &mut hangup {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<Option<()>>();
+        let forced = tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => false,
+            _ = hup => true,
+        };
+        on_tick(forced);
+    }
+}

@@ -131,12 +131,21 @@ pub enum Identity {
     Principal(Arc<Principal>, Session),
 }
 
+/// What a caller presented.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Credential {
+    /// A bearer token, by its SHA-256.
+    Token([u8; 32]),
+    /// A verified client certificate, by the name the file knows it by.
+    Certificate(String),
+}
+
 /// How a principal authenticated, to check later that it still may (an
 /// open stream ends when its credential is revoked).
 #[derive(Clone)]
 pub struct Session {
-    /// The SHA-256 of its token.
-    credential: [u8; 32],
+    /// What it presented.
+    credential: Credential,
     /// The server's auth, for limits and the current directory.
     auth: Auth,
 }
@@ -265,7 +274,12 @@ impl Identity {
             Self::Principal(p, session) => session
                 .auth
                 .directory()
-                .and_then(|d| d.by_token_hash(&session.credential))
+                .and_then(|d| match &session.credential {
+                    Credential::Token(hash) => d.by_token_hash(hash),
+                    Credential::Certificate(name) => {
+                        d.by_certificate(std::slice::from_ref(name)).map(|(p, _)| p)
+                    }
+                })
                 .is_some_and(|now| *now == **p),
         }
     }
@@ -310,11 +324,11 @@ impl Directory {
     }
 
     /// The principal of the first of a client certificate's identities
-    /// that the file names.
-    pub fn by_certificate(&self, identities: &[String]) -> Option<Arc<Principal>> {
+    /// that the file names, and that name.
+    pub fn by_certificate(&self, identities: &[String]) -> Option<(Arc<Principal>, String)> {
         identities
             .iter()
-            .find_map(|id| self.by_certificate.get(id).cloned())
+            .find_map(|id| Some((self.by_certificate.get(id)?.clone(), id.clone())))
     }
 
     /// The principal whose token hashes to `hash`. The map finds the entry
@@ -364,39 +378,45 @@ impl Auth {
     /// Who the call with `metadata` comes from: UNAUTHENTICATED without a
     /// valid credential when auth is on. The error never says whether a
     /// token is unknown or malformed.
-    pub fn identify(&self, metadata: &MetadataMap) -> Result<Identity, Status> {
-        let Some(directory) = &self.directory else {
+    pub fn identify(&self, metadata: &MetadataMap, peer: &[String]) -> Result<Identity, Status> {
+        let Some(directory) = self.directory() else {
             return Ok(Identity::Open);
         };
-        let token = metadata
-            .get("authorization")
+        let header = metadata.get("authorization");
+        let token = header
             .and_then(|v| v.to_str().ok())
             .and_then(|v| {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "this server needs a credential: `authorization: Bearer <token>`",
-                )
-            })?;
-        let hash = token::hash(token);
-        let directory = directory
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        directory
-            .by_token_hash(&hash)
-            .map(|p| {
-                let session = Session {
-                    credential: hash,
+            .filter(|t| !t.is_empty());
+        let found = match token {
+            Some(token) => {
+                let hash = token::hash(token);
+                directory
+                    .by_token_hash(&hash)
+                    .map(|p| (p, Credential::Token(hash)))
+            }
+            // A client certificate the handshake verified, named in the file.
+            None if header.is_none() => directory
+                .by_certificate(peer)
+                .map(|(p, name)| (p, Credential::Certificate(name))),
+            None => None,
+        };
+        match found {
+            Some((principal, credential)) => Ok(Identity::Principal(
+                principal,
+                Session {
+                    credential,
                     auth: self.clone(),
-                };
-                Identity::Principal(p, session)
-            })
-            .ok_or_else(|| Status::unauthenticated("the credential is not valid"))
+                },
+            )),
+            None if token.is_none() && header.is_none() => Err(Status::unauthenticated(
+                "this server needs a credential: `authorization: Bearer <token>`, or a client certificate it knows",
+            )),
+            None => Err(Status::unauthenticated("the credential is not valid")),
+        }
     }
 
     /// The directory in force (`None`: auth is off).
@@ -437,12 +457,24 @@ impl Auth {
     pub fn interceptor(&self) -> impl tonic::service::Interceptor + Clone + use<> {
         let auth = self.clone();
         move |mut request: Request<()>| {
-            let identity = auth.identify(request.metadata())?;
+            let peer = peer_identities(&request);
+            let identity = auth.identify(request.metadata(), &peer)?;
             identity.charge(Meter::Requests, 1)?;
             request.extensions_mut().insert(identity);
             Ok(request)
         }
     }
+}
+
+/// The names the call's verified client certificate presents (none
+/// without TLS or without a client certificate).
+fn peer_identities<T>(request: &Request<T>) -> Vec<String> {
+    request
+        .extensions()
+        .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+        .and_then(|info| info.peer_certs())
+        .and_then(|certs| certs.first().map(crate::tls::peer_identities))
+        .unwrap_or_default()
 }
 
 /// Resolves when the auth file was reloaded (see [`Identity::reloads`]);
@@ -468,24 +500,7 @@ pub async fn watch(
     if !auth.is_on() {
         return;
     }
-    let mut ticker = tokio::time::interval(interval);
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    loop {
-        #[cfg(unix)]
-        let hup = async {
-            match &mut hangup {
-                Some(h) => h.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hup = std::future::pending::<Option<()>>();
-        let forced = tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticker.tick() => false,
-            _ = hup => true,
-        };
+    crate::shutdown::every_change(interval, shutdown, |forced| {
         match auth.reload(&path, forced) {
             Ok(None) => {}
             Ok(Some(principals)) => {
@@ -495,7 +510,8 @@ pub async fn watch(
                 tracing::error!(path = %path.display(), cause = %e, "auth file not reloaded; the previous one stays in force")
             }
         }
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -550,7 +566,7 @@ mod tests {
                 limits: Limits::default(),
             }),
             Session {
-                credential: [0; 32],
+                credential: Credential::Token([0; 32]),
                 auth: Auth::default(),
             },
         );

@@ -158,7 +158,7 @@ async fn run(node: Node, stop: CancellationToken) {
 /// One connection: runs until the stream breaks.
 async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
     let store = node.store().clone();
-    let endpoint = Endpoint::from_shared(url.to_owned())
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| Failure::Refused(format!("--replicate-from {url}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
@@ -167,6 +167,12 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
         // Commits stream one way at full speed: a window that grows with
         // the rate, not HTTP/2's default 64 KiB.
         .http2_adaptive_window(true);
+    // Read at each connection: a rotated client certificate is used at once.
+    if let Some(tls) = node.settings().upstream_tls().map_err(Failure::Transient)? {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| Failure::Refused(format!("--replicate-from {url}: {e}")))?;
+    }
     let channel = endpoint
         .connect()
         .await

@@ -13,11 +13,20 @@ use crate::{
 };
 
 /// A lazily connected client of the primary's `SyncService`.
-pub fn client(url: &str, max_message_bytes: usize) -> Result<SyncServiceClient<Channel>, String> {
-    let channel = Channel::from_shared(url.to_owned())
+pub fn client(
+    url: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    max_message_bytes: usize,
+) -> Result<SyncServiceClient<Channel>, String> {
+    let mut endpoint = Channel::from_shared(url.to_owned())
         .map_err(|e| format!("--replicate-from {url}: {e}"))?
-        .tcp_nodelay(true)
-        .connect_lazy();
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("--replicate-from {url}: {e}"))?;
+    }
+    let channel = endpoint.connect_lazy();
     Ok(SyncServiceClient::new(channel).max_decoding_message_size(max_message_bytes))
 }
 

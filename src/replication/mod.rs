@@ -77,6 +77,45 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// The token this node presents to its primary.
     pub upstream_token_file: Option<std::path::PathBuf>,
+    /// The CA it trusts for its primary's certificate.
+    pub upstream_ca: Option<std::path::PathBuf>,
+    /// The client certificate and key it presents to its primary.
+    pub upstream_identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+impl Settings {
+    /// The TLS configuration for connections to the primary, read from the
+    /// files now (so a rotated client certificate is used at the next
+    /// connection); `None` for a plaintext primary without TLS flags.
+    pub fn upstream_tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity as TlsIdentity};
+        let https = self
+            .primary
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https://"));
+        if !https && self.upstream_ca.is_none() && self.upstream_identity.is_none() {
+            return Ok(None);
+        }
+        let read = |flag: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))
+        };
+        let mut tls = ClientTlsConfig::new();
+        match &self.upstream_ca {
+            Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(read("--upstream-ca", ca)?)),
+            None => {
+                return Err(
+                    "an https:// primary needs --upstream-ca (the CA of its certificate)".into(),
+                );
+            }
+        }
+        if let Some((cert, key)) = &self.upstream_identity {
+            tls = tls.identity(TlsIdentity::from_pem(
+                read("--upstream-cert", cert)?,
+                read("--upstream-key", key)?,
+            ));
+        }
+        Ok(Some(tls))
+    }
 }
 
 impl Settings {
@@ -96,6 +135,11 @@ impl Settings {
             discard_divergent: config.discard_divergent,
             max_message_bytes: config.max_message_bytes,
             upstream_token_file: config.upstream_token_file.clone(),
+            upstream_ca: config.upstream_ca.clone(),
+            upstream_identity: config
+                .upstream_cert
+                .clone()
+                .zip(config.upstream_key.clone()),
         }
     }
 }
@@ -184,7 +228,10 @@ impl Node {
         };
         let ready = role != Role::Replica;
         let primary = match &settings.primary {
-            Some(url) => Some(forward::client(url, usize::MAX).map_err(Error::FailedPrecondition)?),
+            Some(url) => {
+                let tls = settings.upstream_tls().map_err(Error::FailedPrecondition)?;
+                Some(forward::client(url, tls, usize::MAX).map_err(Error::FailedPrecondition)?)
+            }
             None => None,
         };
         Ok(Self {

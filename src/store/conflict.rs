@@ -101,16 +101,17 @@ pub fn three_way(
     op: &Op,
     strategy: Strategy,
 ) -> Decision {
-    let client = match op {
+    let changes = match op {
         Op::Delete => return stale_delete(base, current, strategy),
         Op::Put(put) => put_changes(base, current, &put.fields),
         Op::Patch(patch) => patch_changes(base, patch),
     };
     // A field the client sets to exactly what the server already has is no
     // change at all: convergent edits are not conflicts.
-    let client: FieldChanges = client
-        .into_iter()
-        .filter(|(key, value)| current.and_then(|c| c.get(key)) != value.as_ref())
+    let client: FieldChanges = changes
+        .iter()
+        .filter(|(key, value)| current.and_then(|c| c.get(*key)) != value.as_ref())
+        .map(|(key, value)| (key.clone(), value.clone()))
         .collect();
     let server_changed = |key: &str| match (base, current) {
         (Some(base), Some(current)) => base.get(key) != current.get(key),
@@ -153,10 +154,12 @@ pub fn three_way(
             }
         }
         Strategy::ClientWins => {
-            // Resurrecting a tombstone starts from the body the client saw.
+            // Resurrecting a tombstone starts from the body the client saw,
+            // so every change applies, even a removal that agrees with the
+            // tombstone (on a live body those left out are no-ops).
             let onto = current.or(base);
             let mut body = onto.cloned().unwrap_or_default();
-            apply_fields(&mut body, &client);
+            apply_fields(&mut body, &changes);
             Decision {
                 outcome: Outcome::Resolved,
                 write: Some(NewState::Live(body)),
@@ -387,6 +390,27 @@ mod tests {
         assert_eq!(client.write, live(json!({"title": "b", "keep": 1})));
     }
 
+    /// Rule: CLIENT_WINS bringing back a tombstone starts from the base,
+    /// and the client's removals of the base's fields still hold there.
+    /// (Found by the `conflict` fuzz target: a removal "agreed" with the
+    /// tombstone, was dropped, and the base's field came back.)
+    #[test]
+    fn client_wins_over_a_tombstone_keeps_the_clients_removals() {
+        let base = body(json!({"title": "a", "note": "n"}));
+        let put = Op::Put(body(json!({"title": "b"})).into());
+        let d = three_way(Some(&base), None, &put, Strategy::ClientWins);
+        assert_eq!(d.outcome, Outcome::Resolved);
+        assert_eq!(d.write, live(json!({"title": "b"})));
+        let patch = Op::Patch(body(json!({"title": "b", "note": null})));
+        let d = three_way(Some(&base), None, &patch, Strategy::ClientWins);
+        assert_eq!(d.write, live(json!({"title": "b"})));
+        // The fuzzer's input: a base field whose value is null.
+        let base = body(json!({"": 1, "b": null}));
+        let put = Op::Put(body(json!({"": null})).into());
+        let d = three_way(Some(&base), None, &put, Strategy::ClientWins);
+        assert_eq!(d.write, live(json!({"": null})));
+    }
+
     #[test]
     fn stale_delete_against_update() {
         let base = body(json!({"title": "a"}));
@@ -431,5 +455,231 @@ mod tests {
             apply_direct(Some(&current), &Op::Delete).write,
             Some(NewState::Tombstone)
         );
+    }
+
+    /// Properties of the merge over generated bodies. Field names come from
+    /// a small set, so the two sides often touch the same fields.
+    mod properties {
+        use proptest::{prelude::*, strategy::Strategy as Gen};
+
+        use super::*;
+        use crate::store::model::Strategy;
+
+        fn key() -> impl Gen<Value = String> {
+            prop::sample::select(&["a", "b", "c", "d", "e", "f"][..]).prop_map(String::from)
+        }
+
+        fn value() -> impl Gen<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                (0..4i64).prop_map(Value::from),
+                prop::sample::select(&["", "x", "y"][..]).prop_map(Value::from),
+            ];
+            leaf.prop_recursive(2, 8, 3, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                    prop::collection::btree_map(key(), inner, 0..3)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn fields(values: impl Gen<Value = Value>) -> impl Gen<Value = Body> {
+            prop::collection::btree_map(key(), values, 0..5).prop_map(|m| m.into_iter().collect())
+        }
+
+        /// A body; a top-level `null` is a value like any other here.
+        fn any_body() -> impl Gen<Value = Body> {
+            fields(value())
+        }
+
+        /// A patch: a `null` removes its field (one field in three).
+        fn patch() -> impl Gen<Value = Body> {
+            fields(prop_oneof![1 => Just(Value::Null), 2 => value()])
+        }
+
+        fn patched(body: &Body, patch: &Body) -> Body {
+            let mut body = body.clone();
+            apply_patch(&mut body, patch);
+            body
+        }
+
+        /// The client's change as a patch or as the put of the body it
+        /// makes: a put changes the same fields, removed ones included.
+        fn client_op(base: &Body, patch: &Body, as_put: bool) -> Op {
+            if as_put {
+                Op::Put(patched(base, patch).into())
+            } else {
+                Op::Patch(patch.clone())
+            }
+        }
+
+        /// The body after a decision: what it writes, or `current` as is.
+        fn merged(d: &Decision, current: &Body) -> Body {
+            match &d.write {
+                Some(NewState::Live(body)) => body.clone(),
+                None => current.clone(),
+                Some(other) => panic!("a merge wrote {other:?}"),
+            }
+        }
+
+        fn any_strategy() -> impl Gen<Value = Strategy> {
+            prop_oneof![
+                Just(Strategy::Reject),
+                Just(Strategy::ServerWins),
+                Just(Strategy::ClientWins),
+            ]
+        }
+
+        /// Every field any of the bodies has, once each.
+        fn keys<'a>(bodies: &[&'a Body]) -> BTreeSet<&'a String> {
+            bodies.iter().flat_map(|b| b.keys()).collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Rule: two patches of disjoint fields give the same body in
+            /// either order.
+            #[test]
+            fn disjoint_patches_commute(base in any_body(), p in patch(), mut q in patch()) {
+                q.retain(|k, _| !p.contains_key(k));
+                prop_assert_eq!(patched(&patched(&base, &p), &q), patched(&patched(&base, &q), &p));
+            }
+
+            /// Rule: a stale change whose fields the server did not touch
+            /// merges under every strategy, and the merge is the base with
+            /// both changes applied.
+            #[test]
+            fn disjoint_changes_merge_to_both_applied(
+                base in any_body(),
+                server in patch(),
+                mut client in patch(),
+                as_put: bool,
+                strategy in any_strategy(),
+            ) {
+                client.retain(|k, _| !server.contains_key(k));
+                let current = patched(&base, &server);
+                let op = client_op(&base, &client, as_put);
+                let d = three_way(Some(&base), Some(&current), &op, strategy);
+                prop_assert_eq!(d.outcome, Outcome::Merged);
+                prop_assert!(d.conflicting_fields.is_empty());
+                prop_assert_eq!(merged(&d, &current), patched(&current, &client));
+            }
+
+            /// Rule: on overlap, SERVER_WINS keeps the current value of every
+            /// field the server changed and the client's value of every
+            /// field only the client changed; CLIENT_WINS keeps the client's
+            /// value of every field the client changed. Fields the client did
+            /// not change stay as they are; the conflicting fields are those
+            /// both changed to different values.
+            #[test]
+            fn server_wins_and_client_wins_keep_what_they_promise(
+                base in any_body(),
+                server in patch(),
+                client in patch(),
+                as_put: bool,
+                client_wins: bool,
+            ) {
+                let current = patched(&base, &server);
+                let wanted = patched(&base, &client);
+                let strategy = if client_wins {
+                    Strategy::ClientWins
+                } else {
+                    Strategy::ServerWins
+                };
+                let op = client_op(&base, &client, as_put);
+                let d = three_way(Some(&base), Some(&current), &op, strategy);
+                let by_client = |k: &String| base.get(k) != wanted.get(k);
+                let by_server = |k: &String| base.get(k) != current.get(k);
+                let mut expected = current.clone();
+                for k in keys(&[&base, &wanted]).into_iter().filter(|k| by_client(k)) {
+                    if client_wins || !by_server(k) {
+                        match wanted.get(k) {
+                            Some(v) => expected.insert(k.clone(), v.clone()),
+                            None => expected.remove(k),
+                        };
+                    }
+                }
+                prop_assert_eq!(merged(&d, &current), expected);
+                let conflicting: Vec<String> = keys(&[&base, &current, &wanted])
+                    .into_iter()
+                    .filter(|k| by_client(k) && by_server(k))
+                    .filter(|k| current.get(*k) != wanted.get(*k))
+                    .cloned()
+                    .collect();
+                let outcome = if conflicting.is_empty() {
+                    Outcome::Merged
+                } else {
+                    Outcome::Resolved
+                };
+                prop_assert_eq!(d.outcome, outcome);
+                prop_assert_eq!(d.conflicting_fields, conflicting);
+            }
+
+            /// Rule: against a tombstone, SERVER_WINS leaves it deleted and
+            /// CLIENT_WINS brings back exactly the body the client made from
+            /// its base (removals included), if it sets any field.
+            #[test]
+            fn over_a_tombstone_each_side_keeps_its_own(
+                base in any_body(),
+                client in patch(),
+                as_put: bool,
+            ) {
+                let wanted = patched(&base, &client);
+                let op = client_op(&base, &client, as_put);
+                let sets_a_field = wanted.iter().any(|(k, v)| base.get(k) != Some(v));
+                let server = three_way(Some(&base), None, &op, Strategy::ServerWins);
+                prop_assert_eq!(server.write, None);
+                let client_side = three_way(Some(&base), None, &op, Strategy::ClientWins);
+                if sets_a_field {
+                    prop_assert_eq!(client_side.outcome, Outcome::Resolved);
+                    prop_assert_eq!(client_side.write, Some(NewState::Live(wanted)));
+                } else {
+                    prop_assert_eq!(client_side.outcome, Outcome::Merged);
+                    prop_assert_eq!(client_side.write, None);
+                }
+            }
+
+            /// Rule: a patch followed by its inverse (each field it touches
+            /// set back to its old value, or `null` where it was absent)
+            /// gives back the body, applied directly as a push does. It holds
+            /// for bodies without a top-level `null`: a patch cannot set a
+            /// field to `null`, since `null` removes it.
+            #[test]
+            fn a_patch_and_its_inverse_round_trip(
+                body in fields(value().prop_filter("a top-level null", |v| !v.is_null())),
+                p in patch(),
+            ) {
+                let inverse: Body = p
+                    .keys()
+                    .map(|k| (k.clone(), body.get(k).cloned().unwrap_or(Value::Null)))
+                    .collect();
+                let forth = apply_direct(Some(&body), &Op::Patch(p)).write;
+                let Some(NewState::Live(changed)) = forth else {
+                    panic!("a patch wrote {forth:?}");
+                };
+                let back = apply_direct(Some(&changed), &Op::Patch(inverse)).write;
+                prop_assert_eq!(back, Some(NewState::Live(body)));
+            }
+
+            /// Rule: the same stale change gives the same answer as a patch
+            /// and as the put of the body that patch makes.
+            #[test]
+            fn a_put_and_the_patch_it_amounts_to_agree(
+                base in any_body(),
+                server in patch(),
+                client in patch(),
+                strategy in any_strategy(),
+            ) {
+                let current = patched(&base, &server);
+                let [as_patch, as_put] = [false, true].map(|as_put| {
+                    let op = client_op(&base, &client, as_put);
+                    three_way(Some(&base), Some(&current), &op, strategy)
+                });
+                prop_assert_eq!(as_patch, as_put);
+            }
+        }
     }
 }

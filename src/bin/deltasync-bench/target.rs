@@ -73,13 +73,17 @@ pub async fn health(endpoint: &str) -> Result<HealthClient<Channel>, Error> {
 }
 
 /// A new HTTP/2 connection, with Nagle off as befits a latency-bound client.
+/// With `DELTASYNC_BENCH_CA` set (a PEM file), an `https://` endpoint is
+/// reached over TLS trusting that CA, for the server's name `localhost`.
 async fn channel(endpoint: &str) -> Result<Channel, Error> {
-    Ok(
-        tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
-            .tcp_nodelay(true)
-            .connect()
-            .await?,
-    )
+    let mut endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?.tcp_nodelay(true);
+    if let Ok(ca) = std::env::var("DELTASYNC_BENCH_CA") {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(ca)?))
+            .domain_name("localhost");
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(endpoint.connect().await?)
 }
 
 impl Conn {

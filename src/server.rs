@@ -172,6 +172,7 @@ async fn run(
             let listener = TcpListener::bind(addr).await.map_err(|e| {
                 ServeError::Config(format!("cannot bind --health-listen {addr}: {e}"))
             })?;
+            let addr = listener.local_addr().unwrap_or(addr);
             tracing::info!(%addr, "serving grpc.health.v1 alone, plaintext");
             let stop = streams.clone();
             Some(tokio::spawn(
@@ -207,6 +208,13 @@ async fn run(
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_concurrent_streams(Some(config.max_streams_per_connection))
+        // Calls cancelled by their deadline before the server took them up
+        // look like HTTP/2 "rapid reset" to h2, whose default (20) closes
+        // the whole connection; a connection's own stream limit still
+        // bounds the reset work.
+        .http2_max_pending_accept_reset_streams(Some(
+            usize::try_from(config.max_streams_per_connection).unwrap_or(usize::MAX),
+        ))
         .layer(OverloadLayer::new(config.max_concurrent_requests))
         .add_service(health_service)
         .add_service(reflection().build_v1()?)

@@ -284,10 +284,12 @@ impl Writer {
     }
 
     fn commit(&self, local: &RefCell<Local>, jobs: Vec<Job>) {
+        // A push whose caller's deadline has passed, or whose caller is gone
+        // (its call was cancelled), is not committed.
         let now = Instant::now();
         let (jobs, expired): (Vec<Job>, Vec<Job>) = jobs
             .into_iter()
-            .partition(|j| j.deadline.is_none_or(|d| d > now));
+            .partition(|j| j.deadline.is_none_or(|d| d > now) && !j.reply.is_closed());
         fail_all(expired, || StoreError::DeadlineExceeded);
         if jobs.is_empty() {
             return;

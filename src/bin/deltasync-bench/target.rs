@@ -76,7 +76,8 @@ pub async fn health(endpoint: &str) -> Result<HealthClient<Channel>, Error> {
 /// With `DELTASYNC_BENCH_CA` set (a PEM file), an `https://` endpoint is
 /// reached over TLS trusting that CA, for the server's name `localhost`.
 async fn channel(endpoint: &str) -> Result<Channel, Error> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?.tcp_nodelay(true);
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(endpoint.to_owned())?.tcp_nodelay(true);
     if let Ok(ca) = std::env::var("DELTASYNC_BENCH_CA") {
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(ca)?))

@@ -25,6 +25,9 @@ use crate::shutdown::CancellationToken;
 
 /// Longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most handshakes in progress at once; connections beyond it are closed
+/// at once (a flood of unauthenticated handshakes cannot exhaust memory).
+const MAX_HANDSHAKES: usize = 1024;
 
 /// The files a TLS configuration is made of.
 #[derive(Debug, Clone)]
@@ -167,6 +170,7 @@ pub fn incoming(
     shutdown: CancellationToken,
 ) -> impl futures_util::Stream<Item = io::Result<TlsStream<TcpStream>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -180,11 +184,16 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, "too many TLS handshakes in progress; connection closed");
+                continue;
+            };
             // Without TCP_NODELAY small responses wait out delayed ACKs.
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(tls.current());
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
@@ -198,29 +207,112 @@ pub fn incoming(
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|s| (s, rx)) })
 }
 
-/// The names a client certificate's leaf presents: its SAN URIs, SAN DNS
-/// names and subject common name, as an auth file's `certificates` lists
-/// them.
+/// The names a client certificate's leaf presents, as an auth file's
+/// `certificates` lists them: its SAN URIs and SAN DNS names, or, only
+/// when it has none (RFC 6125), its subject's common name. A subject with
+/// more than one common name presents none.
 pub fn peer_identities(leaf: &CertificateDer<'_>) -> Vec<String> {
     let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
         return Vec::new();
     };
     let mut names: Vec<String> = cert.valid_uri_names().map(str::to_owned).collect();
     names.extend(cert.valid_dns_names().map(str::to_owned));
-    names.extend(common_name(cert.subject()));
+    if names.is_empty() {
+        names.extend(common_name(cert.subject()));
+    }
     names
 }
 
-/// The first common name (OID 2.5.4.3) in a DER-encoded subject, if it is
-/// a short UTF8String, PrintableString or IA5String.
+/// One DER element: its tag, its contents and what follows it.
+fn der(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = bytes.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 {
+            return None;
+        }
+        let (len_bytes, rest) = rest.split_at_checked(count)?;
+        let len = len_bytes
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, rest)
+    };
+    let (contents, rest) = rest.split_at_checked(len)?;
+    Some((tag, contents, rest))
+}
+
+/// The common name (OID 2.5.4.3) of a DER subject (the contents of its
+/// SEQUENCE: SETs of SEQUENCEs of an OID and a value), read element by
+/// element; `None` if there is not exactly one, or it is not a string.
 fn common_name(subject: &[u8]) -> Option<String> {
-    const CN: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
-    let at = subject.windows(CN.len()).position(|w| w == CN)? + CN.len();
-    let (&tag, rest) = subject.get(at..)?.split_first()?;
-    let (&len, rest) = rest.split_first()?;
-    if !matches!(tag, 0x0c | 0x13 | 0x16) || len >= 0x80 {
-        return None;
+    const CN: [u8; 3] = [0x55, 0x04, 0x03];
+    let mut found = Vec::new();
+    let mut sets = subject;
+    while !sets.is_empty() {
+        let (tag, set, rest) = der(sets)?;
+        sets = rest;
+        if tag != 0x31 {
+            return None;
+        }
+        let mut attributes = set;
+        while !attributes.is_empty() {
+            let (tag, attribute, rest) = der(attributes)?;
+            attributes = rest;
+            if tag != 0x30 {
+                return None;
+            }
+            let (oid_tag, oid, value) = der(attribute)?;
+            if oid_tag == 0x06 && oid == CN {
+                let (value_tag, value, _) = der(value)?;
+                if !matches!(value_tag, 0x0c | 0x13 | 0x16) {
+                    return None;
+                }
+                found.push(String::from_utf8(value.to_vec()).ok()?);
+            }
+        }
     }
-    let value = rest.get(..usize::from(len))?;
-    String::from_utf8(value.to_vec()).ok()
+    match found.as_slice() {
+        [one] => Some(one.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attribute(oid: &[u8], value: &str) -> Vec<u8> {
+        let mut seq = vec![0x06, u8::try_from(oid.len()).unwrap()];
+        seq.extend_from_slice(oid);
+        seq.extend([0x0c, u8::try_from(value.len()).unwrap()]);
+        seq.extend_from_slice(value.as_bytes());
+        let mut set = vec![0x30, u8::try_from(seq.len()).unwrap()];
+        set.extend(seq);
+        let mut out = vec![0x31, u8::try_from(set.len()).unwrap()];
+        out.extend(set);
+        out
+    }
+
+    /// Rule: the common name is the CN attribute's value, never bytes that
+    /// look like one inside another attribute; two CNs are none.
+    #[test]
+    fn the_common_name_is_read_by_structure() {
+        let cn = [0x55, 0x04, 0x03];
+        let org = [0x55, 0x04, 0x0a];
+        let plain = attribute(&cn, "alice");
+        assert_eq!(common_name(&plain).as_deref(), Some("alice"));
+        // An organization whose value holds the bytes of a CN "admin".
+        let forged =
+            String::from_utf8(vec![0x06, 0x03, 0x55, 0x04, 0x03, 0x0c, 0x05]).unwrap() + "admin";
+        let mut spoof = attribute(&org, &forged);
+        spoof.extend(attribute(&cn, "alice"));
+        assert_eq!(common_name(&spoof).as_deref(), Some("alice"));
+        let mut two = attribute(&cn, "alice");
+        two.extend(attribute(&cn, "bob"));
+        assert_eq!(common_name(&two), None);
+        assert_eq!(common_name(&[0x31, 0x05, 0x30]), None, "truncated");
+    }
 }

@@ -136,8 +136,8 @@ pub enum Identity {
 enum Credential {
     /// A bearer token, by its SHA-256.
     Token([u8; 32]),
-    /// A verified client certificate, by the name the file knows it by.
-    Certificate(String),
+    /// A verified client certificate, by the names it presents.
+    Certificate(Vec<String>),
 }
 
 /// How a principal authenticated, to check later that it still may (an
@@ -215,6 +215,22 @@ impl Identity {
         }
     }
 
+    /// Whether a replica may forward this caller's push: the primary must
+    /// see the same credential, and a client certificate ends at this
+    /// node's TLS (the primary would see the replica's certificate).
+    pub fn forwardable(&self) -> bool {
+        !matches!(
+            self,
+            Self::Principal(
+                _,
+                Session {
+                    credential: Credential::Certificate(_),
+                    ..
+                }
+            )
+        )
+    }
+
     /// Charges `cost` to the caller's `meter` (RESOURCE_EXHAUSTED with the
     /// time to wait when its limit is spent).
     pub fn charge(&self, meter: Meter, cost: u64) -> Result<(), Error> {
@@ -276,9 +292,7 @@ impl Identity {
                 .directory()
                 .and_then(|d| match &session.credential {
                     Credential::Token(hash) => d.by_token_hash(hash),
-                    Credential::Certificate(name) => {
-                        d.by_certificate(std::slice::from_ref(name)).map(|(p, _)| p)
-                    }
+                    Credential::Certificate(names) => d.by_certificate(names).ok().flatten(),
                 })
                 .is_some_and(|now| *now == **p),
         }
@@ -306,6 +320,10 @@ impl Identity {
     }
 }
 
+/// A client certificate whose names belong to more than one principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ambiguous;
+
 /// The loaded principals, by credential.
 #[derive(Debug, Default)]
 pub struct Directory {
@@ -323,12 +341,18 @@ impl Directory {
         self.principals
     }
 
-    /// The principal of the first of a client certificate's identities
-    /// that the file names, and that name.
-    pub fn by_certificate(&self, identities: &[String]) -> Option<(Arc<Principal>, String)> {
-        identities
-            .iter()
-            .find_map(|id| Some((self.by_certificate.get(id)?.clone(), id.clone())))
+    /// The principal a client certificate's names (see
+    /// [`crate::tls::peer_identities`]) belong to; an error if they name
+    /// more than one principal (the file cannot decide who it is).
+    pub fn by_certificate(&self, names: &[String]) -> Result<Option<Arc<Principal>>, Ambiguous> {
+        let mut found: Option<&Arc<Principal>> = None;
+        for p in names.iter().filter_map(|n| self.by_certificate.get(n)) {
+            match found {
+                Some(other) if !Arc::ptr_eq(other, p) => return Err(Ambiguous),
+                _ => found = Some(p),
+            }
+        }
+        Ok(found.cloned())
     }
 
     /// The principal whose token hashes to `hash`. The map finds the entry
@@ -386,8 +410,9 @@ impl Auth {
         let token = header
             .and_then(|v| v.to_str().ok())
             .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
+                // The scheme is case-insensitive (RFC 7235).
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then_some(token)
             })
             .map(str::trim)
             .filter(|t| !t.is_empty());
@@ -401,7 +426,12 @@ impl Auth {
             // A client certificate the handshake verified, named in the file.
             None if header.is_none() => directory
                 .by_certificate(peer)
-                .map(|(p, name)| (p, Credential::Certificate(name))),
+                .map_err(|Ambiguous| {
+                    Status::unauthenticated(
+                        "the client certificate's names belong to more than one principal",
+                    )
+                })?
+                .map(|p| (p, Credential::Certificate(peer.to_vec()))),
             None => None,
         };
         match found {

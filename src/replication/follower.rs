@@ -112,6 +112,9 @@ async fn run(node: Node, stop: CancellationToken) {
     let Some(url) = node.settings().primary.clone() else {
         return;
     };
+    if node.settings().upstream_token_file.is_some() && url.starts_with("http://") {
+        tracing::warn!(primary = %url, "--upstream-token-file with a plaintext primary: the token crosses the network unencrypted");
+    }
     let mut backoff = MIN_BACKOFF;
     let mut last_error = String::new();
     loop {

@@ -275,6 +275,26 @@ impl Source {
         // Runs of records within the budget; a run that stops inside a
         // commit is `continued`, so the replica applies whole commits.
         while self.sent < upto {
+            // A replica whose credential was revoked gets no more of the
+            // copy (its stream ends as a live one does).
+            if self
+                .reloads
+                .as_ref()
+                .is_some_and(|r| r.has_changed().unwrap_or(false))
+            {
+                if let Some(r) = &mut self.reloads {
+                    r.borrow_and_update();
+                }
+                if !self.identity.is_current() {
+                    let _ = self
+                        .tx
+                        .send(Err(Status::unauthenticated(
+                            "the replication credential was revoked or its grants changed",
+                        )))
+                        .await;
+                    return Err(StoreError::Closed);
+                }
+            }
             let run = store.read_records(self.sent, upto, self.budget).await?;
             self.check_purges(self.sent)?;
             let reached = run.reached;

@@ -188,6 +188,14 @@ impl SyncService for SyncApi {
             replication::call_timeout(request.metadata()).map(|t| std::time::Instant::now() + t);
         let response = match self.node.write_route()? {
             None => push::handle(self, request.into_inner(), &identity, deadline).await?,
+            Some(_) if !identity.forwardable() => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{}; a caller known by its client certificate pushes to the primary itself \
+                     (a forwarded push would carry this replica's certificate, not the caller's)",
+                    self.node.not_primary()
+                ))
+                .into());
+            }
             Some(primary) => {
                 let wait = self.read_wait(request.metadata());
                 replication::forward::push(&self.node, primary, request, wait).await?

@@ -45,6 +45,7 @@ pub mod replication;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod snapshot;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

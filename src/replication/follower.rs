@@ -7,21 +7,21 @@
 use std::{collections::VecDeque, time::Duration};
 
 use futures_util::StreamExt;
-use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
-use tonic::{Code, transport::Endpoint};
+use tokio::{task::JoinHandle, time::Instant};
+use tonic::transport::Endpoint;
 
-use super::{Node, Role, convert};
+use super::{
+    Node, Role,
+    apply::{Applier, Failure, Landing},
+    convert,
+};
 use crate::{
     pb::{
         self, follow_request::Request as Ask, follow_response::Response as Reply,
         replication_service_client::ReplicationServiceClient,
     },
     shutdown::CancellationToken,
-    store::{
-        Admin, StoreError,
-        model::Seq,
-        replica::{CommitKind, ReplicatedCommit},
-    },
+    store::{Admin, model::Seq},
 };
 
 /// First wait before reconnecting; doubles up to [`MAX_BACKOFF`].
@@ -58,54 +58,6 @@ pub fn spawn(node: Node, shutdown: CancellationToken) -> Handle {
     let stop = shutdown.child_token();
     let task = tokio::spawn(run(node, stop.clone()));
     Handle { stop, task }
-}
-
-/// Why one attempt ended.
-#[derive(Debug, thiserror::Error)]
-enum Failure {
-    /// Worth retrying (network, restart, a primary not ready).
-    #[error("{0}")]
-    Transient(String),
-    /// Following cannot go on without an operator (another store, a
-    /// divergent history); the node keeps serving reads.
-    #[error("{0}")]
-    Refused(String),
-    /// This node holds seqs from this one on that the primary never had.
-    #[error("{1}")]
-    Diverged(Seq, String),
-}
-
-impl From<StoreError> for Failure {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::StoreMismatch { .. } => Self::Refused(e.to_string()),
-            e => Self::Transient(format!("local store: {e}")),
-        }
-    }
-}
-
-impl From<tonic::Status> for Failure {
-    fn from(s: tonic::Status) -> Self {
-        let info = tonic_types::StatusExt::get_error_details(&s)
-            .error_info()
-            .cloned();
-        let reason = info.as_ref().map(|i| i.reason.as_str()).unwrap_or_default();
-        let message = format!("primary: {} ({:?})", s.message(), s.code());
-        let first = info
-            .as_ref()
-            .and_then(|i| i.metadata.get("first"))
-            .and_then(|f| f.parse().ok());
-        match (s.code(), reason) {
-            (Code::FailedPrecondition, "DIVERGED") if let Some(first) = first => {
-                Self::Diverged(Seq(first), message)
-            }
-            (Code::FailedPrecondition, "STORE_MISMATCH" | "DIVERGED") => Self::Refused(message),
-            (Code::OutOfRange, _) => Self::Refused(format!(
-                "{message}; this replica missed deletions the primary purged: start it from an empty data directory"
-            )),
-            _ => Self::Transient(message),
-        }
-    }
 }
 
 async fn run(node: Node, stop: CancellationToken) {
@@ -227,13 +179,14 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
     else {
         return Err(Failure::Transient("the primary did not say hello".into()));
     };
-    admit(node, &hello).await?;
+    let mut applier = Applier::admit(&store, &hello).await?;
+    if node.role() != Role::Replica {
+        return Err(Failure::Transient("no longer a replica".into()));
+    }
     tracing::info!(primary = %url, epoch = hello.epoch, primary_head = hello.head, applied = %head, "following the primary");
     node.heard_primary_head(hello.head);
 
-    let mut expected = head;
-    let mut partial: Option<ReplicatedCommit> = None;
-    let mut in_flight: VecDeque<oneshot::Receiver<Result<Seq, StoreError>>> = VecDeque::new();
+    let mut in_flight: VecDeque<Landing> = VecDeque::new();
     // The first ack tells the primary what is durable here.
     let mut acked = Seq(0);
     ack(node, &acks, &mut acked).await;
@@ -254,71 +207,16 @@ async fn follow(node: &Node, url: &str) -> Result<(), Failure> {
                 let Some(message) = message? else {
                     return Err(Failure::Transient("the primary ended the stream".into()));
                 };
-                match message.response {
-                    Some(Reply::Commit(part)) => {
-                        node.heard_primary_head(part.primary_head);
-                        if part.purge_horizon > store.purge_horizon().0 {
-                            store.admin(Admin::RaiseHorizon(Seq(part.purge_horizon))).await?;
-                        }
-                        let continued = part.continued;
-                        let part = convert::commit_from(part).map_err(Failure::Transient)?;
-                        // A commit's parts share its range (live), or each
-                        // goes on from the last (catching up from the log).
-                        let commit = match partial.take() {
-                            Some(mut commit) => {
-                                let follows = part.prev_head == commit.prev_head
-                                    || part.prev_head == commit.head;
-                                if !follows || part.head < commit.head {
-                                    return Err(Failure::Transient("a commit's parts disagree".into()));
-                                }
-                                commit.head = part.head;
-                                commit.records.extend(part.records);
-                                commit.clients.extend(part.clients);
-                                commit
-                            }
-                            None => part,
-                        };
-                        if continued {
-                            partial = Some(commit);
-                            continue;
-                        }
-                        if commit.prev_head != expected {
-                            return Err(Failure::Transient(format!(
-                                "commit ({}, {}] does not follow {expected}",
-                                commit.prev_head, commit.head
-                            )));
-                        }
-                        expected = commit.head;
-                        in_flight.push_back(store.replicate(commit).await?);
-                    }
-                    Some(Reply::Clients(snapshot)) => {
-                        let clients = snapshot
-                            .clients
-                            .into_iter()
-                            .map(convert::client_from)
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(Failure::Transient)?;
-                        let commit = ReplicatedCommit {
-                            prev_head: expected,
-                            head: expected,
-                            epoch: hello.epoch,
-                            records: Vec::new(),
-                            clients,
-                            kind: CommitKind::Snapshot(
-                                snapshot.complete.then_some(snapshot.consistent_at),
-                            ),
-                        };
-                        in_flight.push_back(store.replicate(commit).await?);
-                    }
-                    Some(Reply::Progress(progress)) => {
-                        node.heard_primary_head(progress.head);
-                        if progress.purge_horizon > store.purge_horizon().0 {
-                            store.admin(Admin::RaiseHorizon(Seq(progress.purge_horizon))).await?;
-                        }
-                    }
-                    Some(Reply::Hello(_)) | None => {
-                        return Err(Failure::Transient("unexpected message from the primary".into()));
-                    }
+                let Some(message) = message.response else {
+                    return Err(Failure::Transient("an empty message from the primary".into()));
+                };
+                match &message {
+                    Reply::Commit(commit) => node.heard_primary_head(commit.primary_head),
+                    Reply::Progress(progress) => node.heard_primary_head(progress.head),
+                    Reply::Clients(_) | Reply::Hello(_) => {}
+                }
+                if let Some(landing) = applier.apply(message).await? {
+                    in_flight.push_back(landing);
                 }
             }
             _ = ticker.tick() => {
@@ -340,53 +238,4 @@ async fn ack(node: &Node, acks: &tokio::sync::mpsc::Sender<pb::FollowRequest>, a
         };
         let _ = acks.send(message).await;
     }
-}
-
-/// Checks the primary's hello against this store, and takes its identity,
-/// epoch history and purge horizon.
-async fn admit(node: &Node, hello: &pb::FollowHello) -> Result<(), Failure> {
-    let store = node.store();
-    if !store.is_blank()? && *store.store_id() != *hello.store_id {
-        return Err(Failure::Refused(format!(
-            "this store is {}, the primary's is {}; a replica only follows its own store \
-             (start it from an empty data directory to copy the primary's)",
-            store.store_id(),
-            hello.store_id
-        )));
-    }
-    let seen = store.seen_epoch()?;
-    if hello.epoch < seen {
-        return Err(Failure::Transient(format!(
-            "the primary is at epoch {}, older than this replica's {seen}: it was deposed; \
-             point --replicate-from at the current primary",
-            hello.epoch
-        )));
-    }
-    let theirs = convert::epochs_from(&hello.epochs).map_err(Failure::Transient)?;
-    let ours = store.epochs();
-    if let Some((first, last)) = theirs.divergence(&ours, store.written()) {
-        return Err(Failure::Diverged(
-            first,
-            format!(
-                "this node holds seqs {first}..={last} that the primary never had (its epoch history \
-                 and the primary's part at seq {first}); restart with --discard-divergent to drop them"
-            ),
-        ));
-    }
-    if *store.store_id() != *hello.store_id {
-        tracing::info!(store_id = %hello.store_id, "a new replica takes its primary's store id");
-    }
-    store
-        .admin(Admin::AdoptStoreId(hello.store_id.clone()))
-        .await?;
-    store
-        .admin(Admin::SetEpochs(theirs, hello.epoch.max(seen)))
-        .await?;
-    store
-        .admin(Admin::RaiseHorizon(Seq(hello.purge_horizon)))
-        .await?;
-    if node.role() != Role::Replica {
-        return Err(Failure::Transient("no longer a replica".into()));
-    }
-    Ok(())
 }

@@ -16,6 +16,7 @@
 //! primary that meets a follower with a higher epoch stops taking writes.
 
 pub mod admin;
+pub mod apply;
 pub mod convert;
 pub mod follower;
 pub mod forward;

@@ -1,0 +1,349 @@
+//! Snapshot backup and restore: a copy taken through the replication
+//! stream while the server takes writes, restored into a new data dir.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use common::{Client, HOUR, MutationExt, TestServer, delete, outcome, patch, push, put};
+use deltasync::{
+    pb::{self, replication_service_client::ReplicationServiceClient},
+    snapshot::{self, Summary},
+};
+use serde_json::json;
+use tonic::Code;
+
+/// Saves a snapshot of the server at `addr` into `file`.
+async fn save(addr: std::net::SocketAddr, file: &Path) -> Result<Summary, snapshot::SnapshotError> {
+    let mut client = ReplicationServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let requests = futures_util::stream::iter(vec![snapshot::follow_start()]);
+    let responses = client.follow(requests).await?.into_inner();
+    snapshot::save(responses, file, |_| {}).await
+}
+
+/// Every document a Pull from `since` returns, paging to the end.
+async fn pull_all(client: &mut Client, since: u64) -> (Vec<pb::Document>, pb::PullResponse) {
+    let mut documents = Vec::new();
+    let mut since = since;
+    loop {
+        let page = common::pull_page(client, since).await;
+        documents.extend(page.documents.iter().cloned());
+        since = page.checkpoint;
+        if !page.has_more {
+            return (documents, page);
+        }
+    }
+}
+
+/// A server on the data dir `dir` (a restored one).
+async fn serve_on(dir: &Path) -> TestServer {
+    let dir = dir.to_owned();
+    TestServer::start_with(move |c| c.data_dir = dir).await
+}
+
+/// Rule: a snapshot saved while writes go on is the store at one
+/// checkpoint: a server restored from it holds the same store_id, exactly
+/// the documents (versions, seqs, times, bodies, tombstones) the source
+/// held at that checkpoint and no later change, the retained history (a
+/// patch against an old base still merges), the client ids (a retry is a
+/// DUPLICATE, a rejected id stays rejected), and a client holding an older
+/// checkpoint resumes from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_saved_under_writes_restores_the_store_at_its_checkpoint() {
+    let source = TestServer::start().await;
+    let mut client = source.client.clone();
+    let mut results: Vec<pb::MutationResult> = Vec::new();
+
+    // History: puts, patches (superseded versions), deletes, a conflict.
+    let seed: Vec<_> = (0..50)
+        .map(|i| put("notes", &format!("n{i}"), json!({"title": "t", "n": i})).id(i + 1))
+        .collect();
+    results.extend(push(&mut client, "seed", seed).await.results);
+    let patches: Vec<_> = (0..50)
+        .map(|i| {
+            patch(
+                "notes",
+                &format!("n{i}"),
+                json!({"title": format!("v2-{i}")}),
+            )
+            .id(i + 51)
+        })
+        .collect();
+    results.extend(push(&mut client, "seed", patches).await.results);
+    let deletes: Vec<_> = (0..5)
+        .map(|i| delete("notes", &format!("n{i}")).id(i + 101))
+        .collect();
+    results.extend(push(&mut client, "seed", deletes).await.results);
+    let rejected = put("notes", "n10", json!({"title": "stale"}))
+        .base(1)
+        .id(106);
+    let answer = push(&mut client, "seed", vec![rejected.clone()]).await;
+    assert_eq!(outcome(&answer.results[0]), pb::Outcome::Conflict);
+    let seed_checkpoint = answer.checkpoint;
+
+    // A writer that goes on during the save.
+    let stop = Arc::new(AtomicBool::new(false));
+    let pushed = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (mut client, stop, pushed) = (source.connect().await, stop.clone(), pushed.clone());
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            let mut id = 0;
+            while !stop.load(Ordering::SeqCst) {
+                id += 1;
+                let m = put("live", &format!("l{}", id % 40), json!({"i": id})).id(id);
+                results.extend(push(&mut client, "writer", vec![m]).await.results);
+                pushed.store(id, Ordering::SeqCst);
+            }
+            results
+        })
+    };
+    common::eventually(|| {
+        let pushed = pushed.clone();
+        async move { pushed.load(Ordering::SeqCst) >= 20 }
+    })
+    .await;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("backup.snap");
+    let summary = save(source.addr, &file).await.expect("save");
+    let after_save = pushed.load(Ordering::SeqCst);
+    common::eventually(|| {
+        let pushed = pushed.clone();
+        async move { pushed.load(Ordering::SeqCst) >= after_save + 20 }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let live = writer.await.expect("writer");
+    assert!(
+        live.iter().any(|r| doc_seq(r) <= summary.checkpoint)
+            && live.iter().any(|r| doc_seq(r) > summary.checkpoint),
+        "the save ran while the writer wrote"
+    );
+    results.extend(live);
+    assert_eq!(&*summary.store_id, store_id(&mut client).await);
+
+    // The state at the checkpoint, from what every push answered.
+    let mut expected: HashMap<(String, String), pb::Document> = HashMap::new();
+    for doc in results.iter().filter_map(|r| r.document.clone()) {
+        if doc.seq <= summary.checkpoint {
+            let key = (doc.collection.clone(), doc.id.clone());
+            if expected.get(&key).is_none_or(|d| d.seq < doc.seq) {
+                expected.insert(key, doc);
+            }
+        }
+    }
+
+    let target = dir.path().join("restored");
+    let restored = snapshot::restore(&file, &target).await.expect("restore");
+    assert_eq!(restored.checkpoint, summary.checkpoint);
+    let mut copy = serve_on(&target).await;
+    let (documents, last) = pull_all(&mut copy.client, 0).await;
+    assert_eq!(last.checkpoint, summary.checkpoint, "the copy's head");
+    assert_eq!(last.store_id, summary.store_id);
+    let got: HashMap<_, _> = documents
+        .into_iter()
+        .map(|d| ((d.collection.clone(), d.id.clone()), d))
+        .collect();
+    assert_eq!(got.len(), expected.len(), "documents at the checkpoint");
+    for (key, doc) in &expected {
+        assert_eq!(got.get(key), Some(doc), "{key:?}");
+    }
+
+    // Client ids: a retry is a duplicate, a rejected id stays rejected.
+    assert_eq!(
+        common::last_mutation_id(&mut copy.client, "seed").await,
+        106
+    );
+    let retry = push(
+        &mut copy.client,
+        "seed",
+        vec![put("notes", "n20", json!({})).id(20)],
+    )
+    .await;
+    assert_eq!(outcome(&retry.results[0]), pb::Outcome::Duplicate);
+    let retry = push(&mut copy.client, "seed", vec![rejected]).await;
+    assert_eq!(outcome(&retry.results[0]), pb::Outcome::Conflict);
+
+    // Retained history: a patch against version 1 (superseded) of a
+    // document touches another field, so it merges.
+    let merge = patch("notes", "n30", json!({"extra": true}))
+        .base(1)
+        .id(200);
+    let merged = push(&mut copy.client, "seed", vec![merge]).await;
+    assert_eq!(outcome(&merged.results[0]), pb::Outcome::Merged);
+
+    // An older checkpoint resumes: the changes after it, none refused.
+    let req = pb::PullRequest {
+        since: seed_checkpoint,
+        store_id: summary.store_id.clone(),
+        limit: 10_000,
+        ..Default::default()
+    };
+    let page = copy.client.pull(req).await.expect("resume").into_inner();
+    assert!(page.documents.iter().all(|d| d.seq > seed_checkpoint));
+    assert!(page.documents.iter().any(|d| d.collection == "live"));
+    copy.stop().await;
+}
+
+/// The seq of a result's document.
+fn doc_seq(r: &pb::MutationResult) -> u64 {
+    r.document.as_ref().map_or(0, |d| d.seq)
+}
+
+/// The server's store_id, as Pull reports it.
+async fn store_id(client: &mut Client) -> &'static str {
+    let page = common::pull_page(client, 0).await;
+    Box::leak(page.store_id.into_boxed_str())
+}
+
+/// Rule: a truncated or damaged snapshot, or one whose target directory
+/// holds something, is refused with a message that says so, and leaves no
+/// data dir (nor a half-built one) behind; a save never writes over a file.
+#[tokio::test]
+async fn a_damaged_snapshot_is_refused_and_leaves_nothing_behind() {
+    let source = TestServer::start().await;
+    let mut client = source.client.clone();
+    let docs: Vec<_> = (0..20)
+        .map(|i| put("c", &format!("d{i}"), json!({"i": i})))
+        .collect();
+    push(&mut client, "w", docs).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("good.snap");
+    save(source.addr, &file).await.expect("save");
+    let err = save(source.addr, &file).await.expect_err("the file exists");
+    assert!(err.to_string().contains("exists"), "{err}");
+    let bytes = std::fs::read(&file).expect("read");
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("empty", Vec::new(), "truncated"),
+        ("header", bytes[..5].to_vec(), "truncated"),
+        ("mid-frame", bytes[..bytes.len() / 2].to_vec(), "truncated"),
+        (
+            "no checksum",
+            bytes[..bytes.len() - 10].to_vec(),
+            "truncated",
+        ),
+        ("flipped", flip(&bytes, bytes.len() / 2), ""),
+        ("flipped digest", flip(&bytes, bytes.len() - 1), "checksum"),
+        (
+            "extra",
+            [bytes.clone(), vec![0]].concat(),
+            "after the checksum",
+        ),
+        (
+            "other",
+            b"PK\x03\x04 not a snapshot".to_vec(),
+            "not a deltasync snapshot",
+        ),
+    ];
+    for (name, content, reason) in cases {
+        let damaged = dir.path().join(format!("{name}.snap"));
+        std::fs::write(&damaged, &content).expect("write");
+        let target = dir.path().join(format!("restored-{name}"));
+        let err = snapshot::restore(&damaged, &target).await.expect_err(name);
+        let message = err.to_string();
+        assert!(message.contains(reason), "{name}: {message}");
+        assert!(!target.exists(), "{name}: a data dir was left behind");
+        assert_eq!(
+            std::fs::read_dir(dir.path())
+                .expect("list")
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().contains("restoring"))
+                .count(),
+            0,
+            "{name}: a half-built data dir was left behind"
+        );
+    }
+
+    // Intact framing and checksum, but a trailer that disagrees with the
+    // commits: found only while applying, after the store was begun.
+    let lying = dir.path().join("lying.snap");
+    let mut reader = snapshot::file::FrameReader::open(&file).expect("open");
+    let mut writer = snapshot::file::FrameWriter::create(&lying).expect("create");
+    while let Some(frame) = reader.next_frame().expect("frame") {
+        writer.frame(&frame).expect("write");
+    }
+    writer.finish(1_000).expect("finish");
+    let target = dir.path().join("restored-lying");
+    let err = snapshot::restore(&lying, &target).await.expect_err("lying");
+    assert!(err.to_string().contains("trailer says 1000"), "{err}");
+    assert!(!target.exists(), "a data dir was left behind");
+    assert!(
+        !dir.path().join("restored-lying.restoring").exists(),
+        "a half-built data dir was left behind"
+    );
+
+    let occupied = dir.path().join("occupied");
+    std::fs::create_dir(&occupied).expect("mkdir");
+    std::fs::write(occupied.join("keep"), b"x").expect("write");
+    let err = snapshot::restore(&file, &occupied)
+        .await
+        .expect_err("occupied");
+    assert!(err.to_string().contains("not empty"), "{err}");
+    assert!(occupied.join("keep").exists());
+
+    // The intact file still restores, into an empty existing directory.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    let summary = snapshot::restore(&file, &empty).await.expect("restore");
+    let mut copy = serve_on(&empty).await;
+    let (documents, _) = pull_all(&mut copy.client, 0).await;
+    assert_eq!(documents.len(), 20);
+    assert_eq!(summary.checkpoint, 20);
+    copy.stop().await;
+}
+
+/// `bytes` with the byte at `at` changed.
+fn flip(bytes: &[u8], at: usize) -> Vec<u8> {
+    let mut bytes = bytes.to_vec();
+    bytes[at] ^= 0x5a;
+    bytes
+}
+
+/// Rule: the purge horizon travels with the snapshot: the restored store
+/// refuses (OUT_OF_RANGE) a checkpoint below it as the source does, and
+/// does not bring purged tombstones back.
+#[tokio::test]
+async fn the_purge_horizon_travels_with_the_snapshot() {
+    let ahead = Arc::new(AtomicU64::new(0));
+    let source = TestServer::start_with_clock(&ahead, |_| {}).await;
+    let mut client = source.client.clone();
+    push(&mut client, "w", vec![put("c", "gone", json!({}))]).await;
+    push(&mut client, "w", vec![delete("c", "gone")]).await;
+    push(&mut client, "w", vec![put("c", "kept", json!({}))]).await;
+    ahead.store(3 * HOUR, Ordering::SeqCst);
+    common::eventually(|| {
+        let mut client = client.clone();
+        async move { common::pull_page(&mut client, 0).await.purge_horizon > 0 }
+    })
+    .await;
+    let horizon = common::pull_page(&mut client, 0).await.purge_horizon;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("s.snap");
+    save(source.addr, &file).await.expect("save");
+    let target = dir.path().join("restored");
+    snapshot::restore(&file, &target).await.expect("restore");
+    let mut copy = serve_on(&target).await;
+    let (documents, last) = pull_all(&mut copy.client, 0).await;
+    assert_eq!(last.purge_horizon, horizon);
+    assert_eq!(documents.len(), 1, "the purged tombstone stays purged");
+    let req = pb::PullRequest {
+        since: 1,
+        store_id: last.store_id.clone(),
+        ..Default::default()
+    };
+    let status = copy.client.pull(req).await.expect_err("below the horizon");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    copy.stop().await;
+}

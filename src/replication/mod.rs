@@ -565,36 +565,3 @@ impl Drop for FollowerGuard {
         self.node.shared.acked.notify_waiters();
     }
 }
-
-/// The deadline a gRPC call carries (`grpc-timeout`), if any.
-pub fn call_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        let mut m = tonic::metadata::MetadataMap::new();
-        assert_eq!(call_timeout(&m), None);
-        m.insert("grpc-timeout", "250m".parse().unwrap());
-        assert_eq!(call_timeout(&m), Some(Duration::from_millis(250)));
-        m.insert("grpc-timeout", "3S".parse().unwrap());
-        assert_eq!(call_timeout(&m), Some(Duration::from_secs(3)));
-        m.insert("grpc-timeout", "x".parse().unwrap());
-        assert_eq!(call_timeout(&m), None);
-    }
-}

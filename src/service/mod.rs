@@ -137,7 +137,7 @@ impl SyncApi {
     /// started counting before the call reached the handler).
     fn read_wait(&self, metadata: &MetadataMap) -> Duration {
         let configured = self.settings.replica_wait;
-        replication::call_timeout(metadata).map_or(configured, |t| {
+        call_timeout(metadata).map_or(configured, |t| {
             let margin = (t / 10).max(Duration::from_millis(20));
             t.saturating_sub(margin).min(configured)
         })
@@ -184,8 +184,7 @@ impl SyncService for SyncApi {
         let identity = Identity::of(&request);
         push::authorize(request.get_ref(), &identity)?;
         // A push whose caller has given up waiting is not committed.
-        let deadline =
-            replication::call_timeout(request.metadata()).map(|t| std::time::Instant::now() + t);
+        let deadline = call_timeout(request.metadata()).map(|t| std::time::Instant::now() + t);
         let response = match self.node.write_route()? {
             None => push::handle(self, request.into_inner(), &identity, deadline).await?,
             Some(_) if !identity.forwardable() => {
@@ -237,5 +236,38 @@ impl SyncService for SyncApi {
         Ok(Response::new(
             get::handle(self, request.into_inner(), wait, &identity).await?,
         ))
+    }
+}
+
+/// The deadline a gRPC call carries (`grpc-timeout`), if any.
+pub fn call_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        let mut m = tonic::metadata::MetadataMap::new();
+        assert_eq!(call_timeout(&m), None);
+        m.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(call_timeout(&m), Some(Duration::from_millis(250)));
+        m.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(call_timeout(&m), Some(Duration::from_secs(3)));
+        m.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(call_timeout(&m), None);
     }
 }

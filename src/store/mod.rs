@@ -281,8 +281,7 @@ impl Store {
     /// Whether the store holds nothing at all (no commit, no client): a
     /// new replica's store, which takes its primary's identity.
     pub fn is_blank(&self) -> Result<bool, StoreError> {
-        let t = &self.shared.trees;
-        Ok(self.feed().written() == Seq(0) && t.log.is_empty() && t.clients.is_empty())
+        Ok(is_blank(&self.shared.trees, self.feed().written()))
     }
 
     /// On a replica: how complete its client states are.
@@ -595,6 +594,11 @@ impl Store {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
     }
+}
+
+/// Whether a store whose writer wrote up to `written` holds nothing at all.
+fn is_blank(trees: &Trees, written: Seq) -> bool {
+    written == Seq(0) && trees.log.is_empty() && trees.clients.is_empty()
 }
 
 /// Runs a blocking sled read off the async workers.

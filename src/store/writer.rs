@@ -661,10 +661,7 @@ impl Writer {
                 if *stored == *primary.as_bytes() {
                     return Ok(());
                 }
-                let empty = self.feed.written() == Seq(0)
-                    && self.trees.log.is_empty()
-                    && self.trees.clients.is_empty();
-                if !empty {
+                if !super::is_blank(&self.trees, self.feed.written()) {
                     return Err(StoreError::StoreMismatch {
                         local: String::from_utf8_lossy(&stored).into_owned(),
                         primary,

@@ -261,6 +261,66 @@ fn rss_kb(pid: Option<u32>) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// One client's closed loop of puts: each push writes `batch` new keys and
+/// waits for its answer before the next.
+struct PushLoop<'a> {
+    /// The connection pushed on.
+    conn: &'a mut Conn,
+    /// Makes this client's keys its own.
+    prefix: String,
+    /// Documents per push.
+    batch: usize,
+    /// Every document's value.
+    value: &'a target::Value,
+    /// The client id whose mutation ids are tracked (none: untracked).
+    client: Option<&'a str>,
+}
+
+impl<'a> PushLoop<'a> {
+    fn new(
+        conn: &'a mut Conn,
+        prefix: String,
+        batch: usize,
+        value: &'a target::Value,
+        client: Option<&'a str>,
+    ) -> Self {
+        Self {
+            conn,
+            prefix,
+            batch,
+            value,
+            client,
+        }
+    }
+
+    /// Pushes until `deadline` (one push per tick of `pace`, if given), and
+    /// hands each answer's checkpoint and sending time to `answered`.
+    /// Returns the number of pushes.
+    async fn run(
+        &mut self,
+        deadline: Instant,
+        mut pace: Option<tokio::time::Interval>,
+        mut answered: impl FnMut(u64, Instant) -> Result<(), Error>,
+    ) -> Result<usize, Error> {
+        let mut n = 0usize;
+        while Instant::now() < deadline {
+            if let Some(pace) = &mut pace {
+                pace.tick().await;
+            }
+            let keys: Vec<String> = (0..self.batch)
+                .map(|i| format!("{}-{n}-{i}", self.prefix))
+                .collect();
+            let first = u64::try_from(n * self.batch + 1)?;
+            let sent = Instant::now();
+            let tracked = self.client.map(|client| (client, first));
+            let checkpoint = self.conn.put_tracked(&keys, self.value, tracked).await?;
+            answered(checkpoint, sent)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
 async fn push(
     args: &Args,
     clients: usize,
@@ -279,16 +339,13 @@ async fn push(
         let client = format!("bench-{c}");
         tasks.push(tokio::spawn(async move {
             let mut h = histogram();
-            let mut n = 0usize;
-            while Instant::now() < deadline {
-                let keys: Vec<String> = (0..batch).map(|i| format!("p{c}-{n}-{i}")).collect();
-                let first = u64::try_from(n * batch + 1)?;
-                let sent = Instant::now();
-                conn.put_tracked(&keys, &value, tracked.then_some((client.as_str(), first)))
-                    .await?;
-                h.record(micros(sent.elapsed()))?;
-                n += 1;
-            }
+            let client = tracked.then_some(client.as_str());
+            let mut load = PushLoop::new(&mut conn, format!("p{c}"), batch, &value, client);
+            let n = load
+                .run(deadline, None, |_, sent| {
+                    Ok(h.record(micros(sent.elapsed()))?)
+                })
+                .await?;
             Ok::<_, Error>((h, n))
         }));
     }

@@ -12,7 +12,7 @@ use std::{
 
 use deltasync::pb::{self, admin_service_client::AdminServiceClient};
 
-use crate::{Args, Error, histogram, latency_fields, micros, target::Conn, value};
+use crate::{Args, Error, PushLoop, histogram, latency_fields, micros, target::Conn, value};
 
 /// (checkpoint, when) pairs, in checkpoint order.
 type Marks = Arc<Mutex<Vec<(u64, Instant)>>>;
@@ -84,7 +84,7 @@ pub async fn run(
         let value = value.clone();
         let client = format!("bench-r{c}");
         // Each client's share of the rate, as one push every `period`.
-        let mut pace = (rate > 0).then(|| {
+        let pace = (rate > 0).then(|| {
             let pushes_per_s = rate as f64 / (batch * clients) as f64;
             let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / pushes_per_s));
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -92,19 +92,13 @@ pub async fn run(
         });
         tasks.push(tokio::spawn(async move {
             let mut acks = Vec::new();
-            let mut n = 0usize;
-            while Instant::now() < deadline {
-                if let Some(pace) = &mut pace {
-                    pace.tick().await;
-                }
-                let keys: Vec<String> = (0..batch).map(|i| format!("r{c}-{n}-{i}")).collect();
-                let first = u64::try_from(n * batch + 1)?;
-                let checkpoint = conn
-                    .put_tracked(&keys, &value, Some((client.as_str(), first)))
-                    .await?;
-                acks.push((checkpoint, Instant::now()));
-                n += 1;
-            }
+            let client = Some(client.as_str());
+            PushLoop::new(&mut conn, format!("r{c}"), batch, &value, client)
+                .run(deadline, pace, |checkpoint, _| {
+                    acks.push((checkpoint, Instant::now()));
+                    Ok(())
+                })
+                .await?;
             Ok::<_, Error>(acks)
         }));
     }

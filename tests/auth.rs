@@ -5,15 +5,17 @@
 //! when a new one does not load), a replica's `--upstream-token-file`, and
 //! `deltasync token new`.
 //!
-//! In-process servers ([`TestServer`]) where possible; real processes for
-//! replication, for what only a process's log tells (a reload that failed)
-//! and for the CLI. Nothing sleeps to wait: every wait is a bounded poll.
+//! In-process servers ([`TestServer`](common::TestServer)) where possible;
+//! real processes for replication, for what only a process's log tells (a
+//! reload that failed) and for the CLI. The harness shared with the TLS and
+//! limits tests is in [`common::auth`]. Nothing sleeps to wait: every wait
+//! is a bounded poll.
 
 mod common;
 
 use std::{
     collections::HashSet,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output, Stdio},
     sync::{
         Arc,
@@ -23,7 +25,12 @@ use std::{
 };
 
 use common::{
-    Client, MutationExt, TestServer,
+    Client, MutationExt,
+    auth::{
+        AuthFile, HANG, NOTES, RELOAD, bearer, call, channel, health_status, logged, principal,
+        pull_all, push_request, read_until_doc, reflected_services, refused, server_with, until,
+        until_upstream_denied,
+    },
     cluster::{DataDir, Patience, start_replica_logged},
     process::{Logs, Process},
     put,
@@ -34,129 +41,20 @@ use deltasync::{
         self, FollowRequest, FollowStart, GetRequest, Outcome, PromoteRequest, PullRequest,
         PushRequest, StatusRequest, SubscribeRequest, admin_service_client::AdminServiceClient,
         follow_request, replication_service_client::ReplicationServiceClient,
-        subscribe_response::Event, sync_service_client::SyncServiceClient,
+        sync_service_client::SyncServiceClient,
     },
 };
 use serde_json::json;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::{Code, Request, Status, Streaming, transport::Channel};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
-use tonic_reflection::pb::v1::{
-    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-};
+use tonic::{Code, Request, Status, transport::Channel};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Every permission there is.
 const ALL: &[&str] = &["read", "write", "replicate", "admin"];
 
-/// How long a changed auth file may take to be in force (the server checks
-/// it every second).
-const RELOAD: Duration = Duration::from_secs(5);
-
-/// Guards against a hung call or stream; never reached when the rule holds.
-const HANG: Duration = Duration::from_secs(10);
-
 // ---------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------
-
-/// One `[[principal]]` of an auth file: `name`, the hash of `token`, and
-/// one grant per `(collections, permissions)`.
-fn principal(name: &str, token: &str, grants: &[(&[&str], &[&str])]) -> String {
-    let mut text = format!(
-        "[[principal]]\nname = {name:?}\ntokens = [{:?}]\n",
-        hash_string(token)
-    );
-    for (collections, permissions) in grants {
-        text += &format!(
-            "  [[principal.grant]]\n  collections = {collections:?}\n  permissions = {permissions:?}\n"
-        );
-    }
-    text
-}
-
-/// An auth file in a temporary directory, replaced as an operator (or
-/// Kubernetes) does: written aside, then renamed over.
-struct AuthFile {
-    /// Holds the file (and its replacements) until the test ends.
-    dir: tempfile::TempDir,
-    /// The file the server is given.
-    path: PathBuf,
-}
-
-impl AuthFile {
-    fn new(text: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("auth.toml");
-        std::fs::write(&path, text).expect("write auth file");
-        Self { dir, path }
-    }
-
-    /// Replaces the file's contents at once (a rename), so the server never
-    /// reads half a file.
-    fn replace(&self, text: &str) {
-        let aside = self.dir.path().join("auth.toml.new");
-        std::fs::write(&aside, text).expect("write auth file");
-        std::fs::rename(&aside, &self.path).expect("rename auth file");
-    }
-
-    fn arg(&self) -> &str {
-        self.path.to_str().expect("utf-8 temp path")
-    }
-}
-
-/// An in-process server reading `auth`.
-async fn server_with(auth: &AuthFile) -> TestServer {
-    let path = auth.path.clone();
-    TestServer::start_with(move |c| c.auth_file = Some(path)).await
-}
-
-/// A connection to `addr` that every kind of client can share.
-async fn channel(addr: impl std::fmt::Display) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect")
-}
-
-/// `message` with an `authorization` header of exactly `header`, or none.
-fn call<T>(header: Option<&str>, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Some(value) = header {
-        let value = value.parse().expect("an ASCII header value");
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
-}
-
-/// `message` carrying `authorization: Bearer <token>`.
-fn bearer<T>(token: &str, message: T) -> Request<T> {
-    call(Some(&format!("Bearer {token}")), message)
-}
-
-/// The status a call that must fail failed with, checked to be `code`.
-fn refused<T>(result: Result<T, Status>, code: Code, what: &str) -> Status {
-    match result {
-        Ok(_) => panic!("{what}: expected {code:?}, the call succeeded"),
-        Err(status) => {
-            assert_eq!(status.code(), code, "{what}: {status:?}");
-            status
-        }
-    }
-}
-
-/// A Push of `mutations` by `client_id`, not atomic.
-fn push_request(client_id: &str, mutations: Vec<pb::Mutation>) -> PushRequest {
-    PushRequest {
-        client_id: client_id.into(),
-        mutations,
-        atomic: false,
-    }
-}
 
 /// Pushes as `token`, failing the test on an error.
 async fn push_as(c: &mut Client, token: &str, req: PushRequest) -> pb::PushResponse {
@@ -178,31 +76,6 @@ async fn get_as(c: &mut Client, token: &str, collection: &str, ids: &[&str]) -> 
         .expect("get with a valid token")
         .into_inner()
         .documents
-}
-
-/// Everything `token` reads with Pull from 0 and `collections` (none: what
-/// the principal may read), page by page.
-async fn pull_all_as(c: &mut Client, token: &str, collections: &[&str]) -> Vec<pb::Document> {
-    let mut documents = Vec::new();
-    let mut since = 0;
-    loop {
-        let req = PullRequest {
-            since,
-            collections: collections.iter().map(|s| s.to_string()).collect(),
-            limit: 50,
-            ..Default::default()
-        };
-        let page = c
-            .pull(bearer(token, req))
-            .await
-            .expect("pull with a valid token")
-            .into_inner();
-        documents.extend(page.documents);
-        since = page.checkpoint;
-        if !page.has_more {
-            return documents;
-        }
-    }
 }
 
 /// The last mutation id Pull reports to `token` for `client_id`.
@@ -249,58 +122,6 @@ async fn follow_outcome(
     }
 }
 
-/// The next event of a Subscribe stream.
-async fn next_event(stream: &mut Streaming<pb::SubscribeResponse>) -> Event {
-    tokio::time::timeout(HANG, stream.message())
-        .await
-        .expect("an event in time")
-        .expect("stream ok")
-        .expect("stream open")
-        .event
-        .expect("event set")
-}
-
-/// Reads `stream` until a document `collection/id` arrives; returns every
-/// document seen up to it.
-async fn read_until_doc(
-    stream: &mut Streaming<pb::SubscribeResponse>,
-    collection: &str,
-    id: &str,
-) -> Vec<pb::Document> {
-    let mut seen = Vec::new();
-    loop {
-        if let Event::Changes(batch) = next_event(stream).await {
-            let found = batch
-                .documents
-                .iter()
-                .any(|d| d.collection == collection && d.id == id);
-            seen.extend(batch.documents);
-            if found {
-                return seen;
-            }
-        }
-    }
-}
-
-/// Polls `done` every 20 ms until it holds; panics naming `what` after
-/// `bound`.
-async fn until(what: &str, bound: Duration, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + bound;
-    while !done().await {
-        assert!(Instant::now() < deadline, "{what}: not within {bound:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// How many log entries at `level` have a message containing `text`.
-fn logged(logs: &Logs, level: &str, text: &str) -> usize {
-    logs.lock()
-        .expect("logs")
-        .iter()
-        .filter(|e| e["level"] == level && e["message"].as_str().is_some_and(|m| m.contains(text)))
-        .count()
-}
-
 /// Runs `command` to its exit, killing it (and failing the test) if it has
 /// not exited within `bound`.
 fn run_to_exit(command: &mut Command, bound: Duration) -> Output {
@@ -334,7 +155,7 @@ fn run_to_exit(command: &mut Command, bound: Duration) -> Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_without_a_valid_token_are_unauthenticated() {
     const TOKEN: &str = "root-token";
-    let auth = AuthFile::new(&principal("root", TOKEN, &[(&["*"], ALL)]));
+    let auth = AuthFile::new(&principal("root", TOKEN, &[(&["*"], ALL)], &[]));
     let server = server_with(&auth).await;
     let channel = channel(server.addr).await;
     let mut sync = SyncServiceClient::new(channel.clone());
@@ -399,7 +220,7 @@ async fn calls_without_a_valid_token_are_unauthenticated() {
     // The same calls with the token pass (so the refusals were about the
     // credential), and none of the refused pushes wrote anything.
     let mut sync = server.connect().await;
-    assert!(pull_all_as(&mut sync, TOKEN, &[]).await.is_empty());
+    assert!(pull_all(&mut sync, Some(TOKEN), &[]).await.is_empty());
     let status = admin
         .status(bearer(TOKEN, StatusRequest {}))
         .await
@@ -411,39 +232,12 @@ async fn calls_without_a_valid_token_are_unauthenticated() {
         .await
         .expect("the scheme is case-insensitive");
 
-    let mut health = HealthClient::new(channel.clone());
     for service in ["", "deltasync.v1.SyncService"] {
-        let check = HealthCheckRequest {
-            service: service.into(),
-        };
-        let status = health
-            .check(check)
-            .await
-            .expect("health needs no credential")
-            .into_inner()
-            .status;
+        let status = health_status(channel.clone(), service).await;
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
 
-    let mut reflection = ServerReflectionClient::new(channel);
-    let list = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut answers = reflection
-        .server_reflection_info(futures_util::stream::iter([list]))
-        .await
-        .expect("reflection needs no credential")
-        .into_inner();
-    let answer = tokio::time::timeout(HANG, answers.message())
-        .await
-        .expect("a reflection answer in time")
-        .expect("reflection ok")
-        .expect("one answer");
-    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
-        panic!("not a service list: {answer:?}");
-    };
-    let names: HashSet<_> = list.service.into_iter().map(|s| s.name).collect();
+    let names = reflected_services(channel, "reflection needs no credential").await;
     for service in [
         "deltasync.v1.SyncService",
         "deltasync.v1.ReplicationService",
@@ -468,17 +262,17 @@ const REPLICATOR: &str = "replicator-token";
 fn grants_file() -> AuthFile {
     AuthFile::new(
         &[
-            principal("root", ROOT, &[(&["*"], ALL)]),
-            principal("reader", READER, &[(&["a.*"], &["read"])]),
-            principal("writer", WRITER, &[(&["a.*"], &["write"])]),
-            principal("b-writer", B_WRITER, &[(&["b"], &["write"])]),
+            principal("root", ROOT, &[(&["*"], ALL)], &[]),
+            principal("reader", READER, &[(&["a.*"], &["read"])], &[]),
+            principal("writer", WRITER, &[(&["a.*"], &["write"])], &[]),
+            principal("b-writer", B_WRITER, &[(&["b"], &["write"])], &[]),
         ]
         .concat(),
     )
 }
 
 /// Asserts `status` is PERMISSION_DENIED and its message names `field`.
-fn denied<T>(result: Result<T, Status>, field: &str, what: &str) {
+fn denied<T: std::fmt::Debug>(result: Result<T, Status>, field: &str, what: &str) {
     let status = refused(result, Code::PermissionDenied, what);
     assert!(
         status.message().contains(field),
@@ -637,7 +431,7 @@ async fn reading_everything_means_everything_one_may_read() {
         let req = push_request("w", vec![put("a.x", &format!("mine{i}"), json!({"i": i}))]);
         push_as(&mut c, WRITER, req).await;
     }
-    let pulled = pull_all_as(&mut c, WRITER, &[]).await;
+    let pulled = pull_all(&mut c, Some(WRITER), &[]).await;
     stop.cancel();
     noise.await.expect("the b writer");
 
@@ -655,7 +449,7 @@ async fn reading_everything_means_everything_one_may_read() {
         .collect();
     assert_eq!(pulled_ids, expected, "the Pull's documents");
     // An exact grant: the b writer reads `b`, not `ab`.
-    let b_written = pull_all_as(&mut c, B_WRITER, &[]).await;
+    let b_written = pull_all(&mut c, Some(B_WRITER), &[]).await;
     assert!(
         b_written.iter().all(|d| d.collection == "b"),
         "{b_written:?}"
@@ -676,10 +470,10 @@ async fn admin_and_replicate_need_a_grant_on_everything() {
     const OPERATOR: &str = "operator-token";
     let auth = AuthFile::new(
         &[
-            principal("root", ROOT, &[(&["*"], ALL)]),
-            principal("tenant", TENANT, &[(&["a.*"], ALL)]),
-            principal("operator", OPERATOR, &[(&["*"], &["admin"])]),
-            principal("replicator", REPLICATOR, &[(&["*"], &["replicate"])]),
+            principal("root", ROOT, &[(&["*"], ALL)], &[]),
+            principal("tenant", TENANT, &[(&["a.*"], ALL)], &[]),
+            principal("operator", OPERATOR, &[(&["*"], &["admin"])], &[]),
+            principal("replicator", REPLICATOR, &[(&["*"], &["replicate"])], &[]),
         ]
         .concat(),
     );
@@ -742,7 +536,7 @@ async fn admin_and_replicate_need_a_grant_on_everything() {
             "collection",
             &format!("Get by {name}"),
         );
-        let nothing = pull_all_as(&mut c, token, &[]).await;
+        let nothing = pull_all(&mut c, Some(token), &[]).await;
         assert!(nothing.is_empty(), "{name} reads nothing: {nothing:?}");
     }
 }
@@ -776,14 +570,14 @@ async fn converged(primary: &Process, replica: &Process) {
     }
     let (mut p, mut r) = (primary.client().await, replica.client().await);
     let expected = (
-        pull_all_as(&mut p, ROOT, &[]).await,
+        pull_all(&mut p, Some(ROOT), &[]).await,
         last_mutation_id_as(&mut p, WRITER, "w").await,
     );
     assert!(expected.1 > 0, "the writer pushed with mutation ids");
     let wait = Patience::new(format!("replica {} reads as the primary", replica.url()));
     loop {
         let got = (
-            pull_all_as(&mut r, ROOT, &[]).await,
+            pull_all(&mut r, Some(ROOT), &[]).await,
             last_mutation_id_as(&mut r, WRITER, "w").await,
         );
         if got == expected {
@@ -810,13 +604,14 @@ fn write_token(path: &Path, token: &str) {
 async fn a_replica_needs_replicate_on_everything() {
     let auth = AuthFile::new(
         &[
-            principal("root", ROOT, &[(&["*"], ALL)]),
-            principal("writer", WRITER, &[(&["docs"], &["write"])]),
-            principal("replicator", REPLICATOR, &[(&["*"], &["replicate"])]),
+            principal("root", ROOT, &[(&["*"], ALL)], &[]),
+            principal("writer", WRITER, &[(&["docs"], &["write"])], &[]),
+            principal("replicator", REPLICATOR, &[(&["*"], &["replicate"])], &[]),
             principal(
                 "narrow",
                 NARROW,
                 &[(&["*"], &["read"]), (&["docs"], &["replicate"])],
+                &[],
             ),
         ]
         .concat(),
@@ -851,23 +646,7 @@ async fn a_replica_needs_replicate_on_everything() {
             narrow_arg,
         ],
     );
-    // The follower logs each new cause of a failed stream once.
-    let refusals = || {
-        logs.lock()
-            .expect("logs")
-            .iter()
-            .filter(|e| {
-                e["message"] == "replication stream ended; reconnecting"
-                    && e["cause"]
-                        .as_str()
-                        .is_some_and(|c| c.contains("PermissionDenied"))
-            })
-            .count()
-    };
-    let wait = Patience::new("the replica logs the primary's PERMISSION_DENIED");
-    while refusals() == 0 {
-        wait.tick().await;
-    }
+    until_upstream_denied(&logs).await;
     assert_eq!(logged(&logs, "INFO", "following the primary"), 0);
     assert_eq!(status_as(&refused_replica.url(), ROOT).await.head, 0);
     assert!(status_as(&primary.url(), ROOT).await.replicas.is_empty());
@@ -928,9 +707,9 @@ async fn client_ids_belong_to_their_principal() {
     const CAROL: &str = "carol-token";
     let auth = AuthFile::new(
         &[
-            principal("alice", ALICE, NOTES),
-            principal("bob", BOB, NOTES),
-            principal("carol", CAROL, &[(&["notes"], &["read"])]),
+            principal("alice", ALICE, NOTES, &[]),
+            principal("bob", BOB, NOTES, &[]),
+            principal("carol", CAROL, &[(&["notes"], &["read"])], &[]),
         ]
         .concat(),
     );
@@ -966,7 +745,7 @@ async fn client_ids_belong_to_their_principal() {
         .map(|d| (d.id.as_str(), d.updated_by.as_str()))
         .collect();
     assert_eq!(authors, [("a", "alice"), ("a2", "alice"), ("b", "bob")]);
-    let pulled: Vec<_> = pull_all_as(&mut c, CAROL, &[])
+    let pulled: Vec<_> = pull_all(&mut c, Some(CAROL), &[])
         .await
         .into_iter()
         .map(|d| (d.id, d.updated_by))
@@ -986,11 +765,8 @@ const Z: &str = "z-token";
 
 /// The principals `x` and `y` (each may read and write `notes`).
 fn x_and_y() -> String {
-    [principal("x", X, NOTES), principal("y", Y, NOTES)].concat()
+    [principal("x", X, NOTES, &[]), principal("y", Y, NOTES, &[])].concat()
 }
-
-/// Read and write on `notes`.
-const NOTES: &[(&[&str], &[&str])] = &[(&["notes"], &["write"])];
 
 /// Whether `token`'s Pull is refused as UNAUTHENTICATED (any other error
 /// fails the test).
@@ -1028,7 +804,7 @@ async fn a_removed_token_is_refused_without_a_restart() {
         "z before it is added",
     );
 
-    auth.replace(&[principal("y", Y, NOTES), principal("z", Z, NOTES)].concat());
+    auth.replace(&[principal("y", Y, NOTES, &[]), principal("z", Z, NOTES, &[])].concat());
     until("x's token is refused", RELOAD, async || {
         unauthenticated(&mut c, X).await
     })
@@ -1074,7 +850,7 @@ async fn an_auth_file_that_does_not_load_keeps_the_previous_rules() {
     let reloads = |logs: &Logs| logged(logs, "INFO", "auth file reloaded");
     let failures = |logs: &Logs| logged(logs, "ERROR", "auth file not reloaded");
 
-    auth.replace(&principal("y", Y, NOTES));
+    auth.replace(&principal("y", Y, NOTES, &[]));
     until("the file without x is loaded", RELOAD, async || {
         reloads(&logs) == 1
     })
@@ -1083,7 +859,8 @@ async fn an_auth_file_that_does_not_load_keeps_the_previous_rules() {
 
     // Not TOML; then TOML whose second principal is invalid (were it
     // taken in part, x would be back and y gone).
-    let broken = principal("x", X, NOTES) + "[[principal]]\nname = \"y\"\ntokens = [\"y-token\"]\n";
+    let broken =
+        principal("x", X, NOTES, &[]) + "[[principal]]\nname = \"y\"\ntokens = [\"y-token\"]\n";
     for (n, (what, text)) in [
         ("garbage", "this is [not toml".to_owned()),
         ("broken", broken),
@@ -1130,7 +907,7 @@ async fn an_invalid_auth_file_stops_the_server_from_starting() {
         ),
         (
             "an unknown permission",
-            principal("p", "p-token", &[(&["*"], &["everything"])]),
+            principal("p", "p-token", &[(&["*"], &["everything"])], &[]),
         ),
     ];
     for (what, text) in cases {

@@ -13,8 +13,6 @@
 mod common;
 
 use std::{
-    net::SocketAddr,
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -22,112 +20,31 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Client, MutationExt, TestServer, cluster::wait_for, put};
-use deltasync::{
-    auth::token::hash_string,
-    pb::{
-        self, FollowRequest, GetRequest, Outcome, PullRequest, PushRequest, SubscribeRequest,
-        replication_service_client::ReplicationServiceClient, subscribe_response::Event,
-        sync_service_client::SyncServiceClient,
+use common::{
+    Client, MutationExt, TestServer,
+    auth::{
+        AuthFile, HANG, NOTES, RELOAD, as_caller, bearer, channel, free_loopback_addr,
+        health_status, principal, push_request, read_until_doc, refused, server_with,
     },
+    cluster::wait_for,
+    put,
+};
+use deltasync::pb::{
+    self, FollowRequest, GetRequest, Outcome, PullRequest, PushRequest, SubscribeRequest,
+    replication_service_client::ReplicationServiceClient, sync_service_client::SyncServiceClient,
 };
 use serde_json::json;
 use tonic::{Code, Request, Status, Streaming, transport::Channel};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
-
-/// How long a changed auth file may take to be in force (the server checks
-/// it every second).
-const RELOAD: Duration = Duration::from_secs(5);
-
-/// Guards against a hung call or stream; never reached when the rule holds.
-const HANG: Duration = Duration::from_secs(10);
 
 /// The longest delay a rate limit may ask for: one second's worth of a
 /// bucket (a cost of at most the rate, from an empty bucket).
 const ONE_SECOND: Duration = Duration::from_secs(1);
 
-/// Read and write on `notes`.
-const NOTES: &[(&[&str], &[&str])] = &[(&["notes"], &["write"])];
-
 // ---------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------
-
-/// One `[[principal]]` of an auth file: `name`, the hash of `token`, one
-/// grant per `(collections, permissions)`, and `limits` as the lines of its
-/// `[principal.limits]` table (none: no table).
-fn principal(name: &str, token: &str, grants: &[(&[&str], &[&str])], limits: &[&str]) -> String {
-    let mut text = format!(
-        "[[principal]]\nname = {name:?}\ntokens = [{:?}]\n",
-        hash_string(token)
-    );
-    for (collections, permissions) in grants {
-        text += &format!(
-            "  [[principal.grant]]\n  collections = {collections:?}\n  permissions = {permissions:?}\n"
-        );
-    }
-    if !limits.is_empty() {
-        text += "  [principal.limits]\n";
-        for line in limits {
-            text += &format!("  {line}\n");
-        }
-    }
-    text
-}
-
-/// An auth file in a temporary directory, replaced as an operator (or
-/// Kubernetes) does: written aside, then renamed over.
-struct AuthFile {
-    /// Holds the file (and its replacements) until the test ends.
-    dir: tempfile::TempDir,
-    /// The file the server is given.
-    path: PathBuf,
-}
-
-impl AuthFile {
-    fn new(text: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("auth.toml");
-        std::fs::write(&path, text).expect("write auth file");
-        Self { dir, path }
-    }
-
-    /// Replaces the file's contents at once (a rename), so the server never
-    /// reads half a file.
-    fn replace(&self, text: &str) {
-        let aside = self.dir.path().join("auth.toml.new");
-        std::fs::write(&aside, text).expect("write auth file");
-        std::fs::rename(&aside, &self.path).expect("rename auth file");
-    }
-}
-
-/// An in-process server reading `auth`.
-async fn server_with(auth: &AuthFile) -> TestServer {
-    let path = auth.path.clone();
-    TestServer::start_with(move |c| c.auth_file = Some(path)).await
-}
-
-/// `message` carrying `authorization: Bearer <token>`.
-fn bearer<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    let value = format!("Bearer {token}").parse().expect("an ASCII header");
-    request.metadata_mut().insert("authorization", value);
-    request
-}
-
-/// The status a call that must fail failed with, checked to be `code`.
-fn refused<T>(result: Result<T, Status>, code: Code, what: &str) -> Status {
-    match result {
-        Ok(_) => panic!("{what}: expected {code:?}, the call succeeded"),
-        Err(status) => {
-            assert_eq!(status.code(), code, "{what}: {status:?}");
-            status
-        }
-    }
-}
 
 /// The delay a RESOURCE_EXHAUSTED answer asks for in its
 /// `google.rpc.RetryInfo`, checked to be there, positive and at most
@@ -147,15 +64,6 @@ fn retry_delay(status: &Status, most: Duration) -> Duration {
     delay
 }
 
-/// A Push of `mutations` by `client_id`, not atomic.
-fn push_request(client_id: &str, mutations: Vec<pb::Mutation>) -> PushRequest {
-    PushRequest {
-        client_id: client_id.into(),
-        mutations,
-        atomic: false,
-    }
-}
-
 /// `n` puts into `notes`, ids `{prefix}-0` to `{prefix}-{n-1}`.
 fn puts(prefix: &str, n: usize) -> Vec<pb::Mutation> {
     (0..n)
@@ -170,11 +78,7 @@ async fn found(c: &mut Client, token: Option<&str>, ids: &[String]) -> Vec<Strin
         ids: ids.to_vec(),
         ..Default::default()
     };
-    let req = match token {
-        Some(token) => bearer(token, req),
-        None => Request::new(req),
-    };
-    c.get(req)
+    c.get(as_caller(token, req))
         .await
         .expect("get")
         .into_inner()
@@ -205,27 +109,6 @@ async fn subscribed(
         .expect("a first message in time")?
         .expect("the stream stays open");
     Ok(stream)
-}
-
-/// Reads `stream` until a document `notes/id` arrives.
-async fn read_until_doc(stream: &mut Streaming<pb::SubscribeResponse>, id: &str) {
-    loop {
-        let event = tokio::time::timeout(HANG, stream.message())
-            .await
-            .expect("an event in time")
-            .expect("the stream stays healthy")
-            .expect("the stream stays open")
-            .event
-            .expect("event set");
-        if let Event::Changes(batch) = event
-            && batch
-                .documents
-                .iter()
-                .any(|d| d.collection == "notes" && d.id == id)
-        {
-            return;
-        }
-    }
 }
 
 /// A count of calls as an `f64`, to compare with a bucket's budget.
@@ -470,19 +353,6 @@ fn hold_a_call(channel: Channel) -> tokio::task::JoinHandle<Result<(), Status>> 
     })
 }
 
-/// Asks health for `service` on `channel`, without a credential.
-async fn health_status(channel: Channel, service: &str) -> i32 {
-    let check = HealthCheckRequest {
-        service: service.into(),
-    };
-    HealthClient::new(channel)
-        .check(check)
-        .await
-        .unwrap_or_else(|s| panic!("health check of {service:?}: {s:?}"))
-        .into_inner()
-        .status
-}
-
 /// Rule: with `--max-concurrent-requests 2`, once two calls are in progress
 /// every further call (Pull, Push, Subscribe) is RESOURCE_EXHAUSTED at once
 /// with a RetryInfo delay (a refused Push writes nothing), while health
@@ -491,11 +361,7 @@ async fn health_status(channel: Channel, service: &str) -> i32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_beyond_the_concurrency_limit_are_refused_but_health_answers() {
     let server = TestServer::start_with(|c| c.max_concurrent_requests = 2).await;
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = channel(server.addr).await;
     let mut c = SyncServiceClient::new(channel.clone());
 
     // Three started streams, more than the limit, hold no place.
@@ -770,8 +636,8 @@ async fn a_revoked_principals_open_stream_ends_unauthenticated() {
     c.push(bearer(Y, push_request("", puts("before", 1))))
         .await
         .expect("y pushes");
-    read_until_doc(&mut xs, "before-0").await;
-    read_until_doc(&mut ys, "before-0").await;
+    read_until_doc(&mut xs, "notes", "before-0").await;
+    read_until_doc(&mut ys, "notes", "before-0").await;
 
     auth.replace(&y_only);
     let ended = tokio::time::timeout(RELOAD, async {
@@ -791,19 +657,12 @@ async fn a_revoked_principals_open_stream_ends_unauthenticated() {
     c.push(bearer(Y, push_request("", puts("after", 1))))
         .await
         .expect("y pushes after the reload");
-    read_until_doc(&mut ys, "after-0").await;
+    read_until_doc(&mut ys, "notes", "after-0").await;
 }
 
 // ---------------------------------------------------------------------------
 // The health port
 // ---------------------------------------------------------------------------
-
-/// A loopback address with a port free a moment ago: `--health-listen`
-/// binds the address it is given, and does not tell a port 0 chose.
-fn free_loopback_addr() -> SocketAddr {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    probe.local_addr().expect("local addr")
-}
 
 /// Rule: `--health-listen ADDR` answers grpc.health.v1 Check with SERVING
 /// for "" and "deltasync.v1.SyncService", plaintext and without a

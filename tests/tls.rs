@@ -13,26 +13,29 @@
 mod common;
 
 use std::{
-    collections::HashSet,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
 };
 
 use common::{
     Client, MutationExt,
+    auth::{
+        Grants, HANG, RELOAD, bearer, free_loopback_addr, health_status, logged,
+        principal_known_by, pull_all, push_request, read_until_doc, reflected_services, refused,
+        until, until_upstream_denied,
+    },
     cluster::{DataDir, Patience, start, start_replica, start_replica_logged},
-    process::{Logs, Process},
+    process::Process,
     put,
 };
 use deltasync::{
     Config,
     pb::{
         self, FollowRequest, FollowStart, GetRequest, Outcome, PromoteRequest, PullRequest,
-        PushRequest, StatusRequest, SubscribeRequest, admin_service_client::AdminServiceClient,
-        follow_request, follow_response, replication_service_client::ReplicationServiceClient,
-        subscribe_response::Event, sync_service_client::SyncServiceClient,
+        StatusRequest, admin_service_client::AdminServiceClient, follow_request, follow_response,
+        replication_service_client::ReplicationServiceClient,
+        sync_service_client::SyncServiceClient,
     },
 };
 use rcgen::{
@@ -41,30 +44,16 @@ use rcgen::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::json;
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle, time::Instant};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tokio_rustls::{
     TlsConnector,
     rustls::{ClientConfig, RootCertStore},
 };
 use tonic::{
-    Code, Request, Status, Streaming,
+    Code,
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
-use tonic_reflection::pb::v1::{
-    ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-};
-
-/// Guards against a hung connection, call or stream; never reached when
-/// the rule holds.
-const HANG: Duration = Duration::from_secs(10);
-
-/// How long changed certificate files may take to be in force (the server
-/// checks them every second).
-const RELOAD: Duration = Duration::from_secs(5);
+use tonic_health::pb::health_check_response::ServingStatus;
 
 // ---------------------------------------------------------------------------
 // Certificates
@@ -214,14 +203,9 @@ fn arg(path: &Path) -> &str {
 
 /// One `[[principal]]` of an auth file known by the certificate identities
 /// `certificates`, with one grant per `(collections, permissions)`.
-fn principal(name: &str, certificates: &[&str], grants: &[(&[&str], &[&str])]) -> String {
-    let mut text = format!("[[principal]]\nname = {name:?}\ncertificates = {certificates:?}\n");
-    for (collections, permissions) in grants {
-        text += &format!(
-            "  [[principal.grant]]\n  collections = {collections:?}\n  permissions = {permissions:?}\n"
-        );
-    }
-    text
+fn principal(name: &str, certificates: &[&str], grants: Grants<'_>) -> String {
+    let certificates = format!("certificates = {certificates:?}");
+    principal_known_by(name, &certificates, grants, &[])
 }
 
 // ---------------------------------------------------------------------------
@@ -410,25 +394,6 @@ async fn presented(addr: SocketAddr, roots: &[&Ca]) -> Result<CertificateDer<'st
         .unwrap_or_else(|_| Err(format!("no handshake in {HANG:?}")))
 }
 
-/// Polls `done` every 20 ms until it holds; panics naming `what` after
-/// `bound`.
-async fn until(what: &str, bound: Duration, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + bound;
-    while !done().await {
-        assert!(Instant::now() < deadline, "{what}: not within {bound:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A Push of `mutations` by `client_id`, not atomic.
-fn push_request(client_id: &str, mutations: Vec<pb::Mutation>) -> PushRequest {
-    PushRequest {
-        client_id: client_id.into(),
-        mutations,
-        atomic: false,
-    }
-}
-
 /// Pushes one document and returns the response, failing the test on an
 /// error.
 async fn push_doc(c: &mut Client, collection: &str, id: &str) -> pb::PushResponse {
@@ -444,86 +409,9 @@ async fn push_doc(c: &mut Client, collection: &str, id: &str) -> pb::PushRespons
 
 /// The document `collection/id`, which must exist.
 async fn get_doc(c: &mut Client, collection: &str, id: &str) -> pb::Document {
-    let req = GetRequest {
-        collection: collection.into(),
-        ids: vec![id.into()],
-        ..Default::default()
-    };
-    c.get(req)
+    common::get(c, collection, id)
         .await
-        .expect("get")
-        .into_inner()
-        .documents
-        .pop()
         .unwrap_or_else(|| panic!("{collection}/{id} exists"))
-}
-
-/// Every document a Pull from 0 returns, page by page.
-async fn pull_all(c: &mut Client) -> Vec<pb::Document> {
-    let mut documents = Vec::new();
-    let mut since = 0;
-    loop {
-        let req = PullRequest {
-            since,
-            limit: 50,
-            ..Default::default()
-        };
-        let page = c.pull(req).await.expect("pull").into_inner();
-        documents.extend(page.documents);
-        since = page.checkpoint;
-        if !page.has_more {
-            return documents;
-        }
-    }
-}
-
-/// A Subscribe stream of everything from `since`.
-async fn subscribe(c: &mut Client, since: u64) -> Streaming<pb::SubscribeResponse> {
-    let req = SubscribeRequest {
-        since,
-        ..Default::default()
-    };
-    c.subscribe(req).await.expect("subscribe").into_inner()
-}
-
-/// Reads `stream` until the document `collection/id` arrives.
-async fn read_until_doc(stream: &mut Streaming<pb::SubscribeResponse>, collection: &str, id: &str) {
-    loop {
-        let event = tokio::time::timeout(HANG, stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("{collection}/{id} on the stream within {HANG:?}"))
-            .expect("the stream stays healthy")
-            .expect("the stream stays open")
-            .event;
-        if let Some(Event::Changes(batch)) = event
-            && batch
-                .documents
-                .iter()
-                .any(|d| d.collection == collection && d.id == id)
-        {
-            return;
-        }
-    }
-}
-
-/// The status a call that must fail failed with, checked to be `code`.
-fn refused<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, what: &str) -> Status {
-    match result {
-        Ok(answer) => panic!("{what}: expected {code:?}, got {answer:?}"),
-        Err(status) => {
-            assert_eq!(status.code(), code, "{what}: {status:?}");
-            status
-        }
-    }
-}
-
-/// How many log entries at `level` have a message containing `text`.
-fn logged(logs: &Logs, level: &str, text: &str) -> usize {
-    logs.lock()
-        .expect("logs")
-        .iter()
-        .filter(|e| e["level"] == level && e["message"].as_str().is_some_and(|m| m.contains(text)))
-        .count()
 }
 
 /// The port of a process's `host:port` address.
@@ -553,8 +441,8 @@ async fn a_tls_client_calls_every_service_and_others_are_refused() {
     let mut sync = SyncServiceClient::new(channel.clone());
     let checkpoint = push_doc(&mut sync, "docs", "d1").await.checkpoint;
     assert_eq!(get_doc(&mut sync, "docs", "d1").await.version, 1);
-    assert_eq!(pull_all(&mut sync).await.len(), 1);
-    let mut stream = subscribe(&mut sync, 0).await;
+    assert_eq!(pull_all(&mut sync, None, &[]).await.len(), 1);
+    let mut stream = common::open_stream(&mut sync, 0).await;
     read_until_doc(&mut stream, "docs", "d1").await;
 
     // ReplicationService: a follower's first message is answered by a
@@ -597,32 +485,9 @@ async fn a_tls_client_calls_every_service_and_others_are_refused() {
     );
 
     // Health and reflection.
-    let health = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: "deltasync.v1.SyncService".into(),
-        })
-        .await
-        .expect("health over TLS")
-        .into_inner();
-    assert_eq!(health.status, ServingStatus::Serving as i32);
-    let list = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut answers = ServerReflectionClient::new(channel)
-        .server_reflection_info(futures_util::stream::iter([list]))
-        .await
-        .expect("reflection over TLS")
-        .into_inner();
-    let answer = tokio::time::timeout(HANG, answers.message())
-        .await
-        .expect("a reflection answer in time")
-        .expect("reflection ok")
-        .expect("one answer");
-    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
-        panic!("not a service list: {answer:?}");
-    };
-    let names: HashSet<_> = list.service.into_iter().map(|s| s.name).collect();
+    let health = health_status(channel.clone(), "deltasync.v1.SyncService").await;
+    assert_eq!(health, ServingStatus::Serving as i32);
+    let names = reflected_services(channel, "reflection over TLS").await;
     assert!(names.contains("deltasync.v1.SyncService"), "{names:?}");
 
     // A plaintext client, and a TLS client trusting another CA.
@@ -673,7 +538,7 @@ async fn mtls_admits_only_valid_certificates_of_the_client_ca() {
     let valid = ca.client("orders", vec![uri("spiffe://example.org/orders")]);
     let mut c = client(server.addr, presenting(&ca, &valid)).await;
     push_doc(&mut c, "docs", "d1").await;
-    assert_eq!(pull_all(&mut c).await.len(), 1);
+    assert_eq!(pull_all(&mut c, None, &[]).await.len(), 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -782,15 +647,14 @@ async fn a_client_certificate_is_the_principal_the_auth_file_names() {
 
     // A named certificate does not rescue an invalid bearer token.
     let mut orders = client(server.addr, presenting(&ca, &by_uri)).await;
-    let mut req = Request::new(PullRequest::default());
-    let header = "Bearer not-a-token".parse().expect("header value");
-    req.metadata_mut().insert("authorization", header);
     refused(
-        orders.pull(req).await,
+        orders
+            .pull(bearer("not-a-token", PullRequest::default()))
+            .await,
         Code::Unauthenticated,
         "a named certificate with an invalid token",
     );
-    let docs = pull_all(&mut orders).await;
+    let docs = pull_all(&mut orders, None, &[]).await;
     assert_eq!(docs.len(), 1, "orders reads only orders: {docs:?}");
 }
 
@@ -831,7 +695,7 @@ async fn certificates_rotate_without_a_restart() {
     assert!(seen.starts_with("connect"), "the handshake fails: {seen}");
     let mut before = client(addr, trusting(&old_ca)).await;
     push_doc(&mut before, "docs", "d1").await;
-    let mut stream = subscribe(&mut before, 0).await;
+    let mut stream = common::open_stream(&mut before, 0).await;
     read_until_doc(&mut stream, "docs", "d1").await;
 
     // The new key alone: the pair does not match; the server says so and
@@ -870,7 +734,7 @@ async fn certificates_rotate_without_a_restart() {
     // The stream opened before the rotation, on a connection made with the
     // old certificate, is still open and still receives.
     read_until_doc(&mut stream, "docs", "d3").await;
-    assert_eq!(pull_all(&mut before).await.len(), 3);
+    assert_eq!(pull_all(&mut before, None, &[]).await.len(), 3);
     until("the server logs the reload", RELOAD, async || {
         logged(&logs, "INFO", "TLS certificate reloaded") > 0
     })
@@ -881,13 +745,6 @@ async fn certificates_rotate_without_a_restart() {
 // ---------------------------------------------------------------------------
 // 5. Plaintext health port
 // ---------------------------------------------------------------------------
-
-/// A free port on 127.0.0.1, for a flag that takes a fixed address (the
-/// server binds it itself).
-async fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    listener.local_addr().expect("local addr")
-}
 
 /// Rule: with TLS, mTLS and an auth file on the main port,
 /// `--health-listen` answers `grpc.health.v1.Health/Check` in plaintext
@@ -904,7 +761,7 @@ async fn the_health_port_answers_in_plaintext_without_credentials() {
             &[(&["*"], &["read"])],
         ),
     );
-    let health_addr = free_addr().await;
+    let health_addr = free_loopback_addr();
     let mut server = tls_server(&files, &ca.server("deltasync"), Some(&ca), |c| {
         c.auth_file = Some(auth);
         c.health_listen = Some(health_addr);
@@ -925,17 +782,8 @@ async fn the_health_port_answers_in_plaintext_without_credentials() {
     })
     .await;
     let channel = connected.expect("connected");
-    let mut health = HealthClient::new(channel.clone());
     for service in ["", "deltasync.v1.SyncService"] {
-        let check = HealthCheckRequest {
-            service: service.into(),
-        };
-        let status = health
-            .check(check)
-            .await
-            .unwrap_or_else(|s| panic!("health {service:?} in plaintext: {s:?}"))
-            .into_inner()
-            .status;
+        let status = health_status(channel.clone(), service).await;
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
     refused(
@@ -1047,29 +895,13 @@ async fn a_replica_follows_an_https_primary_with_its_client_certificate() {
     .await
     .expect("push as the operator");
     converged(&mut admin, &mut p, &replica).await;
-    let docs = pull_all(&mut replica.client().await).await;
+    let docs = pull_all(&mut replica.client().await, None, &[]).await;
     assert!(docs.iter().all(|d| d.updated_by == "operator"), "{docs:?}");
 
     let flags = upstream(&reader_cert, &reader_key);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let (refused_replica, logs) = start_replica_logged(&dirs[2], &url, &flags);
-    // The follower logs each new cause of a failed stream once.
-    let refusals = || {
-        logs.lock()
-            .expect("logs")
-            .iter()
-            .filter(|e| {
-                e["message"] == "replication stream ended; reconnecting"
-                    && e["cause"]
-                        .as_str()
-                        .is_some_and(|c| c.contains("PermissionDenied"))
-            })
-            .count()
-    };
-    let wait = Patience::new("the replica logs the primary's PERMISSION_DENIED");
-    while refusals() == 0 {
-        wait.tick().await;
-    }
+    until_upstream_denied(&logs).await;
     assert_eq!(logged(&logs, "INFO", "following the primary"), 0);
     assert_eq!(refused_replica.status().await.head, 0);
     let replicas: Vec<_> = admin
@@ -1093,14 +925,14 @@ async fn converged(admin: &mut AdminServiceClient<Channel>, p: &mut Client, repl
         .expect("the primary's status")
         .into_inner()
         .head;
-    let expected = pull_all(p).await;
+    let expected = pull_all(p, None, &[]).await;
     let wait = Patience::new(format!("replica {} reaches head {head}", replica.url()));
     while replica.status().await.head != head {
         wait.tick().await;
     }
     let mut r = replica.client().await;
     let wait = Patience::new(format!("replica {} reads as the primary", replica.url()));
-    while pull_all(&mut r).await != expected {
+    while pull_all(&mut r, None, &[]).await != expected {
         wait.tick().await;
     }
 }

@@ -4,6 +4,7 @@
 //! connect at once: no sleeps.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod auth;
 pub mod cluster;
 pub mod process;
 

@@ -18,6 +18,7 @@ py="$work/venv/bin/python"
 
 echo "-- lint, render and validate the chart; bad values; the Dockerfile"
 "$py" .ci/chart/check.py
+"$py" .ci/chart/values_table.py --check
 
 echo "-- run what the chart renders"
 cargo build --release --quiet --bin deltasync

@@ -12,6 +12,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_DATA_DIR: &str = "./data/deltasync";
 /// Page size of a Pull with `limit = 0`.
 pub const DEFAULT_PULL_LIMIT: u32 = 1000;
+/// sled's own default page cache (`sled::Config::cache_capacity`), 1 GiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
 /// Room for a document's metadata and the message framing next to its body.
 pub const MESSAGE_OVERHEAD_BYTES: usize = 4096;
 /// Most a Push result takes without its body and conflicting fields: the
@@ -184,6 +186,14 @@ pub struct Config {
     #[arg(long, env = "DELTASYNC_REPLICATE_FROM")]
     pub replicate_from: Option<String>,
 
+    /// This node's name among its peers: a StatefulSet pod's name, from the
+    /// downward API. A node whose --replicate-from URL names itself (the
+    /// URL's host is this name, or starts with this name and a dot) is the
+    /// primary and follows no one, so every pod of a StatefulSet takes the
+    /// same flags and the one the URL points at leads.
+    #[arg(long, env = "DELTASYNC_POD_NAME")]
+    pub pod_name: Option<String>,
+
     /// How other nodes and clients reach this node (reported in
     /// AdminService.Status and in NOT_PRIMARY errors).
     #[arg(long, env = "DELTASYNC_ADVERTISE_URL")]
@@ -270,6 +280,12 @@ pub struct Config {
     #[arg(long, env = "DELTASYNC_UPSTREAM_TOKEN_FILE")]
     pub upstream_token_file: Option<PathBuf>,
 
+    /// sled's page cache, in bytes (sled's default: 1 GiB). Size the
+    /// memory limit for this plus the document index (about 150 bytes per
+    /// document) and --feed-max-bytes.
+    #[arg(long, env = "DELTASYNC_CACHE_BYTES", default_value_t = DEFAULT_CACHE_BYTES)]
+    pub cache_bytes: u64,
+
     /// How long shutdown waits for open calls before it stops anyway.
     #[arg(long, env = "DELTASYNC_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -332,6 +348,14 @@ impl Config {
                     format!("--replicate-from `{url}` is not a URL like http://host:port")
                 })?;
         }
+        if let Some(name) = &self.pod_name {
+            let label = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+            if name.is_empty() || name.len() > 253 || !name.chars().all(label) {
+                return Err(format!(
+                    "--pod-name `{name}` is not a pod name (lowercase letters, digits and -)"
+                ));
+            }
+        }
         if self.sync_timeout.is_zero() || self.replica_wait.is_zero() {
             return Err("--sync-timeout and --replica-wait must be positive".into());
         }
@@ -355,6 +379,16 @@ impl Config {
         Ok(())
     }
 
+    /// The primary this node follows: --replicate-from, unless that URL
+    /// names this node itself (see --pod-name), which makes it the primary.
+    pub fn primary_url(&self) -> Option<&str> {
+        let url = self.replicate_from.as_deref()?;
+        match &self.pod_name {
+            Some(pod) if names_pod(url, pod) => None,
+            _ => Some(url),
+        }
+    }
+
     /// What retention keeps.
     pub fn retention(&self) -> crate::store::compaction::Retention {
         crate::store::compaction::Retention {
@@ -372,6 +406,15 @@ impl Config {
         config.data_dir = data_dir.into();
         config
     }
+}
+
+/// True if `url`'s host is `pod`, or a DNS name whose first label is `pod`
+/// (`http://db-0.db-headless.ns.svc:50051` names `db-0`).
+fn names_pod(url: &str, pod: &str) -> bool {
+    url.parse::<tonic::transport::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(str::to_ascii_lowercase))
+        .is_some_and(|host| host.split('.').next() == Some(pod))
 }
 
 /// Default conflict strategies: per collection, else a global default.
@@ -440,6 +483,55 @@ mod tests {
         );
         assert!(ConflictPolicy::parse("todos").is_err());
         assert!(ConflictPolicy::parse("todos=maybe").is_err());
+    }
+
+    #[test]
+    fn the_pod_the_url_names_is_the_primary() {
+        let url = "http://db-0.db-headless.ns.svc.cluster.local:50051";
+        let node = |pod: Option<&str>| {
+            let mut c = Config::for_data_dir("x");
+            c.replicate_from = Some(url.into());
+            c.pod_name = pod.map(Into::into);
+            assert_eq!(c.validate(), Ok(()));
+            c.primary_url().map(str::to_owned)
+        };
+        assert_eq!(node(Some("db-0")), None);
+        assert_eq!(node(Some("db-1")).as_deref(), Some(url));
+        assert_eq!(node(Some("db-10")).as_deref(), Some(url));
+        // A name that only starts like the primary's is another pod.
+        assert_eq!(node(Some("db")).as_deref(), Some(url));
+        // Without --pod-name the flag means what it always did.
+        assert_eq!(node(None).as_deref(), Some(url));
+        // A host given as a bare pod name, or an https URL, works the same.
+        let mut c = Config::for_data_dir("x");
+        c.replicate_from = Some("https://db-0:50051".into());
+        c.pod_name = Some("db-0".into());
+        assert_eq!(c.primary_url(), None);
+        // No --replicate-from: a primary, whatever the name.
+        c.replicate_from = None;
+        assert_eq!(c.primary_url(), None);
+    }
+
+    #[test]
+    fn pod_name_must_be_a_pod_name() {
+        let mut c = Config::for_data_dir("x");
+        for bad in ["", "Db-0", "db_0", "db 0"] {
+            c.pod_name = Some(bad.into());
+            assert!(c.validate().unwrap_err().contains("--pod-name"), "{bad}");
+        }
+        let c = Config::try_parse_from([
+            "deltasync",
+            "--pod-name",
+            "db-2",
+            "--cache-bytes",
+            "1048576",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.pod_name.as_deref(), c.cache_bytes),
+            (Some("db-2"), 1 << 20)
+        );
+        assert_eq!(Config::for_data_dir("x").cache_bytes, DEFAULT_CACHE_BYTES);
     }
 
     #[test]

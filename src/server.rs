@@ -68,6 +68,7 @@ pub async fn serve_with(
         feed_capacity: config.feed_capacity,
         feed_max_bytes: config.feed_max_bytes,
         max_body_bytes: config.max_body_bytes,
+        cache_bytes: config.cache_bytes,
         ..options
     };
     let store = Store::open(&config.data_dir, options)?;

@@ -123,7 +123,7 @@ impl Settings {
     /// The cluster settings of a configuration.
     pub fn from_config(config: &Config) -> Self {
         Self {
-            primary: config.replicate_from.clone(),
+            primary: config.primary_url().map(str::to_owned),
             advertise_url: config
                 .advertise_url
                 .clone()

@@ -94,6 +94,8 @@ pub struct Options {
     /// Largest body a document may be stored with (encoded bytes): a push
     /// whose patch or merge would make a larger one is refused.
     pub max_body_bytes: usize,
+    /// sled's page cache, in bytes (`sled::Config::cache_capacity`).
+    pub cache_bytes: u64,
     /// Failure injection for tests.
     pub faults: Faults,
 }
@@ -108,6 +110,7 @@ impl Default for Options {
             feed_max_bytes: 64 << 20,
             max_group_mutations: 10_000,
             max_body_bytes: 1 << 20,
+            cache_bytes: crate::config::DEFAULT_CACHE_BYTES,
             faults: Faults::default(),
         }
     }
@@ -170,7 +173,11 @@ impl Store {
     /// Opens (or creates) the store in `dir` and starts its writer.
     pub fn open(dir: &Path, options: Options) -> Result<Self, StoreError> {
         // The flusher below flushes, so the store knows what is durable.
-        let db = sled::Config::new().path(dir).flush_every_ms(None).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .cache_capacity(options.cache_bytes)
+            .open()?;
         let trees = Trees {
             log: db.open_tree(keys::LOG)?,
             clients: db.open_tree(keys::CLIENTS)?,

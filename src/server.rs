@@ -85,6 +85,9 @@ async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let streams = CancellationToken::new();
+    // A primary's Follow streams end after the pushes in flight at shutdown
+    // were answered, so those waiting for --sync-replicas acks get them.
+    let follows = CancellationToken::new();
     let auth = Auth::load(config.auth_file.as_deref()).map_err(ServeError::Config)?;
     let mut cluster = replication::Settings::from_config(config);
     if config.advertise_url.is_none()
@@ -131,7 +134,7 @@ async fn run(
         auth.interceptor(),
     );
     let replication_api = tonic::service::interceptor::InterceptedService::new(
-        ReplicationServiceServer::new(ReplicationApi::new(node.clone(), streams.clone()))
+        ReplicationServiceServer::new(ReplicationApi::new(node.clone(), follows.clone()))
             .max_encoding_message_size(usize::MAX),
         auth.interceptor(),
     );
@@ -160,12 +163,18 @@ async fn run(
         tracing::info!(%addr, "serving gRPC");
     }
     let draining = streams.clone();
+    let (node_at_shutdown, follows_at_shutdown) = (node.clone(), follows.clone());
     let signal = async move {
         shutdown.await;
         tracing::info!("shutting down: ending streams, finishing in-flight calls");
         readiness.abort();
         health.set_not_serving::<SyncServiceServer<SyncApi>>().await;
         draining.cancel();
+        let (node, follows) = (node_at_shutdown, follows_at_shutdown);
+        tokio::spawn(async move {
+            node.pushes_finished().await;
+            follows.cancel();
+        });
     };
     // Probes that speak only plaintext get health alone on a port of its own.
     let health_only = match config.health_listen {
@@ -244,6 +253,7 @@ async fn run(
         }
     }
     streams.cancel();
+    follows.cancel();
     let _ = compaction.await;
     if let Some(health_only) = health_only {
         let _ = health_only.await;

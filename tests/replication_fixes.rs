@@ -399,3 +399,63 @@ async fn a_primary_keeps_tombstones_a_replica_has_not_acknowledged() {
     let live: Vec<&str> = s.documents.iter().map(|d| d.id.as_str()).collect();
     assert_eq!((live, s.purge_horizon), (vec!["d3", "d4"], 8));
 }
+
+/// Rule: a primary that is stopped (SIGTERM) while pushes wait for
+/// `--sync-replicas` acks answers them once its replicas acknowledged: its
+/// Follow streams end only after the pushes in flight, so none is answered
+/// UNAVAILABLE ("not replicated") for want of acks that could no longer
+/// come, and shutdown does not wait out `--sync-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_primary_answers_its_sync_pushes_before_its_replicas_streams_end() {
+    let (primary_dir, replica_dir) = (DataDir::new(), DataDir::new());
+    let wait = ["--sync-replicas", "1", "--sync-timeout", "60s"];
+    let primary = start(
+        &primary_dir,
+        &[&wait[..], &["--shutdown-grace", "60s"]].concat(),
+    );
+    let _replica = start_replica(&replica_dir, &primary.url(), &[]);
+    write(&primary, vec![put(DOCS, "first", json!({}))]).await;
+
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (mut c, answered) = (primary.client().await, answered.clone());
+        writers.push(tokio::spawn(async move {
+            for n in 0.. {
+                let m = put(DOCS, &format!("w{w}-{n}"), json!({"n": n}));
+                match c
+                    .push(pb::PushRequest {
+                        mutations: vec![m],
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(_) => answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                    Err(status) => return status,
+                };
+            }
+            unreachable!()
+        }));
+    }
+    wait_for("pushes answered", async || {
+        answered.load(std::sync::atomic::Ordering::SeqCst) >= 40
+    })
+    .await;
+    let stopping = Instant::now();
+    let exit = tokio::task::spawn_blocking(move || primary.terminate(Duration::from_secs(90)))
+        .await
+        .expect("terminate");
+    let took = stopping.elapsed();
+    assert!(exit.success(), "the primary exits cleanly: {exit:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "shutdown took {took:?}: pushes waited for acks after the replica's stream ended"
+    );
+    for writer in writers {
+        let status = writer.await.expect("writer");
+        assert!(
+            !status.message().contains("acknowledged it in time"),
+            "a push in flight at shutdown was answered {status:?}"
+        );
+    }
+}

@@ -205,6 +205,9 @@ struct Shared {
     promoting: tokio::sync::Mutex<()>,
     /// Server shutdown, which also stops the follower.
     shutdown: CancellationToken,
+    /// Pushes being handled: at shutdown a primary's Follow streams outlive
+    /// them, so the acks `--sync-replicas` waits for can still arrive.
+    pushes: watch::Sender<usize>,
 }
 
 impl Node {
@@ -249,6 +252,7 @@ impl Node {
                 primary,
                 promoting: tokio::sync::Mutex::new(()),
                 shutdown,
+                pushes: watch::Sender::new(0),
             }),
         })
     }
@@ -430,6 +434,19 @@ impl Node {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Counts a push as being handled until the guard is dropped.
+    pub fn push_started(&self) -> PushGuard {
+        self.shared.pushes.send_modify(|n| *n += 1);
+        PushGuard { node: self.clone() }
+    }
+
+    /// Resolves once no push is being handled (for shutdown: pushes that
+    /// wait for replica acks are answered before the Follow streams end).
+    pub async fn pushes_finished(&self) {
+        let mut pushes = self.shared.pushes.subscribe();
+        let _ = pushes.wait_for(|n| *n == 0).await;
+    }
+
     /// Waits until `--sync-replicas` replicas have acknowledged `checkpoint`
     /// as durable, at most `--sync-timeout`.
     pub async fn await_replicated(&self, checkpoint: Seq) -> Result<(), Error> {
@@ -563,5 +580,20 @@ impl Drop for FollowerGuard {
         self.node.followers().remove(&self.id);
         self.node.hold_purges();
         self.node.shared.acked.notify_waiters();
+    }
+}
+
+/// A push being handled (see [`Node::push_started`]).
+pub struct PushGuard {
+    /// The node counting it.
+    node: Node,
+}
+
+impl Drop for PushGuard {
+    fn drop(&mut self) {
+        self.node
+            .shared
+            .pushes
+            .send_modify(|n| *n = n.saturating_sub(1));
     }
 }

@@ -21,6 +21,8 @@ pub async fn handle(
     identity: &Identity,
     deadline: Option<std::time::Instant>,
 ) -> Result<pb::PushResponse, Error> {
+    // Counted from before its commit until answered (see `Node::push_started`).
+    let _pushing = api.node.push_started();
     let batch = decode(api, req, identity)?;
     let mutations = u64::try_from(batch.mutations.len()).unwrap_or(u64::MAX);
     identity.charge(Meter::Mutations, mutations)?;

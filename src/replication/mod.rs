@@ -494,6 +494,22 @@ impl Node {
         statuses
     }
 
+    /// What a scrape of `/metrics` reports: the store's sample, plus the
+    /// followers (on a primary) or the primary's head as last heard (on a
+    /// replica).
+    pub fn metrics_sample(&self) -> crate::metrics::Sample {
+        let mut sample = self.shared.store.metrics_sample();
+        sample.followers = self
+            .followers()
+            .values()
+            .map(|f| (f.url.clone(), f.acked))
+            .collect();
+        if self.role() == Role::Replica {
+            sample.primary_head = Some(self.upstream().primary_head.unwrap_or(sample.head));
+        }
+        sample
+    }
+
     /// On a replica: the primary's head as last heard.
     pub fn heard_primary_head(&self, head: u64) {
         let mut upstream = self.upstream();

@@ -13,6 +13,7 @@ use super::{SyncApi, convert, validate};
 use crate::{
     config::DEFAULT_PULL_LIMIT,
     error::Error,
+    metrics::{Refusal, SubscriberGuard},
     pb::{self, subscribe_response::Event},
     shutdown::CancellationToken,
     store::{
@@ -47,6 +48,7 @@ pub async fn handle(
     let seen = api.check_checkpoint(from, wait).await?;
     let stream = identity.open_stream()?;
     let permit = api.subscribers.clone().try_acquire_owned().map_err(|_| {
+        api.store.metrics().refused(Refusal::MaxSubscribers);
         Error::ResourceExhausted(format!(
             "too many subscribers: this server allows {} open Subscribe streams; retry later or use another replica",
             api.settings.max_subscribers
@@ -70,6 +72,7 @@ pub async fn handle(
         max_message_bytes: api.settings.max_message_bytes,
         failed: false,
         _permit: permit,
+        _counted: api.store.metrics().subscriber(),
         _principal_stream: stream,
         api: api.clone(),
         reloads: identity.reloads(),
@@ -116,6 +119,8 @@ struct Feed {
     failed: bool,
     /// This stream's place under --max-subscribers, released on drop.
     _permit: OwnedSemaphorePermit,
+    /// Counts it in `deltasync_subscribers` while it is open.
+    _counted: SubscriberGuard,
     /// Its place under its principal's `max_subscriptions`.
     _principal_stream: Option<crate::auth::StreamGuard>,
     /// The service, for the epochs of checkpoints.

@@ -314,14 +314,22 @@ pub async fn run(
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => match store.compact(&retention).await {
-                Ok(r) => tracing::info!(
+                Ok(r) => {
+                    store.metrics().compaction_round(
+                        r.removed.history,
+                        r.removed.tombstones,
+                        r.removed.clients,
+                        r.elapsed,
+                    );
+                    tracing::info!(
                     history_pruned = r.removed.history,
                     tombstones_purged = r.removed.tombstones,
                     clients_forgotten = r.removed.clients,
                     purge_horizon = %r.horizon,
                     elapsed_ms = r.elapsed.as_millis(),
                     "compaction finished"
-                ),
+                    );
+                }
                 Err(StoreError::Closed) => return,
                 Err(e) => tracing::error!(cause = %e, "compaction failed"),
             },

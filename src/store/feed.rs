@@ -326,6 +326,14 @@ impl Subscription {
         matches!(self.mode, Mode::Live)
     }
 
+    /// Records how far behind the head this subscriber is as it is handed
+    /// changes up to `checkpoint` (or, overtaken by the ring, as it falls
+    /// back to the log from there).
+    fn observe_lag(&self, checkpoint: Seq) {
+        let head = self.store.feed().head();
+        self.store.metrics().subscriber_lag(head.0, checkpoint.0);
+    }
+
     /// The next event. Cancel-safe: state changes only after each await.
     pub async fn next(&mut self) -> Result<FeedEvent, StoreError> {
         loop {
@@ -359,6 +367,7 @@ impl Subscription {
                     self.delivered = page.checkpoint;
                     self.seen = page.horizon;
                     if !page.documents.is_empty() {
+                        self.observe_lag(page.checkpoint);
                         let docs = page.documents.into_iter().map(Arc::new).collect();
                         return Ok(FeedEvent::Changes {
                             docs,
@@ -382,6 +391,7 @@ impl Subscription {
                         }
                         let Some(docs) = commit.docs() else {
                             // Evicted by the ring's byte bound: read it from the log.
+                            self.store.metrics().subscriber_fallback();
                             self.mode = Mode::CatchUp {
                                 upto: commit.head,
                                 announce: false,
@@ -398,6 +408,7 @@ impl Subscription {
                             .collect();
                         self.delivered = commit.head;
                         if !docs.is_empty() {
+                            self.observe_lag(commit.head);
                             return Ok(FeedEvent::Changes {
                                 docs,
                                 checkpoint: commit.head,
@@ -406,6 +417,9 @@ impl Subscription {
                     }
                     Err(RecvError::Lagged(missed)) => {
                         tracing::debug!(missed, delivered = %self.delivered, "subscriber lagged; catching up from the log");
+                        self.store.metrics().subscriber_fallback();
+                        // How far behind it fell, before the log catches it up.
+                        self.observe_lag(self.delivered);
                         self.mode = Mode::CatchUp {
                             upto: self.store.feed().head(),
                             announce: false,

@@ -85,13 +85,19 @@ struct Inner {
     docs: DocMap<Packed>,
     /// The seqs of current states: the `seq`s of `docs`.
     live: RoaringTreemap,
+    /// How many of `docs` are tombstones (for metrics, kept as it changes
+    /// so a scrape never walks the index).
+    tombstones: usize,
 }
 
 impl Inner {
     fn set(&mut self, key: DocKey, entry: Entry) {
-        if let Some(old) = self.docs.insert(key, entry.into()) {
+        let packed = Packed::from(entry);
+        if let Some(old) = self.docs.insert(key, packed) {
             self.live.remove(old.seq);
+            self.tombstones -= usize::from(old.version & DELETED != 0);
         }
+        self.tombstones += usize::from(entry.deleted);
         self.live.insert(entry.seq.0);
     }
 }
@@ -119,6 +125,7 @@ impl Index {
             match inner.docs.get_mut(record.key()) {
                 Some(current) => {
                     inner.live.remove(current.seq);
+                    inner.tombstones -= usize::from(current.version & DELETED != 0);
                     *current = entry.into();
                 }
                 None => {
@@ -128,6 +135,7 @@ impl Index {
                 }
             }
             inner.live.insert(seq.0);
+            inner.tombstones += usize::from(entry.deleted);
         }
         inner.docs.shrink_to_fit();
         Ok(Self(Arc::new(RwLock::new(inner))))
@@ -165,6 +173,7 @@ impl Index {
         for key in purged {
             if let Some(old) = inner.docs.remove(key) {
                 inner.live.remove(old.seq);
+                inner.tombstones -= usize::from(old.version & DELETED != 0);
             }
         }
     }
@@ -172,6 +181,12 @@ impl Index {
     /// How many documents (tombstones included) it holds.
     pub fn len(&self) -> usize {
         self.read().docs.len()
+    }
+
+    /// How many documents it holds, and how many of them are tombstones.
+    pub fn counts(&self) -> (usize, usize) {
+        let inner = self.read();
+        (inner.docs.len(), inner.tombstones)
     }
 
     /// Whether it holds no document.

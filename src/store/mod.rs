@@ -33,6 +33,8 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::metrics::Metrics;
+
 use self::{
     clients::Unflushed,
     feed::Feed,
@@ -98,6 +100,9 @@ pub struct Options {
     pub cache_bytes: u64,
     /// Failure injection for tests.
     pub faults: Faults,
+    /// Where the store counts commits, flushes and subscribers (the
+    /// server's registry; a fresh one by default).
+    pub metrics: Metrics,
 }
 
 impl Default for Options {
@@ -112,6 +117,7 @@ impl Default for Options {
             max_body_bytes: 1 << 20,
             cache_bytes: crate::config::DEFAULT_CACHE_BYTES,
             faults: Faults::default(),
+            metrics: Metrics::default(),
         }
     }
 }
@@ -167,6 +173,10 @@ struct Shared {
     /// Tombstones above this seq are not purged (see
     /// [`Store::hold_purges_above`]).
     purge_floor: Arc<std::sync::atomic::AtomicU64>,
+    /// The database, for its size on disk (sampled on scrape).
+    db: sled::Db,
+    /// The server's metrics.
+    metrics: Metrics,
 }
 
 impl Store {
@@ -223,6 +233,7 @@ impl Store {
             max_unflushed_bytes: options.feed_max_bytes,
             epoch: std::cell::Cell::new(replica::Epochs::read(&trees.meta)?.current()),
             purge_floor: purge_floor.clone(),
+            metrics: options.metrics.clone(),
         };
         let spawn_failed = |e| StoreError::Storage(sled::Error::Io(e));
         let thread = std::thread::Builder::new()
@@ -233,9 +244,12 @@ impl Store {
         let flusher = {
             let (db, tx) = (db.clone(), tx.clone());
             let (faults, interval) = (options.faults.clone(), options.flush_interval);
+            let metrics = options.metrics.clone();
             std::thread::Builder::new()
                 .name("deltasync-flusher".into())
-                .spawn(move || writer::run_flusher(db, writes, faults, interval, tx, stop))
+                .spawn(move || {
+                    writer::run_flusher(db, writes, faults, interval, tx, stop, &metrics);
+                })
                 .map_err(spawn_failed)?
         };
         tracing::info!(dir = %dir.display(), %store_id, head = %head, "store opened");
@@ -256,8 +270,31 @@ impl Store {
                 readahead: ReadAhead::default(),
                 epochs: RwLock::new(Arc::new(Epochs::read(&trees_meta)?)),
                 purge_floor,
+                db,
+                metrics: options.metrics,
             }),
         })
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// What a scrape of `/metrics` reports about the store; reads only
+    /// counters kept anyway, and sled's size on disk.
+    pub fn metrics_sample(&self) -> crate::metrics::Sample {
+        let shared = &self.shared;
+        let (documents, tombstones) = shared.index.counts();
+        let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        crate::metrics::Sample {
+            head: self.head().0,
+            documents: as_u64(documents),
+            tombstones: as_u64(tombstones),
+            bytes_on_disk: shared.db.size_on_disk().unwrap_or(0),
+            purge_horizon: self.purge_horizon().0,
+            ..Default::default()
+        }
     }
 
     /// The store's identity.

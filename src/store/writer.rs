@@ -30,6 +30,8 @@ use sled::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::metrics::Metrics;
+
 use super::{
     Clock, Durability, Trees,
     clients::{ClientState, Unflushed},
@@ -211,6 +213,8 @@ pub struct Writer {
     /// Tombstones above this seq stay (a replica has not acknowledged
     /// them yet); `u64::MAX`: no hold.
     pub purge_floor: Arc<AtomicU64>,
+    /// Counts group commits, flushes and pushed mutations' outcomes.
+    pub metrics: Metrics,
 }
 
 /// State only the writer thread touches.
@@ -326,7 +330,18 @@ impl Writer {
             Err(e) => return fail_all(jobs, || e.clone_kind()),
         };
         tracing::trace!(pushes, elapsed = ?started.elapsed(), "group committed");
+        self.metrics
+            .group_commit(jobs.iter().map(|j| j.batch.mutations.len()).sum());
         for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            if let Ok(outcome) = &outcome {
+                self.metrics.push_mutations(
+                    job.batch
+                        .mutations
+                        .iter()
+                        .zip(&outcome.results)
+                        .map(|(m, r)| (m.collection.as_str(), r.outcome, m.strategy)),
+                );
+            }
             let _ = job.reply.send(outcome);
         }
     }
@@ -345,6 +360,8 @@ impl Writer {
         }
         let (commits, replies): (Vec<ReplicatedCommit>, Vec<_>) =
             jobs.into_iter().map(|j| (j.commit, j.reply)).unzip();
+        self.metrics
+            .group_commit(commits.iter().map(|c| c.records.len()).sum());
         let head = self.feed.written();
         let planned = ClientsProgress::read(&self.trees.meta, head).and_then(|progress| {
             replica::plan(
@@ -425,7 +442,10 @@ impl Writer {
         };
         if flush_now {
             let write = self.writes.load(Ordering::Acquire);
-            if let Err(e) = self.faults.flush(&self.db) {
+            let flushing = Instant::now();
+            let flushed = self.faults.flush(&self.db);
+            self.metrics.fsync(flushing.elapsed());
+            if let Err(e) = flushed {
                 // The commit may or may not survive a crash now: its
                 // callers are told to retry with the same mutation ids,
                 // which get the truth. Readers stay at the last durable
@@ -813,6 +833,7 @@ pub fn run_flusher(
     interval: Duration,
     writer: mpsc::Sender<Command>,
     stop: std::sync::mpsc::Receiver<()>,
+    metrics: &Metrics,
 ) {
     let mut flushed = writes.load(Ordering::Acquire);
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
@@ -821,7 +842,10 @@ pub fn run_flusher(
         if written == flushed {
             continue;
         }
-        let told = match faults.flush(&db) {
+        let flushing = Instant::now();
+        let result = faults.flush(&db);
+        metrics.fsync(flushing.elapsed());
+        let told = match result {
             Ok(_) => {
                 flushed = written;
                 writer.blocking_send(Command::Durable(written))

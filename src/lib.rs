@@ -31,6 +31,12 @@
 //!   `store::replica` is the store's side (applying replicated commits,
 //!   the epoch history).
 //! - [`error`]: the service-boundary error and its one mapping to `Status`.
+//! - [`client`]: the typed async client library (failover, exactly-once
+//!   retries of pushes, read-your-writes, a watch that resumes across
+//!   restarts, TLS and tokens) over the generated stubs.
+//! - [`cli`]: the `deltasync` subcommands (`get`, `put`, `pull`, `watch`,
+//!   `status`, ...), a thin user of [`client`] modelled on etcdctl, with
+//!   one printer per output format; serving stays the default.
 //! - [`telemetry`], [`shutdown`]: logging and signals.
 //! - [`pb`]: generated code.
 //!
@@ -38,6 +44,8 @@
 //! with `--features bench`) drives deltasync or etcd with the same workloads.
 
 pub mod auth;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod pb;

@@ -36,6 +36,9 @@ pub enum Command {
     /// Bearer tokens for the auth file.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The client subcommands (`get`, `put`, `pull`, `watch`, `status`...).
+    #[command(flatten)]
+    Client(Box<crate::cli::Command>),
 }
 
 /// `deltasync token ...`.
@@ -48,7 +51,14 @@ pub enum TokenCommand {
 
 /// deltasync: versioned JSON documents in sled, kept in sync over gRPC.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "deltasync", version, about)]
+// Server flags go before no subcommand: `deltasync --listen ... get` is
+// refused, and a subcommand's own flags (`--endpoints`) come after it.
+#[command(
+    name = "deltasync",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Config {
     /// Address to serve gRPC on.
     #[arg(long, env = "DELTASYNC_LISTEN", default_value = DEFAULT_LISTEN)]

@@ -150,7 +150,15 @@ impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match error {
             Error::InvalidArgument(msg) => Status::invalid_argument(msg),
-            e @ Error::WrongStore { .. } => Status::failed_precondition(e.to_string()),
+            Error::WrongStore { ref current } => {
+                let current = current.clone();
+                detailed(
+                    Code::FailedPrecondition,
+                    &error,
+                    "STORE_MISMATCH",
+                    [("store_id", current)],
+                )
+            }
             e @ Error::CheckpointAhead { .. } => Status::out_of_range(e.to_string()),
             e @ Error::CheckpointDiverged { since, epoch, ours } => detailed(
                 Code::OutOfRange,

@@ -34,6 +34,12 @@
 //!   layer (`metrics::layer`, go-grpc-prometheus names) and the
 //!   `--metrics-listen` page (`metrics::http`).
 //! - [`error`]: the service-boundary error and its one mapping to `Status`.
+//! - [`client`]: the typed async client library (failover, exactly-once
+//!   retries of pushes, read-your-writes, a watch that resumes across
+//!   restarts, TLS and tokens) over the generated stubs.
+//! - [`cli`]: the `deltasync` subcommands (`get`, `put`, `pull`, `watch`,
+//!   `status`, ...), a thin user of [`client`] modelled on etcdctl, with
+//!   one printer per output format; serving stays the default.
 //! - [`telemetry`], [`shutdown`]: logging and signals.
 //! - [`pb`]: generated code.
 //!
@@ -41,6 +47,8 @@
 //! with `--features bench`) drives deltasync or etcd with the same workloads.
 
 pub mod auth;
+pub mod cli;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod metrics;

@@ -1,10 +1,11 @@
-//! The `deltasync` binary: parse the configuration, bind, serve.
+//! The `deltasync` binary: parse the command line, then run a client
+//! subcommand (`deltasync::cli`) or bind and serve.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use deltasync::{
-    Config, auth,
+    Config, auth, cli,
     config::{Command, TokenCommand},
     shutdown, telemetry,
 };
@@ -17,18 +18,22 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
-    if let Some(Command::Token(TokenCommand::New)) = config.command {
-        return match auth::token::new() {
-            Ok(token) => {
-                println!("{token}\n{}", auth::token::hash_string(&token));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        };
+    let mut config = Config::parse();
+    match config.command.take() {
+        Some(Command::Token(TokenCommand::New)) => {
+            return match auth::token::new() {
+                Ok(token) => {
+                    println!("{token}\n{}", auth::token::hash_string(&token));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Client(command)) => return cli::run(*command).await,
+        None => {}
     }
     telemetry::init(config.log_format);
     if let Err(e) = config.validate() {

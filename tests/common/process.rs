@@ -29,16 +29,21 @@ impl Process {
     pub fn start(
         data_dir: &Path,
         args: &[&str],
+        on_log: impl FnMut(&Value) + Send + 'static,
+    ) -> Self {
+        Self::start_at("127.0.0.1:0", data_dir, args, on_log)
+    }
+
+    /// As [`Process::start`], listening on `listen`: a test restarts a
+    /// killed server on the port its clients know.
+    pub fn start_at(
+        listen: &str,
+        data_dir: &Path,
+        args: &[&str],
         mut on_log: impl FnMut(&Value) + Send + 'static,
     ) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_deltasync"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--data-dir",
-            ])
+            .args(["--listen", listen, "--log-format", "json", "--data-dir"])
             .arg(data_dir)
             .args(args)
             .env("RUST_LOG", "info")

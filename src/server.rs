@@ -103,6 +103,7 @@ async fn run(
         cluster.advertise_url = format!("http://{addr}");
     }
     let node = Node::new(store.clone(), cluster, streams.clone())?;
+    node.take_over().await?;
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = || {
         tonic_reflection::server::Builder::configure()

@@ -1,17 +1,75 @@
-//! `deltasync snapshot save|restore`: not implemented yet (another change
-//! fills this file in; `Client::follow` is its way to the replication
-//! stream).
+//! `deltasync snapshot save|restore`: [`crate::snapshot`] on the command
+//! line. A save reads the primary's replication stream (the caller needs
+//! the `replicate` permission), with a progress bar on a terminal.
+
+use std::{
+    io::{self, IsTerminal},
+    time::Duration,
+};
+
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{Failure, SnapshotRestoreArgs, SnapshotSaveArgs};
-use crate::client::Client;
+use crate::{
+    client::Client,
+    snapshot::{self, Progress, SnapshotError, Summary},
+};
 
 /// `snapshot save FILE`: copies the store `client` reaches to a file.
-pub async fn save(_client: &Client, _args: &SnapshotSaveArgs) -> Result<(), Failure> {
-    Err(Failure::new("snapshot save: not implemented yet"))
+pub async fn save(client: &Client, args: &SnapshotSaveArgs) -> Result<(), Failure> {
+    let requests = futures_util::stream::iter([snapshot::follow_start()]);
+    let responses = client.follow(requests).await?;
+    let bar = io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:40} {percent:>3}% seq {pos}/{len} {binary_bytes} ({eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    });
+    let shown = |p: Progress| {
+        if let Some(bar) = &bar {
+            bar.set_length(p.target.max(p.head));
+            bar.set_position(p.head);
+            bar.set_message(p.bytes.to_string());
+        }
+    };
+    let summary = snapshot::save(responses, &args.file, shown)
+        .await
+        .map_err(failure)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    report("saved", &args.file.display().to_string(), &summary);
+    Ok(())
 }
 
-/// `snapshot restore FILE --data-dir DIR`: writes a snapshot into a data
-/// directory.
-pub async fn restore(_args: &SnapshotRestoreArgs) -> Result<(), Failure> {
-    Err(Failure::new("snapshot restore: not implemented yet"))
+/// `snapshot restore FILE --data-dir DIR`: creates a data directory from a
+/// snapshot (no server involved).
+pub async fn restore(args: &SnapshotRestoreArgs) -> Result<(), Failure> {
+    let summary = snapshot::restore(&args.file, &args.data_dir)
+        .await
+        .map_err(failure)?;
+    report("restored", &args.data_dir.display().to_string(), &summary);
+    Ok(())
+}
+
+/// One line on stdout: what the snapshot holds, as JSON for scripts.
+fn report(what: &str, place: &str, s: &Summary) {
+    let line = serde_json::json!({
+        what: place,
+        "storeId": s.store_id,
+        "checkpoint": s.checkpoint.to_string(),
+        "epoch": s.epoch.to_string(),
+        "bytes": s.bytes.to_string(),
+    });
+    println!("{line}");
+}
+
+/// A snapshot failure, on one line.
+fn failure(e: SnapshotError) -> Failure {
+    Failure::new(format!("snapshot: {e}"))
 }

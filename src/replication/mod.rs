@@ -257,6 +257,31 @@ impl Node {
         })
     }
 
+    /// On a node starting as primary on a store last written as a replica
+    /// (restored from a snapshot, or a replica restarted without
+    /// `--replicate-from`): begins a new epoch, as a promotion does, so the
+    /// old primary's other replicas, which may hold commits this store never
+    /// had at the same seqs, are told apart (DIVERGED) instead of following
+    /// it silently. Refused while its client states are incomplete (it
+    /// stopped while catching up): retries could then apply twice.
+    pub async fn take_over(&self) -> Result<(), Error> {
+        let store = &self.shared.store;
+        if self.role() != Role::Primary || !store.was_replica()? {
+            return Ok(());
+        }
+        self.check_consistent().map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "cannot start as primary: {e}; start it with --replicate-from until it caught up"
+            ))
+        })?;
+        let head = store.head();
+        let epochs = store.epochs().promoted(head, store.seen_epoch()?);
+        let epoch = epochs.current();
+        store.admin(Admin::Promote(epochs)).await?;
+        tracing::warn!(epoch, %head, "this store was a replica's: starting as primary in a new epoch");
+        Ok(())
+    }
+
     /// On a replica: starts following the primary.
     pub fn start_following(&self) {
         if self.role() == Role::Replica {

@@ -314,10 +314,14 @@ impl Source {
             }
             self.sent = reached;
         }
-        let states = store.clients_between(self.clients_since, upto).await?;
+        let read = store.clients_between(self.clients_since, upto).await?;
         // Everything in the clients tree now was written by a commit up to
-        // here: once the replica has applied it, its states are consistent.
-        let consistent_at = store.feed().written().0;
+        // here (the written head, or a commit whose states were stored
+        // before it was announced written): once the replica has applied
+        // it, its states are consistent. A state of a commit past `upto` is
+        // not sent here; that commit brings it.
+        let consistent_at = store.feed().written().max(read.latest).0;
+        let states = read.states;
         let mut clients: Vec<pb::ReplicatedClient> = Vec::new();
         let mut size = 0;
         for (client, state) in &states {

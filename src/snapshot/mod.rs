@@ -145,36 +145,58 @@ where
     S: Stream<Item = Result<pb::FollowResponse, tonic::Status>> + Unpin,
 {
     if path.exists() {
-        return Err(SnapshotError::Target(format!(
-            "{} exists: a snapshot is never written over a file",
-            path.display()
-        )));
+        return Err(exists(path));
     }
-    let partial = sibling(path, "partial");
-    let io = |source| SnapshotError::Io {
-        path: partial.clone(),
+    // A name of its own: two saves never share (or delete) a partial file.
+    let partial = sibling(path, &format!("partial-{}", unique()));
+    let io = |path: &Path, source| SnapshotError::Io {
+        path: path.to_owned(),
         source,
     };
-    let _ = std::fs::remove_file(&partial);
     let mut out = FrameWriter::create(&partial).map_err(|e| SnapshotError::file(&partial, e))?;
-    let result = copy(responses, &mut out, &mut progress).await;
+    let result = copy(responses, &mut out, &partial, &mut progress).await;
     let result = result.and_then(|(hello, checkpoint)| {
-        let bytes = out.bytes();
         out.finish(checkpoint)
             .map_err(|e| SnapshotError::file(&partial, e))?;
-        std::fs::rename(&partial, path).map_err(io)?;
-        sync_parent(path).map_err(io)?;
+        // A link, not a rename: it fails, instead of replacing, if a file
+        // appeared at `path` meanwhile.
+        std::fs::hard_link(&partial, path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                exists(path)
+            } else {
+                io(path, e)
+            }
+        })?;
+        sync_parent(path).map_err(|e| io(path, e))?;
+        let bytes = std::fs::metadata(path).map_err(|e| io(path, e))?.len();
         Ok(Summary {
             store_id: hello.store_id,
             checkpoint,
             epoch: hello.epoch,
-            bytes: bytes + 8 + 16 + 32 + 4,
+            bytes,
         })
     });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&partial);
+    if let Err(e) = std::fs::remove_file(&partial) {
+        tracing::warn!(path = %partial.display(), cause = %e, "cannot remove the partial snapshot");
     }
     result
+}
+
+/// A save refused because its file exists.
+fn exists(path: &Path) -> SnapshotError {
+    SnapshotError::Target(format!(
+        "{} exists: a snapshot is never written over a file",
+        path.display()
+    ))
+}
+
+/// A name no other save or restore uses at the same time.
+fn unique() -> String {
+    let mut bytes = [0u8; 8];
+    // An id from the process alone is still unique among this process's
+    // saves and restores, which run one at a time per path.
+    let _ = getrandom::fill(&mut bytes);
+    format!("{}-{:016x}", std::process::id(), u64::from_be_bytes(bytes))
 }
 
 /// Copies messages until the copy is consistent; returns the hello and the
@@ -182,6 +204,7 @@ where
 async fn copy<S>(
     mut responses: S,
     out: &mut FrameWriter,
+    partial: &Path,
     progress: &mut impl FnMut(Progress),
 ) -> Result<(pb::FollowHello, u64), SnapshotError>
 where
@@ -196,8 +219,7 @@ where
     };
     let hello = hello.clone();
     let write = |out: &mut FrameWriter, m: &pb::FollowResponse| {
-        out.frame(m)
-            .map_err(|e| SnapshotError::Protocol(e.to_string()))
+        out.frame(m).map_err(|e| SnapshotError::file(partial, e))
     };
     write(out, &first)?;
     // The head after the last whole commit, and where the client states
@@ -212,6 +234,12 @@ where
         let message = responses.next().await.ok_or_else(ended)??;
         match &message.response {
             Some(Reply::Commit(commit)) => {
+                // Read back from the log (a catch-up, also after the
+                // stream fell behind the live feed): it carries no client
+                // states, so a new client snapshot is needed after it.
+                if commit.from_log {
+                    consistent_at = None;
+                }
                 in_commit = commit.continued;
                 if !in_commit {
                     head = commit.head;
@@ -237,56 +265,69 @@ where
 /// Creates the store in `data_dir` (which must not exist or be empty) from
 /// the snapshot at `path`.
 pub async fn restore(path: &Path, data_dir: &Path) -> Result<Summary, SnapshotError> {
-    let (trailer, hello) = file::verify(path).map_err(|e| SnapshotError::file(path, e))?;
-    let empty = match std::fs::read_dir(data_dir) {
-        Ok(mut entries) => entries.next().is_none(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(source) => {
-            return Err(SnapshotError::Io {
-                path: data_dir.to_owned(),
-                source,
-            });
-        }
-    };
-    if !empty {
-        return Err(SnapshotError::Target(format!(
-            "{} is not empty: a snapshot is restored into a new data directory",
-            data_dir.display()
-        )));
-    }
-    let building = sibling(data_dir, "restoring");
+    let file = path.to_owned();
+    let (trailer, hello) = tokio::task::spawn_blocking(move || file::verify(&file))
+        .await
+        .map_err(|e| SnapshotError::Store(format!("the check of the file stopped: {e}")))?
+        .map_err(|e| SnapshotError::file(path, e))?;
     let io = |path: &Path, source| SnapshotError::Io {
         path: path.to_owned(),
         source,
     };
-    if building.exists() {
-        std::fs::remove_dir_all(&building).map_err(|e| io(&building, e))?;
+    let empty = match std::fs::read_dir(data_dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(io(data_dir, e)),
+    };
+    if !empty {
+        return Err(SnapshotError::Target(format!(
+            "{} is not empty: a snapshot is restored into a new data directory \
+             (e.g. a directory below it, given to the server as --data-dir)",
+            data_dir.display()
+        )));
     }
+    // Built next to the target under a name of its own, then renamed into
+    // place whole: a failure leaves nothing, and two restores never share.
+    let building = sibling(data_dir, &format!("restoring-{}", unique()));
     let result = replay(path, &building, trailer.checkpoint).await;
     let result = result.and_then(|()| {
         // An empty target directory makes way for the new one.
         if data_dir.exists() {
-            std::fs::remove_dir(data_dir).map_err(|e| io(data_dir, e))?;
+            std::fs::remove_dir(data_dir).map_err(|e| {
+                SnapshotError::Target(format!(
+                    "cannot replace the empty directory {} ({e}; a mount point cannot be): \
+                     restore into a new directory below it and give that to the server as --data-dir",
+                    data_dir.display()
+                ))
+            })?;
         }
         std::fs::rename(&building, data_dir).map_err(|e| io(data_dir, e))?;
         sync_parent(data_dir).map_err(|e| io(data_dir, e))
     });
     if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&building);
+        if building.exists()
+            && let Err(cause) = std::fs::remove_dir_all(&building)
+        {
+            tracing::warn!(path = %building.display(), %cause, "cannot remove the half-built store");
+        }
         return Err(e);
     }
-    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     Ok(Summary {
         store_id: hello.store_id,
         checkpoint: trailer.checkpoint,
         epoch: hello.epoch,
-        bytes,
+        bytes: std::fs::metadata(path).map_err(|e| io(path, e))?.len(),
     })
 }
 
-/// Applies the snapshot's messages to a new store in `dir`.
+/// Applies the snapshot's messages to a new store in `dir`. Commits are
+/// written without an fsync each: closing the store flushes them all once.
 async fn replay(path: &Path, dir: &Path, checkpoint: u64) -> Result<(), SnapshotError> {
-    let store = Store::open(dir, store::Options::default())?;
+    let options = store::Options {
+        durability: store::Durability::Buffered,
+        ..Default::default()
+    };
+    let store = Store::open(dir, options)?;
     let result = apply_all(&store, path, checkpoint).await;
     store.close().await;
     result
@@ -299,20 +340,21 @@ async fn apply_all(store: &Store, path: &Path, checkpoint: u64) -> Result<(), Sn
         response: Some(Reply::Hello(hello)),
     }) = frames.next_frame().map_err(corrupt)?
     else {
-        return Err(SnapshotError::file(
-            path,
-            FileError::Corrupt("it does not start with a hello".into()),
-        ));
+        return Err(corrupt(FileError::Corrupt(
+            "it does not start with a hello".into(),
+        )));
     };
     let mut applier = Applier::admit(store, &hello).await?;
     let mut in_flight: VecDeque<Landing> = VecDeque::new();
     while let Some(frame) = frames.next_frame().map_err(corrupt)? {
-        let message = frame.response.ok_or_else(|| {
-            SnapshotError::file(path, FileError::Corrupt("an empty message".into()))
+        let message = frame
+            .response
+            .ok_or_else(|| corrupt(FileError::Corrupt("an empty message".into())))?;
+        let landing = applier.apply(message).await.map_err(|e| match e {
+            Failure::Transient(reason) => corrupt(FileError::Corrupt(reason)),
+            e => e.into(),
         })?;
-        if let Some(landing) = applier.apply(message).await? {
-            in_flight.push_back(landing);
-        }
+        in_flight.extend(landing);
         while in_flight.len() > MAX_IN_FLIGHT {
             if let Some(landing) = in_flight.pop_front() {
                 land(landing).await?;
@@ -322,14 +364,18 @@ async fn apply_all(store: &Store, path: &Path, checkpoint: u64) -> Result<(), Sn
     for landing in in_flight {
         land(landing).await?;
     }
-    if applier.expected().0 != checkpoint {
-        return Err(SnapshotError::file(
-            path,
-            FileError::Corrupt(format!(
-                "its commits end at {}, its trailer says {checkpoint}",
-                applier.expected()
-            )),
-        ));
+    // The file was checked whole before; this pass read it again.
+    frames.trailer().map_err(corrupt)?;
+    let written = store.written();
+    if written.0 != checkpoint {
+        return Err(corrupt(FileError::Corrupt(format!(
+            "its commits end at {written}, its trailer says {checkpoint}"
+        ))));
+    }
+    if !store.clients_progress()?.consistent(written) {
+        return Err(corrupt(FileError::Corrupt(
+            "its client mutation-id states are incomplete at its checkpoint".into(),
+        )));
     }
     Ok(())
 }

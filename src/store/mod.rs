@@ -328,6 +328,16 @@ impl Store {
         Ok(is_blank(&self.shared.trees, self.feed().written()))
     }
 
+    /// Whether the store was last written as a replica (it holds a
+    /// replica's client-state progress; a promotion clears it).
+    pub fn was_replica(&self) -> Result<bool, StoreError> {
+        Ok(self
+            .shared
+            .trees
+            .meta
+            .contains_key(keys::META_CLIENTS_PROGRESS)?)
+    }
+
     /// On a replica: how complete its client states are.
     pub fn clients_progress(&self) -> Result<replica::ClientsProgress, StoreError> {
         replica::ClientsProgress::read(&self.shared.trees.meta, self.written())
@@ -405,7 +415,7 @@ impl Store {
         &self,
         since: Seq,
         upto: Seq,
-    ) -> Result<Vec<(String, clients::ClientState)>, StoreError> {
+    ) -> Result<replica::ClientsBetween, StoreError> {
         let shared = self.shared.clone();
         blocking(move || replica::clients_between(&shared.trees, since, upto)).await
     }

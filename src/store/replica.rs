@@ -393,22 +393,30 @@ pub fn read_records(
 
 /// The clients' states written at or after seq `since` and at or before
 /// `upto` (later ones are in commits past `upto`, which carry them).
-pub fn clients_between(
-    trees: &Trees,
-    since: Seq,
-    upto: Seq,
-) -> Result<Vec<(String, ClientState)>, StoreError> {
-    let mut out = Vec::new();
+pub fn clients_between(trees: &Trees, since: Seq, upto: Seq) -> Result<ClientsBetween, StoreError> {
+    let mut out = ClientsBetween::default();
     for entry in trees.clients.iter() {
         let (key, value) = entry?;
         let state = ClientState::decode(&value)?;
+        out.latest = out.latest.max(Seq(state.at));
         if state.at >= since.0 && state.at <= upto.0 {
             let client = String::from_utf8(key.to_vec())
                 .map_err(|_| StoreError::corrupt(keys::CLIENTS, "client id is not UTF-8"))?;
-            out.push((client, state));
+            out.states.push((client, state));
         }
     }
     Ok(out)
+}
+
+/// What [`clients_between`] read.
+#[derive(Debug, Default)]
+pub struct ClientsBetween {
+    /// The states written in the range.
+    pub states: Vec<(String, ClientState)>,
+    /// The latest commit any state in the tree was written by (in or after
+    /// the range): the writer stores client states before it announces
+    /// their commit as written, so this may be past the written head.
+    pub latest: Seq,
 }
 
 #[cfg(test)]

@@ -39,6 +39,15 @@ async fn run(endpoints: &str, args: &[&str]) -> Output {
         .expect("runs")
 }
 
+/// Runs a subcommand that talks to no server (`snapshot restore`).
+async fn run_offline(args: &[&str]) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    tokio::task::spawn_blocking(move || c.output().expect("the binary runs"))
+        .await
+        .expect("runs")
+}
+
 /// Every stdout line as JSON.
 fn lines(out: &Output) -> Vec<Value> {
     String::from_utf8_lossy(&out.stdout)
@@ -321,4 +330,96 @@ async fn status_and_promote_on_a_cluster() {
     assert_eq!(lines(&out)[0], json!({"epoch": "2", "head": "1"}));
     let out = run(&replica.url(), &["status"]).await;
     assert_eq!(lines(&out)[0]["role"], "ROLE_PRIMARY");
+}
+
+/// Rule: `snapshot save` copies a server while a writer goes on, and
+/// `snapshot restore` makes a data dir whose server answers a Pull from 0
+/// exactly as the source's documents stood at the snapshot's checkpoint
+/// (the writer only creates documents, so that state is the source's
+/// documents up to that seq); a damaged file exits 1 with one line and
+/// leaves no data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_save_under_writes_then_restore() {
+    let data = DataDir::new();
+    let source = start(&data, &[]);
+    let u = format!("http://{}", source.addr);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (mut c, stop, written) = (source.client().await, stop.clone(), written.clone());
+        tokio::spawn(async move {
+            for i in 0.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let m = common::put("notes", &format!("n{i}"), json!({"i": i}));
+                common::push(&mut c, "writer", vec![m]).await;
+                written.store(i + 1, Ordering::SeqCst);
+            }
+        })
+    };
+    wait_for("writes before the save", async || {
+        written.load(Ordering::SeqCst) >= 20
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("backup.snap");
+    let file_arg = file.to_str().unwrap();
+    let out = run(&u, &["snapshot", "save", file_arg]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let saved = &lines(&out)[0];
+    let checkpoint: u64 = saved["checkpoint"].as_str().unwrap().parse().unwrap();
+    let after = written.load(Ordering::SeqCst);
+    wait_for("writes after the save", async || {
+        written.load(Ordering::SeqCst) >= after + 20
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+
+    let target = dir.path().join("restored");
+    let target_arg = target.to_str().unwrap();
+    let out = run_offline(&["snapshot", "restore", file_arg, "--data-dir", target_arg]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(lines(&out)[0]["checkpoint"], saved["checkpoint"]);
+    let copy = start(&target, &[]);
+    let copy_url = format!("http://{}", copy.addr);
+
+    let pulled = |out: Output| {
+        assert!(out.status.success(), "{}", stderr(&out));
+        lines(&out)
+    };
+    let expected: Vec<Value> = pulled(run(&u, &["pull"]).await)
+        .into_iter()
+        .filter(|d| d["seq"].as_str().unwrap().parse::<u64>().unwrap() <= checkpoint)
+        .collect();
+    let restored = pulled(run(&copy_url, &["pull"]).await);
+    assert!(expected.len() >= 20);
+    assert_eq!(
+        restored, expected,
+        "the copy is the source at the checkpoint"
+    );
+    assert_eq!(
+        pulled(run(&copy_url, &["status"]).await)[0]["storeId"],
+        saved["storeId"]
+    );
+
+    // A damaged file: exit 1, one line, no data dir.
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.truncate(bytes.len() - 7);
+    let damaged = dir.path().join("damaged.snap");
+    std::fs::write(&damaged, bytes).unwrap();
+    let other = dir.path().join("other");
+    let out = run_offline(&[
+        "snapshot",
+        "restore",
+        damaged.to_str().unwrap(),
+        "--data-dir",
+        other.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
+    assert!(!other.exists());
 }

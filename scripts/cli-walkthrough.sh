@@ -69,4 +69,11 @@ echo "== status"
 ds status | tee /dev/stderr |
   check 'd[0]["role"] == "ROLE_PRIMARY" and d[0]["head"] == "5"'
 
+echo "== snapshot save while serving, restore into a new data dir"
+"$BIN" snapshot save "$DIR/backup.snap" | tee /dev/stderr |
+  check 'd[0]["checkpoint"] == "5"'
+"$BIN" snapshot restore "$DIR/backup.snap" --data-dir "$DIR/restored" | tee /dev/stderr |
+  check 'd[0]["checkpoint"] == "5"'
+[ -d "$DIR/restored" ] || { echo "no restored data dir" >&2; exit 1; }
+
 echo "walk-through OK"

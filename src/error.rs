@@ -5,6 +5,10 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::store::StoreError;
 
+/// How long a caller refused for too many open streams waits before
+/// trying again.
+pub const STREAMS_FULL_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Why a call failed. A CONFLICT is a result, never an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -59,6 +63,23 @@ pub enum Error {
     /// Too many subscribers, or a similar limit.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Too many streams open (the server's or a principal's cap): retried
+    /// after a delay (RetryInfo), as a stream ends soon enough.
+    #[error("{0}")]
+    StreamsFull(String),
+    /// A primary asked to wait for a `min_checkpoint` it never wrote: the
+    /// writes the caller read its own of are not in this store (lost in a
+    /// failover or a restore); waiting would never end.
+    #[error(
+        "min_checkpoint {wanted} is ahead of this primary's head {head}: the writes it names are not in this store \
+         (lost in a failover or a restore); drop it and resync"
+    )]
+    MinCheckpointAhead {
+        /// The caller's min_checkpoint.
+        wanted: u64,
+        /// This primary's head.
+        head: u64,
+    },
     /// This node has not applied the checkpoint a read asks for, within
     /// the wait allowed.
     #[error(
@@ -176,6 +197,17 @@ impl From<Error> for Status {
                 Code::ResourceExhausted,
                 e.to_string(),
                 ErrorDetails::with_retry_info(Some(retry_after)),
+            ),
+            Error::StreamsFull(msg) => Status::with_error_details(
+                Code::ResourceExhausted,
+                msg,
+                ErrorDetails::with_retry_info(Some(STREAMS_FULL_RETRY)),
+            ),
+            e @ Error::MinCheckpointAhead { wanted, head } => detailed(
+                Code::OutOfRange,
+                &e,
+                "MIN_CHECKPOINT_AHEAD",
+                [("wanted", wanted.to_string()), ("head", head.to_string())],
             ),
             e @ Error::ReplicaBehind { applied, wanted } => detailed(
                 Code::Unavailable,

@@ -1177,3 +1177,52 @@ async fn a_commit_cut_mid_stream_is_never_half_applied() {
     gate.open();
     converged(&primary, &[&replica], &clients).await;
 }
+
+/// Rule: a primary asked to wait for a min_checkpoint it never wrote (the
+/// caller's writes were lost in a failover or a restore) answers at once
+/// OUT_OF_RANGE with reason MIN_CHECKPOINT_AHEAD (metadata head, wanted),
+/// which clients take as "resync", instead of UNAVAILABLE, which they would
+/// retry forever.
+#[tokio::test]
+async fn a_primary_refuses_a_min_checkpoint_it_never_wrote() {
+    let s = TestServer::start_with(|c| c.replica_wait = Duration::from_secs(30)).await;
+    let mut c = s.client.clone();
+    let head = push(&mut c, "w", vec![put("docs", "a", json!({}))])
+        .await
+        .checkpoint;
+    let wanted = head + 10;
+    let started = Instant::now();
+    let status = c
+        .get(GetRequest {
+            collection: "docs".into(),
+            ids: vec!["a".into()],
+            min_checkpoint: wanted,
+        })
+        .await
+        .expect_err("never written");
+    let info = assert_reason(&status, Code::OutOfRange, "MIN_CHECKPOINT_AHEAD");
+    assert_eq!(
+        (info.metadata.get("head"), info.metadata.get("wanted")),
+        (Some(&head.to_string()), Some(&wanted.to_string()))
+    );
+    let status = c
+        .pull(PullRequest {
+            min_checkpoint: wanted,
+            ..Default::default()
+        })
+        .await
+        .expect_err("pull too");
+    assert_reason(&status, Code::OutOfRange, "MIN_CHECKPOINT_AHEAD");
+    let status = c
+        .subscribe(SubscribeRequest {
+            min_checkpoint: wanted,
+            ..Default::default()
+        })
+        .await
+        .expect_err("subscribe too");
+    assert_reason(&status, Code::OutOfRange, "MIN_CHECKPOINT_AHEAD");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered without waiting out --replica-wait (30 s)"
+    );
+}

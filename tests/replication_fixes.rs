@@ -459,3 +459,44 @@ async fn a_stopping_primary_answers_its_sync_pushes_before_its_replicas_streams_
         );
     }
 }
+
+/// Rule: a push forwarded by a replica whose connection to the primary
+/// breaks mid-call (the primary committed it, the answer never came back)
+/// is answered UNAVAILABLE, which clients retry with the same mutation ids
+/// (the retry is then a DUPLICATE), never the UNKNOWN or INTERNAL the
+/// transport reports, which clients do not retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_push_cut_mid_call_is_unavailable() {
+    let (primary_dir, replica_dir) = (DataDir::new(), DataDir::new());
+    let primary = start(&primary_dir, &[]);
+    let gate = Gate::start(&primary.addr, u64::MAX, Dial::AtOnce).await;
+    let replica = start_replica(&replica_dir, &gate.url(), &[]);
+    let mut p = primary.client().await;
+    let mut r = replica.client().await;
+    let m = put(DOCS, "first", json!({})).id(1);
+    push(&mut r, "cut", vec![m]).await;
+
+    // The primary's answers stop at the gate; the next push commits there.
+    gate.hold();
+    let before = common::pull_page(&mut p, 0).await.checkpoint;
+    let m = put(DOCS, "second", json!({})).id(2);
+    let request = pb::PushRequest {
+        client_id: "cut".into(),
+        mutations: vec![m.clone()],
+        atomic: false,
+    };
+    let call = tokio::spawn(async move { r.push(request).await });
+    wait_for("the forwarded push committed on the primary", async || {
+        common::pull_page(&mut p, 0).await.checkpoint > before
+    })
+    .await;
+    gate.cut(u64::MAX);
+    let status = call.await.expect("call").expect_err("no answer came back");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("unknown"), "{status:?}");
+
+    // Retried with the same id, it is the DUPLICATE it should be.
+    let mut p = primary.client().await;
+    let retry = push(&mut p, "cut", vec![m]).await;
+    assert_eq!(outcome(&retry.results[0]), Outcome::Duplicate);
+}

@@ -157,8 +157,8 @@ async fn dropped_connection_resumes_from_checkpoint() {
     assert_eq!(seqs, (1..=total).collect::<Vec<_>>());
 }
 
-/// Rule: --max-subscribers caps open streams with RESOURCE_EXHAUSTED, and a
-/// closed stream frees its place.
+/// Rule: --max-subscribers caps open streams with RESOURCE_EXHAUSTED and a
+/// retry delay (RetryInfo), and a closed stream frees its place.
 #[tokio::test]
 async fn subscriber_limit() {
     let s = TestServer::start_with(|c| c.max_subscribers = 2).await;
@@ -172,6 +172,11 @@ async fn subscriber_limit() {
         "{}",
         err.message()
     );
+    // A stream ends soon enough: the caller is told when to try again.
+    let delay = tonic_types::StatusExt::get_error_details(&err)
+        .retry_info()
+        .and_then(|r| r.retry_delay);
+    assert!(delay.is_some_and(|d| !d.is_zero()), "RetryInfo in {err:?}");
     drop(first);
     for _ in 0..200 {
         match c.subscribe(SubscribeRequest::default()).await {

@@ -280,7 +280,7 @@ impl Identity {
         };
         session.auth.limiter.open_stream(&p.name, max).map(Some).ok_or_else(|| {
             session.auth.metrics.refused(Refusal::PrincipalStreams);
-            Error::ResourceExhausted(format!(
+            Error::StreamsFull(format!(
                 "principal {} has {max} Subscribe streams open, its limit; close one or retry later",
                 p.name
             ))

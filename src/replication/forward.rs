@@ -48,10 +48,26 @@ pub async fn push(
     let response = primary
         .push(forwarded)
         .await
-        .map_err(Error::Forwarded)?
+        .map_err(|status| Error::Forwarded(from_primary(status)))?
         .into_inner();
     if let Err(e) = node.wait_applied(Seq(response.checkpoint), wait).await {
         tracing::warn!(cause = %e, "answering a forwarded push before this replica applied it");
     }
     Ok(response)
+}
+
+/// The primary's answer as the caller gets it. A call that broke in
+/// transport (the primary died or the connection dropped mid-call) has an
+/// unknown outcome: UNAVAILABLE, which clients retry with the same
+/// mutation ids, not the UNKNOWN or INTERNAL the transport reports.
+fn from_primary(status: tonic::Status) -> tonic::Status {
+    let broken = std::error::Error::source(&status).is_some();
+    if broken && status.code() != tonic::Code::Unavailable {
+        return tonic::Status::unavailable(format!(
+            "the primary did not answer the forwarded push ({}); its outcome is unknown: \
+             retry it with the same mutation ids",
+            status.message()
+        ));
+    }
+    status
 }

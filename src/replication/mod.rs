@@ -410,8 +410,17 @@ impl Node {
         if feed.head() >= wanted {
             return Ok(());
         }
-        let primary = self.role() != Role::Replica;
-        if !(primary && wanted > feed.written()) && feed.wait_published(wanted, wait).await {
+        let role = self.role();
+        // A primary never gets what it did not write: the caller's writes
+        // were lost (a failover or a restore), so waiting cannot help.
+        if role == Role::Primary && wanted > feed.written() {
+            return Err(Error::MinCheckpointAhead {
+                wanted: wanted.0,
+                head: feed.head().0,
+            });
+        }
+        let deposed = role == Role::Deposed;
+        if !(deposed && wanted > feed.written()) && feed.wait_published(wanted, wait).await {
             return Ok(());
         }
         Err(Error::ReplicaBehind {

@@ -49,7 +49,7 @@ pub async fn handle(
     let stream = identity.open_stream()?;
     let permit = api.subscribers.clone().try_acquire_owned().map_err(|_| {
         api.store.metrics().refused(Refusal::MaxSubscribers);
-        Error::ResourceExhausted(format!(
+        Error::StreamsFull(format!(
             "too many subscribers: this server allows {} open Subscribe streams; retry later or use another replica",
             api.settings.max_subscribers
         ))

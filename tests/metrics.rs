@@ -516,16 +516,27 @@ async fn a_primary_reports_its_replicas_lag() {
             .value("deltasync_replica_lag_seqs", &replica_label),
         0.0
     );
+    assert_eq!(
+        scrape(&pm).await.value("deltasync_replicas_connected", &[]),
+        1.0
+    );
     wait_for("the replica reports what it applied", async || {
         let page = scrape(&rm).await;
         page.value("deltasync_replication_applied_seq", &[]) == head
             && page.value("deltasync_replication_lag_seqs", &[]) == 0.0
     })
     .await;
+    // The primary's idle progress (every second) keeps "last heard" fresh.
+    let heard = scrape(&rm)
+        .await
+        .value("deltasync_replication_last_heard_seconds", &[]);
+    assert!((0.0..5.0).contains(&heard), "last heard {heard} s ago");
 
     replica.kill_9();
     wait_for("the gone replica's series are removed", async || {
-        !scrape(&pm).await.has("deltasync_replica_lag_seqs", &[])
+        let page = scrape(&pm).await;
+        !page.has("deltasync_replica_lag_seqs", &[])
+            && page.value("deltasync_replicas_connected", &[]) == 0.0
     })
     .await;
 }

@@ -35,9 +35,23 @@ pub async fn serve(
         };
         let (metrics, sample, stop) = (metrics.clone(), sample.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let page = answer(&request, &metrics, &sample);
-                async move { Ok::<_, Infallible>(page) }
+            let service = service_fn(move |request: Request<Incoming>| {
+                let (metrics, sample) = (metrics.clone(), sample.clone());
+                async move {
+                    // The sample walks the data directory (size on disk):
+                    // off the runtime's workers.
+                    let page =
+                        tokio::task::spawn_blocking(move || answer(&request, &metrics, &sample))
+                            .await
+                            .unwrap_or_else(|_| {
+                                let mut r = Response::new(Full::new(Bytes::from_static(
+                                    b"scrape failed\n",
+                                )));
+                                *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                                r
+                            });
+                    Ok::<_, Infallible>(page)
+                }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);

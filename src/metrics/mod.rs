@@ -196,6 +196,9 @@ pub struct Sample {
     pub followers: Vec<(String, u64)>,
     /// On a replica: the primary's head as last heard.
     pub primary_head: Option<u64>,
+    /// On a replica: how long ago the primary was last heard (`None`:
+    /// never, since this process started).
+    pub primary_heard_ago: Option<std::time::Duration>,
 }
 
 /// A cheap `Clone` handle to one server's metrics.
@@ -239,6 +242,12 @@ struct Shared {
     replication_applied: Gauge,
     /// `deltasync_replication_lag_seqs` (on a replica).
     replication_lag: Gauge,
+    /// `deltasync_replicas_connected` (on a primary): a replica that
+    /// disconnects leaves the per-replica series, so alert on this count.
+    replicas_connected: Gauge,
+    /// `deltasync_replication_last_heard_seconds` (on a replica): grows
+    /// while the primary is unreachable (the lag gauge then stays frozen).
+    replication_last_heard: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// `deltasync_compaction_rounds_total`.
     compaction_rounds: Counter,
     /// `deltasync_compaction_records_pruned_total`.
@@ -373,6 +382,17 @@ impl Metrics {
             "deltasync_replication_lag_seqs",
             "On a replica: seqs behind the primary's head as last heard",
         );
+        let replicas_connected = gauge(
+            &mut r,
+            "deltasync_replicas_connected",
+            "On a primary: replicas following it now (snapshot saves not counted)",
+        );
+        let replication_last_heard = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        r.register(
+            "deltasync_replication_last_heard_seconds",
+            "On a replica: seconds since the primary was last heard (a commit or its idle progress, every second)",
+            replication_last_heard.clone(),
+        );
         let compaction_rounds = counter(
             &mut r,
             "deltasync_compaction_rounds",
@@ -433,6 +453,8 @@ impl Metrics {
                 replica_acked,
                 replication_applied,
                 replication_lag,
+                replicas_connected,
+                replication_last_heard,
                 compaction_rounds,
                 compaction_pruned,
                 compaction_purged,
@@ -551,22 +573,32 @@ impl Metrics {
         // Followers that left are gone from the page with their series.
         s.replica_lag.clear();
         s.replica_acked.clear();
+        // Two streams of one replica (a reconnect): the one behind counts.
+        // A snapshot save reads the stream too; it is not a replica.
+        let mut replicas: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
         for (url, acked) in &sample.followers {
+            if url == crate::snapshot::FOLLOWER_NAME {
+                continue;
+            }
+            let entry = replicas.entry(url.as_str()).or_insert(*acked);
+            *entry = (*entry).min(*acked);
+        }
+        s.replicas_connected.set(gauge_value(
+            u64::try_from(replicas.len()).unwrap_or(u64::MAX),
+        ));
+        for (url, acked) in replicas {
             let labels = ReplicaLabels {
-                replica: url.clone(),
+                replica: url.to_owned(),
             };
-            let lag = gauge_value(sample.head.saturating_sub(*acked));
-            // Two streams of one replica (a reconnect): the one behind.
-            let g = s.replica_lag.get_or_create(&labels);
-            g.set(g.get().max(lag));
-            drop(g);
-            let g = s.replica_acked.get_or_create(&labels);
-            let acked = gauge_value(*acked);
-            g.set(if g.get() == 0 {
-                acked
-            } else {
-                g.get().min(acked)
-            });
+            s.replica_lag
+                .get_or_create(&labels)
+                .set(gauge_value(sample.head.saturating_sub(acked)));
+            s.replica_acked
+                .get_or_create(&labels)
+                .set(gauge_value(acked));
+        }
+        if let Some(ago) = sample.primary_heard_ago {
+            s.replication_last_heard.set(ago.as_secs_f64());
         }
         s.replication_applied
             .set(gauge_value(sample.primary_head.map_or(0, |_| sample.head)));

@@ -169,6 +169,8 @@ impl Follower {
 struct Upstream {
     /// The primary's head as last heard (`None` before the first hello).
     primary_head: Option<u64>,
+    /// When the primary was last heard from (for metrics).
+    heard_at: Option<std::time::Instant>,
 }
 
 /// A cheap `Clone` handle to the node's cluster state.
@@ -539,7 +541,9 @@ impl Node {
             .map(|f| (f.url.clone(), f.acked))
             .collect();
         if self.role() == Role::Replica {
-            sample.primary_head = Some(self.upstream().primary_head.unwrap_or(sample.head));
+            let upstream = self.upstream();
+            sample.primary_head = Some(upstream.primary_head.unwrap_or(sample.head));
+            sample.primary_heard_ago = upstream.heard_at.map(|t| t.elapsed());
         }
         sample
     }
@@ -548,6 +552,7 @@ impl Node {
     pub fn heard_primary_head(&self, head: u64) {
         let mut upstream = self.upstream();
         upstream.primary_head = Some(upstream.primary_head.unwrap_or(0).max(head));
+        upstream.heard_at = Some(std::time::Instant::now());
         drop(upstream);
         self.refresh_ready();
     }

@@ -423,3 +423,213 @@ async fn snapshot_save_under_writes_then_restore() {
     assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
     assert!(!other.exists());
 }
+
+/// Rule: a closed stdout (`deltasync pull | head -1`) ends a command with
+/// exit 0 and nothing on stderr, never an error line or a panic; so does
+/// `snapshot save`'s report line (the file is saved).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_stdout_exits_0_quietly() {
+    let s = TestServer::start().await;
+    let u = url(&s);
+    for i in 0..5 {
+        assert!(
+            run(&u, &["put", "docs", &format!("d{i}"), "{}"])
+                .await
+                .status
+                .success()
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.snap");
+    for args in [
+        vec!["pull"],
+        vec!["get", "docs", "d1", "d2"],
+        vec!["snapshot", "save", file.to_str().unwrap()],
+    ] {
+        let mut c = command(&u, &args);
+        let out = tokio::task::spawn_blocking(move || {
+            let mut child = c
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // The reader is gone before anything is written.
+            drop(child.stdout.take());
+            child.wait_with_output().unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "{args:?}");
+    }
+    assert!(file.exists(), "the snapshot was saved");
+}
+
+/// Rule: a whole number past 2^53 in a body (a protobuf double) prints as
+/// grpcurl prints it, without exponent: 12345678901234567890 is stored as
+/// the double 1.2345678901234567e19 and prints `12345678901234567000`.
+#[tokio::test(flavor = "multi_thread")]
+async fn big_numbers_print_without_exponent() {
+    let s = TestServer::start().await;
+    let u = url(&s);
+    let out = run(
+        &u,
+        &["put", "n", "a", r#"{"big":12345678901234567890,"small":3}"#],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&u, &["get", "n", "a"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(r#""body":{"big":12345678901234567000,"small":3}"#),
+        "{text}"
+    );
+}
+
+/// Rule: `pull --print-checkpoint` ends with one line
+/// `{"checkpoint": {"seq", "storeId", "purgeHorizon", "epoch"}}`, and a
+/// pull `--since` that seq prints only what came after; `watch --count N
+/// --print-checkpoint` ends with the checkpoint of the last document it
+/// printed.
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_and_watch_print_the_checkpoint_to_resume_from() {
+    let s = TestServer::start().await;
+    let u = url(&s);
+    for i in 0..3 {
+        assert!(
+            run(&u, &["put", "docs", &format!("d{i}"), "{}"])
+                .await
+                .status
+                .success()
+        );
+    }
+    let out = run(&u, &["pull", "--print-checkpoint"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all = lines(&out);
+    assert_eq!(all.len(), 4);
+    let checkpoint = &all[3]["checkpoint"];
+    assert_eq!(checkpoint["seq"], "3");
+    assert_eq!(checkpoint["epoch"], "1");
+    assert!(!checkpoint["storeId"].as_str().unwrap().is_empty());
+    assert!(
+        run(&u, &["put", "docs", "later", "{}"])
+            .await
+            .status
+            .success()
+    );
+    let out = run(&u, &["pull", "--since", "3", "--print-checkpoint"]).await;
+    let after = lines(&out);
+    assert_eq!(after[0]["id"], "later");
+    assert_eq!(after[1]["checkpoint"]["seq"], "4");
+
+    let out = run(&u, &["watch", "--count", "2", "--print-checkpoint"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let watched = lines(&out);
+    assert_eq!(watched.len(), 3);
+    assert_eq!(watched[2]["checkpoint"]["seq"], "2");
+}
+
+/// Rule: `--on-conflict` settles an overlapping stale write as asked
+/// (client_wins: RESOLVED with this body, exit 0; reject: CONFLICT naming
+/// the field, exit 3); `delete --base-version` deletes only at that
+/// version.
+#[tokio::test(flavor = "multi_thread")]
+async fn on_conflict_and_delete_with_a_base_version() {
+    let s = TestServer::start().await;
+    let u = url(&s);
+    assert!(
+        run(&u, &["put", "t", "a", r#"{"x":1}"#])
+            .await
+            .status
+            .success()
+    );
+    assert!(
+        run(&u, &["patch", "t", "a", r#"{"x":2}"#])
+            .await
+            .status
+            .success()
+    );
+    let stale = |strategy: &'static str| {
+        let u = u.clone();
+        async move {
+            run(
+                &u,
+                &[
+                    "patch",
+                    "t",
+                    "a",
+                    r#"{"x":3}"#,
+                    "--base-version",
+                    "1",
+                    "--on-conflict",
+                    strategy,
+                ],
+            )
+            .await
+        }
+    };
+    let out = stale("reject").await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let r = &lines(&out)[0];
+    assert_eq!(r["outcome"], "OUTCOME_CONFLICT");
+    assert_eq!(r["conflictingFields"], json!(["x"]));
+    let out = stale("client_wins").await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = &lines(&out)[0];
+    assert_eq!(r["outcome"], "OUTCOME_RESOLVED");
+    assert_eq!(r["document"]["body"], json!({"x": 3}));
+    let version = r["document"]["version"].as_str().unwrap().to_owned();
+
+    let out = run(&u, &["delete", "t", "a", "--base-version", "1"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(lines(&out)[0]["outcome"], "OUTCOME_CONFLICT");
+    let out = run(&u, &["delete", "t", "a", "--base-version", &version]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(lines(&out)[0]["document"]["deleted"], true);
+}
+
+/// Rule: `push -f FILE` reads a JSON array of mutations; `-w table` prints
+/// human-readable rows under a header (exit 0) for writes, reads and
+/// status.
+#[tokio::test(flavor = "multi_thread")]
+async fn push_a_json_array_file_and_table_output() {
+    let s = TestServer::start().await;
+    let u = url(&s);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("batch.json");
+    std::fs::write(
+        &file,
+        r#"[{"collection":"t","id":"a","put":{"x":1}},
+            {"collection":"t","id":"b","put":{"y":2},"baseVersion":"0"},
+            {"collection":"t","id":"a","patch":{"z":3}}]"#,
+    )
+    .unwrap();
+    let out = run(&u, &["push", "-f", file.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let results = lines(&out);
+    assert_eq!(results.len(), 3);
+    assert!(
+        results.iter().all(|r| r["outcome"] == "OUTCOME_APPLIED"),
+        "{results:?}"
+    );
+    assert_eq!(results[2]["document"]["body"], json!({"x": 1, "z": 3}));
+
+    for (args, header) in [
+        (vec!["put", "t", "c", r#"{"w":1}"#], "OUTCOME"),
+        (vec!["get", "t", "a", "b"], "COLLECTION"),
+        (vec!["pull"], "COLLECTION"),
+        (vec!["status"], "primary"),
+    ] {
+        let mut c = Command::new(BIN);
+        c.args(&args)
+            .args(["-w", "table"])
+            .env("DELTASYNC_ENDPOINTS", &u);
+        let out = tokio::task::spawn_blocking(move || c.output().unwrap())
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(header), "{args:?}: {text}");
+        assert!(serde_json::from_str::<Value>(text.lines().next().unwrap()).is_err());
+    }
+}

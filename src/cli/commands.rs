@@ -158,7 +158,7 @@ async fn pull(args: PullArgs) -> Result<(), Failure> {
         }
         last = Some(page);
     }
-    if let (Some(bar), Some(page)) = (bar, last) {
+    if let (Some(bar), Some(page)) = (bar, &last) {
         bar.finish_with_message(format!(
             "{} documents; checkpoint {} (purge horizon {}, epoch {})",
             page.documents_so_far,
@@ -166,6 +166,11 @@ async fn pull(args: PullArgs) -> Result<(), Failure> {
             page.checkpoint.purge_horizon,
             page.checkpoint.epoch
         ));
+    }
+    if args.print_checkpoint
+        && let Some(page) = last
+    {
+        printer.checkpoint(&page.checkpoint)?;
     }
     Ok(())
 }
@@ -207,12 +212,29 @@ async fn watch(args: WatchArgs) -> Result<(), Failure> {
     });
     while let Some(event) = events.next().await {
         match event? {
-            WatchEvent::Changes { documents, .. } => {
-                for d in &documents {
+            WatchEvent::Changes {
+                documents,
+                checkpoint,
+            } => {
+                for (i, d) in documents.iter().enumerate() {
                     printer.document(d)?;
                     if let Some(n) = left.as_mut() {
                         *n -= 1;
                         if *n == 0 {
+                            if args.print_checkpoint {
+                                // Documents come in seq order: stopping
+                                // inside a batch, the last one printed is
+                                // as far as this got.
+                                let reached = if i + 1 == documents.len() {
+                                    checkpoint
+                                } else {
+                                    Checkpoint {
+                                        seq: d.seq,
+                                        ..checkpoint
+                                    }
+                                };
+                                printer.checkpoint(&reached)?;
+                            }
                             return Ok(());
                         }
                     }

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use crate::{
-    client::{Document, Mutation, MutationResult, Op},
+    client::{Checkpoint, Document, Mutation, MutationResult, Op},
     pb,
 };
 
@@ -45,7 +45,7 @@ impl Object {
 
     fn value(mut self, name: &'static str, v: Option<Value>) -> Self {
         if let Some(v) = v {
-            self.0.push((name, v.to_string()));
+            self.0.push((name, value(&v)));
         }
         self
     }
@@ -74,6 +74,71 @@ impl Object {
             .collect();
         format!("{{{}}}", fields.join(","))
     }
+}
+
+/// A JSON value on one line, its numbers as grpcurl prints a
+/// `google.protobuf.Value` (a double): a whole number below 1e21 without
+/// exponent or fraction (`12345678901234567000` for 1.2345678901234567e19,
+/// the shortest digits that read back as the same double, then zeros),
+/// anything else as serde_json writes it.
+pub fn value(v: &Value) -> String {
+    let mut out = String::new();
+    write_value(v, &mut out);
+    out
+}
+
+fn write_value(v: &Value, out: &mut String) {
+    match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if !n.is_i64() && !n.is_u64() => out.push_str(&number(f)),
+            _ => out.push_str(&n.to_string()),
+        },
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_value(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                write_value(item, out);
+            }
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// A double as grpcurl (Go's protojson, after JavaScript) writes it.
+fn number(f: f64) -> String {
+    if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e21 {
+        // The shortest round-trip digits, e.g. "1.2345678901234567e19".
+        let sci = format!("{f:e}");
+        if let Some((mantissa, exp)) = sci.split_once('e')
+            && let Ok(exp) = exp.parse::<usize>()
+        {
+            let (sign, mantissa) = match mantissa.strip_prefix('-') {
+                Some(m) => ("-", m),
+                None => ("", mantissa),
+            };
+            let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+            // A whole number: the exponent covers every digit after the
+            // first.
+            let zeros = (exp + 1).saturating_sub(digits.len());
+            return format!("{sign}{digits}{}", "0".repeat(zeros));
+        }
+    }
+    Value::from(f).to_string()
 }
 
 /// A document as grpcurl prints `deltasync.v1.Document`, on one line.
@@ -117,6 +182,21 @@ pub fn result(r: &MutationResult) -> String {
         .bool("conflictingFieldsTruncated", r.conflicting_fields_truncated)
         .bool("appliedByEarlierAttempt", r.applied_by_earlier_attempt)
         .line()
+}
+
+/// The line `pull --print-checkpoint` ends with: every field of the
+/// checkpoint, uint64 as strings (`{"checkpoint":{"seq":"7","storeId":...,
+/// "purgeHorizon":"0","epoch":"1"}}`), for `jq -r .checkpoint.seq`.
+pub fn checkpoint(c: &Checkpoint) -> String {
+    serde_json::json!({
+        "checkpoint": {
+            "seq": c.seq.to_string(),
+            "storeId": c.store_id,
+            "purgeHorizon": c.purge_horizon.to_string(),
+            "epoch": c.epoch.to_string(),
+        }
+    })
+    .to_string()
 }
 
 /// A node's status as grpcurl prints `deltasync.v1.StatusResponse`, with
@@ -326,6 +406,23 @@ mod tests {
         assert_eq!(
             timestamp(UNIX_EPOCH + Duration::from_secs(1)),
             "1970-01-01T00:00:01Z"
+        );
+    }
+
+    #[test]
+    fn big_whole_numbers_print_as_grpcurl_does() {
+        let v = json!({"a": 1.234_567_890_123_456_7e19, "b": [-9.007_199_254_740_993e15, 1e20, 1e21, 0.5, 3, -2]});
+        assert_eq!(
+            value(&v),
+            r#"{"a":12345678901234567000,"b":[-9007199254740992,100000000000000000000,1e+21,0.5,3,-2]}"#
+        );
+        let text = format!(
+            "{:?}",
+            serde_json::from_str::<Value>(&value(&v)).unwrap()["a"].as_f64()
+        );
+        assert_eq!(
+            text, "Some(1.2345678901234567e19)",
+            "reads back as the same double"
         );
     }
 

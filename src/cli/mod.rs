@@ -7,8 +7,8 @@
 //! deltasync patch COLLECTION ID JSON [--base-version N] [--on-conflict ...]
 //! deltasync delete COLLECTION ID [--base-version N]
 //! deltasync push -f FILE|- [--atomic]        (a JSON array or JSON lines of mutations)
-//! deltasync pull [--since N] [--collection C]...
-//! deltasync watch [--since N] [--collection C]... [--count N]
+//! deltasync pull [--since N] [--collection C]... [--print-checkpoint]
+//! deltasync watch [--since N] [--collection C]... [--count N [--print-checkpoint]]
 //! deltasync status
 //! deltasync promote
 //! deltasync snapshot save FILE | snapshot restore FILE --data-dir DIR
@@ -24,13 +24,15 @@
 //! usage; [`EXIT_CONFLICT`] (3) a mutation was not written because of a
 //! conflict (its result is still printed); [`EXIT_RESYNC`] (4) the
 //! checkpoint cannot be resumed from (discard local state, resync from 0).
+//! A closed stdout (`deltasync pull | head -1`) ends a command quietly
+//! with 0, as etcdctl does.
 
 mod commands;
 pub mod json;
 pub mod output;
 pub mod snapshot;
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
 
 use crate::{
     client::{Client, ClientError},
@@ -213,6 +215,11 @@ pub struct PullArgs {
     /// Documents per page (0: the server's default).
     #[arg(long, default_value_t = 0)]
     pub page_size: u32,
+    /// After the documents, print the checkpoint reached on one more line
+    /// (`{"checkpoint": {"seq", "storeId", "purgeHorizon", "epoch"}}` in
+    /// JSON): the next pull resumes with `--since` its seq.
+    #[arg(long)]
+    pub print_checkpoint: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -229,6 +236,11 @@ pub struct WatchArgs {
     /// Exit 0 after printing this many documents (default: never).
     #[arg(long)]
     pub count: Option<u64>,
+    /// With --count: after the documents, print the checkpoint they reach
+    /// on one more line (as `pull --print-checkpoint` does), to resume
+    /// from with `--since`.
+    #[arg(long)]
+    pub print_checkpoint: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -316,7 +328,15 @@ impl From<ClientError> for Failure {
 }
 
 impl From<std::io::Error> for Failure {
+    /// An output error; a closed stdout (`deltasync pull | head -1`) is
+    /// the reader saying it has enough: exit 0, quietly.
     fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Self {
+                code: 0,
+                reason: String::new(),
+            };
+        }
         Self::new(format!("writing the output: {e}"))
     }
 }
@@ -326,9 +346,12 @@ impl From<std::io::Error> for Failure {
 pub async fn run(command: Command) -> ExitCode {
     match commands::run(command).await {
         Ok(()) => ExitCode::SUCCESS,
+        // A broken pipe on stdout: the reader has what it wanted.
+        Err(f) if f.code == 0 => ExitCode::SUCCESS,
         Err(f) => {
             let reason = f.reason.replace(['\n', '\r'], " ");
-            eprintln!("deltasync: {reason}");
+            // Not eprintln!: a closed stderr is no reason to panic.
+            let _ = writeln!(std::io::stderr().lock(), "deltasync: {reason}");
             ExitCode::from(f.code)
         }
     }

@@ -4,7 +4,7 @@ use std::io::{self, IsTerminal, Write};
 
 use super::json;
 use crate::{
-    client::{Document, MutationResult},
+    client::{Checkpoint, Document, MutationResult},
     pb,
 };
 
@@ -48,6 +48,8 @@ pub trait Printer {
     fn status(&mut self, endpoint: &str, s: &pb::StatusResponse) -> io::Result<()>;
     /// A promotion.
     fn promoted(&mut self, endpoint: &str, p: &pb::PromoteResponse) -> io::Result<()>;
+    /// Where a pull or watch got to (`--print-checkpoint`).
+    fn checkpoint(&mut self, c: &Checkpoint) -> io::Result<()>;
 }
 
 /// `-w json`.
@@ -69,6 +71,10 @@ impl Printer for JsonPrinter {
     fn promoted(&mut self, _endpoint: &str, p: &pb::PromoteResponse) -> io::Result<()> {
         writeln!(io::stdout().lock(), "{}", json::promoted(p))
     }
+
+    fn checkpoint(&mut self, c: &Checkpoint) -> io::Result<()> {
+        writeln!(io::stdout().lock(), "{}", json::checkpoint(c))
+    }
 }
 
 /// `-w table`: a header before the first row of each kind, then one line
@@ -85,7 +91,7 @@ impl TablePrinter {
     fn doc_columns(d: &Document) -> String {
         let body = match (&d.body, d.deleted) {
             (_, true) => "(deleted)".to_owned(),
-            (Some(b), false) => serde_json::Value::Object(b.clone()).to_string(),
+            (Some(b), false) => json::value(&serde_json::Value::Object(b.clone())),
             (None, false) => "(body not sent: use get)".to_owned(),
         };
         let at = d.updated_at.map(json::timestamp).unwrap_or_default();
@@ -184,6 +190,17 @@ impl Printer for TablePrinter {
             "{endpoint} is now the primary: epoch {}, head {}",
             p.epoch,
             p.head
+        )
+    }
+
+    fn checkpoint(&mut self, c: &Checkpoint) -> io::Result<()> {
+        writeln!(
+            io::stdout().lock(),
+            "checkpoint {} (store {}, purge horizon {}, epoch {})",
+            c.seq,
+            c.store_id,
+            c.purge_horizon,
+            c.epoch
         )
     }
 }

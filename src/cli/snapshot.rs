@@ -3,11 +3,11 @@
 //! the `replicate` permission), with a progress bar on a terminal.
 
 use std::{
-    io::{self, IsTerminal},
+    io::{self, IsTerminal, Write},
     time::Duration,
 };
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 
 use super::{Failure, SnapshotRestoreArgs, SnapshotSaveArgs};
 use crate::{
@@ -22,10 +22,8 @@ pub async fn save(client: &Client, args: &SnapshotSaveArgs) -> Result<(), Failur
     let bar = io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(0);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:40} {percent:>3}% seq {pos}/{len} {binary_bytes} ({eta})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template("{bar:40} {percent:>3}% seq {pos}/{len} {msg} ({eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.enable_steady_tick(Duration::from_millis(200));
         bar
@@ -34,7 +32,7 @@ pub async fn save(client: &Client, args: &SnapshotSaveArgs) -> Result<(), Failur
         if let Some(bar) = &bar {
             bar.set_length(p.target.max(p.head));
             bar.set_position(p.head);
-            bar.set_message(p.bytes.to_string());
+            bar.set_message(format!("{} written", HumanBytes(p.bytes)));
         }
     };
     let summary = snapshot::save(responses, &args.file, shown)
@@ -43,8 +41,7 @@ pub async fn save(client: &Client, args: &SnapshotSaveArgs) -> Result<(), Failur
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    report("saved", &args.file.display().to_string(), &summary);
-    Ok(())
+    report("saved", &args.file.display().to_string(), &summary)
 }
 
 /// `snapshot restore FILE --data-dir DIR`: creates a data directory from a
@@ -53,12 +50,12 @@ pub async fn restore(args: &SnapshotRestoreArgs) -> Result<(), Failure> {
     let summary = snapshot::restore(&args.file, &args.data_dir)
         .await
         .map_err(failure)?;
-    report("restored", &args.data_dir.display().to_string(), &summary);
-    Ok(())
+    report("restored", &args.data_dir.display().to_string(), &summary)
 }
 
-/// One line on stdout: what the snapshot holds, as JSON for scripts.
-fn report(what: &str, place: &str, s: &Summary) {
+/// One line on stdout: what the snapshot holds, as JSON for scripts (a
+/// closed stdout is not a panic: see [`Failure`]'s broken pipe).
+fn report(what: &str, place: &str, s: &Summary) -> Result<(), Failure> {
     let line = serde_json::json!({
         what: place,
         "storeId": s.store_id,
@@ -66,7 +63,8 @@ fn report(what: &str, place: &str, s: &Summary) {
         "epoch": s.epoch.to_string(),
         "bytes": s.bytes.to_string(),
     });
-    println!("{line}");
+    writeln!(io::stdout().lock(), "{line}")?;
+    Ok(())
 }
 
 /// A snapshot failure, on one line.

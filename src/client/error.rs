@@ -6,6 +6,8 @@ use std::time::Duration;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
+use crate::pb;
+
 /// Why a client call failed. The server's `Status` is kept whole, so its
 /// code, message and `google.rpc.ErrorInfo` stay available.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,83 @@ pub enum ClientError {
     /// retries the client makes.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(Box<Status>),
+    /// A push the client gave up on without an answer it could take (its
+    /// retry budget ran out on `UNAVAILABLE`, deadlines, broken connections
+    /// or rate limits): it may or may not have been applied. `push` holds
+    /// its mutations **with the ids they were sent with**; resend it with
+    /// [`Client::resend`](super::Client::resend) (now or later, from this
+    /// client or a new one with the same client id) and each mutation is
+    /// applied exactly once: `DUPLICATE` if an earlier attempt applied it.
+    #[error("push not acknowledged ({} mutations, resend with the same ids): {source}", .push.len())]
+    Unacknowledged {
+        /// The push, ready to resend.
+        push: Box<PendingPush>,
+        /// Why the last attempt failed.
+        source: Box<ClientError>,
+    },
+}
+
+/// A push sent (or about to be sent) with its mutation ids, that the client
+/// got no answer to: see [`ClientError::Unacknowledged`]. Resending it with
+/// [`Client::resend`](super::Client::resend) sends the same request, the
+/// same ids, so nothing is applied twice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingPush {
+    /// The request as sent: client id, mutations with their ids, atomic.
+    pub(crate) request: pb::PushRequest,
+    /// True when an attempt may have reached a writer (a deadline, a
+    /// connection lost after sending, an `UNAVAILABLE` that was not a
+    /// connect failure): a `DUPLICATE` on a resend then means that attempt
+    /// applied it.
+    pub(crate) maybe_applied: bool,
+}
+
+impl PendingPush {
+    /// A push to resend from its wire form (e.g. one kept across a restart:
+    /// [`PendingPush::request`] encoded with prost). Taken as possibly
+    /// applied.
+    pub fn from_request(request: pb::PushRequest) -> Self {
+        Self {
+            request,
+            maybe_applied: true,
+        }
+    }
+
+    /// The request as sent (client id, mutations with their ids).
+    pub fn request(&self) -> &pb::PushRequest {
+        &self.request
+    }
+
+    /// The client id its ids are counted under.
+    pub fn client_id(&self) -> &str {
+        &self.request.client_id
+    }
+
+    /// The mutation ids, in order.
+    pub fn mutation_ids(&self) -> Vec<u64> {
+        self.request
+            .mutations
+            .iter()
+            .map(|m| m.mutation_id)
+            .collect()
+    }
+
+    /// Number of mutations.
+    pub fn len(&self) -> usize {
+        self.request.mutations.len()
+    }
+
+    /// True for a push without mutations.
+    pub fn is_empty(&self) -> bool {
+        self.request.mutations.is_empty()
+    }
+
+    /// True when an attempt may have reached a writer, so the push may
+    /// have been applied already (false: every attempt failed before the
+    /// request left, e.g. connection refused).
+    pub fn maybe_applied(&self) -> bool {
+        self.maybe_applied
+    }
 }
 
 impl ClientError {
@@ -41,6 +120,7 @@ impl ClientError {
     pub fn status(&self) -> Option<&Status> {
         match self {
             Self::Status(s) | Self::ResyncNeeded { status: s, .. } => Some(s),
+            Self::Unacknowledged { source, .. } => source.status(),
             _ => None,
         }
     }
@@ -59,6 +139,28 @@ impl ClientError {
     /// True when the caller must discard local state and resync from 0.
     pub fn is_resync_needed(&self) -> bool {
         matches!(self, Self::ResyncNeeded { .. })
+    }
+
+    /// The push to resend with the same ids, when a push was given up on
+    /// without an answer ([`ClientError::Unacknowledged`]).
+    pub fn unacknowledged_push(&self) -> Option<&PendingPush> {
+        match self {
+            Self::Unacknowledged { push, .. } => Some(push),
+            _ => None,
+        }
+    }
+
+    /// True when a read found that this client's own writes are gone (the
+    /// primary holds less than they reached: failover to a replica that had
+    /// not replicated them, a restore from an older snapshot).
+    pub(crate) fn writes_lost(&self) -> bool {
+        matches!(
+            self,
+            Self::ResyncNeeded {
+                reason: ResyncReason::WritesLost,
+                ..
+            }
+        )
     }
 }
 
@@ -86,6 +188,12 @@ pub enum ResyncReason {
     Diverged,
     /// The checkpoint belongs to another store (`STORE_MISMATCH`).
     StoreChanged,
+    /// The primary holds less than the `min_checkpoint` asked for
+    /// (`MIN_CHECKPOINT_AHEAD`): writes this client made (and waited to
+    /// read) are gone, lost in a failover or a restore from an older
+    /// snapshot. The client drops its read-your-writes floor to what the
+    /// store holds; local state built on the lost writes must be rebuilt.
+    WritesLost,
     /// Any other `OUT_OF_RANGE`, e.g. a checkpoint beyond anything the
     /// store acknowledged.
     OutOfRange,
@@ -113,6 +221,7 @@ pub(crate) fn resync_reason(status: &Status) -> Option<ResyncReason> {
     match (status.code(), reason.as_deref()) {
         (Code::OutOfRange, Some("CHECKPOINT_COMPACTED")) => Some(ResyncReason::Compacted),
         (Code::OutOfRange, Some("CHECKPOINT_DIVERGED")) => Some(ResyncReason::Diverged),
+        (Code::OutOfRange, Some("MIN_CHECKPOINT_AHEAD")) => Some(ResyncReason::WritesLost),
         (Code::OutOfRange, _) => Some(ResyncReason::OutOfRange),
         (Code::FailedPrecondition, Some("STORE_MISMATCH")) => Some(ResyncReason::StoreChanged),
         _ => None,
@@ -171,6 +280,35 @@ pub(crate) fn next(status: &Status, idempotent: bool) -> Next {
 /// source.
 fn from_transport(status: &Status) -> bool {
     std::error::Error::source(status).is_some()
+}
+
+/// True when connecting failed (refused, unreachable, the connect timeout,
+/// a TLS handshake): the request never left the client. tonic keeps its
+/// `ConnectError` in the status's source chain.
+pub(crate) fn connect_failure(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// True when a failed attempt may nevertheless have reached a writer and
+/// been applied: a deadline, a connection lost after the request was sent,
+/// an `UNAVAILABLE` that is not a connect failure (a server shutting down
+/// mid-call, a push committed on the primary but not on enough replicas).
+/// Not after a refused connection, `NOT_PRIMARY`, a rate limit or any other
+/// answer that says nothing was done. A pure function, unit-tested below.
+pub(crate) fn outcome_unknown(status: &Status) -> bool {
+    match status.code() {
+        Code::DeadlineExceeded => true,
+        Code::Unavailable => !connect_failure(status),
+        Code::Unknown | Code::Internal | Code::Cancelled => from_transport(status),
+        _ => false,
+    }
 }
 
 /// The canonical name of a code (`UNAVAILABLE`), as grpcurl and the gRPC
@@ -268,5 +406,84 @@ mod tests {
             }
         ));
         assert!(!ClientError::from(Status::unavailable("x")).is_resync_needed());
+    }
+
+    /// A status as tonic makes it when connecting fails.
+    fn refused() -> Status {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        Status::from_error(Box::new(tonic::ConnectError(Box::new(io))))
+    }
+
+    #[test]
+    fn an_outcome_is_unknown_only_if_the_request_may_have_reached_a_writer() {
+        // Nothing left the client, or the server said it did nothing.
+        assert_eq!(refused().code(), Code::Unavailable);
+        assert!(connect_failure(&refused()));
+        assert!(!outcome_unknown(&refused()));
+        let redirect = with_info(
+            Code::FailedPrecondition,
+            "NOT_PRIMARY",
+            &[("primary", "http://p:1")],
+        );
+        assert!(!outcome_unknown(&redirect));
+        assert!(!outcome_unknown(&Status::resource_exhausted("full")));
+        assert!(!outcome_unknown(&Status::invalid_argument("bad")));
+        assert!(
+            !outcome_unknown(&Status::internal("storage")),
+            "a server's answer"
+        );
+        // The request may have been applied.
+        assert!(outcome_unknown(&Status::deadline_exceeded("slow")));
+        assert!(outcome_unknown(&Status::unavailable("shutting down")));
+        let not_replicated = Status::unavailable(
+            "the push is committed on the primary (checkpoint 7) but only 0 of the 1 replicas \
+             required acknowledged it in time; retry it with the same mutation ids",
+        );
+        assert!(outcome_unknown(&not_replicated));
+        let broken = Status::from_error(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert_eq!(broken.code(), Code::Unknown);
+        assert!(outcome_unknown(&broken));
+    }
+
+    #[test]
+    fn min_checkpoint_ahead_means_writes_lost() {
+        let s = with_info(
+            Code::OutOfRange,
+            "MIN_CHECKPOINT_AHEAD",
+            &[("head", "4"), ("wanted", "10")],
+        );
+        assert_eq!(resync_reason(&s), Some(ResyncReason::WritesLost));
+        assert_eq!(metadata(&s, "head").as_deref(), Some("4"));
+        let e = ClientError::from(s);
+        assert!(e.is_resync_needed() && e.writes_lost(), "{e}");
+        assert!(!ClientError::from(Status::out_of_range("ahead")).writes_lost());
+        // A replica behind is retried elsewhere, not a resync.
+        let behind = with_info(Code::Unavailable, "REPLICA_BEHIND", &[]);
+        assert!(!ClientError::from(behind).is_resync_needed());
+    }
+
+    #[test]
+    fn an_unacknowledged_push_says_what_its_cause_says() {
+        let push = PendingPush {
+            request: pb::PushRequest {
+                client_id: "c".into(),
+                mutations: vec![pb::Mutation {
+                    mutation_id: 7,
+                    ..Default::default()
+                }],
+                atomic: false,
+            },
+            maybe_applied: true,
+        };
+        let e = ClientError::Unacknowledged {
+            push: Box::new(push.clone()),
+            source: Box::new(Status::unavailable("down").into()),
+        };
+        assert_eq!(e.code(), Some(Code::Unavailable));
+        assert_eq!(e.unacknowledged_push(), Some(&push));
+        assert_eq!(push.mutation_ids(), [7]);
+        assert!(e.to_string().contains("UNAVAILABLE: down"), "{e}");
     }
 }

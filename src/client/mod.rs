@@ -22,20 +22,57 @@
 //!   later pushes go there directly until it fails.
 //! - **Exactly-once pushes.** Every mutation gets a mutation id, increasing
 //!   per client id (given, or a random UUID). On first use of a client id
-//!   the client asks the server where that id stands (Pull's
+//!   it was given, the client asks the server where that id stands (Pull's
 //!   `last_mutation_id`), so a restarted process with the same client id
-//!   does not reuse ids. A failed push is resent as the **same** request
-//!   (same ids) on `UNAVAILABLE`, a connection lost mid-call,
-//!   `DEADLINE_EXCEEDED` and `RESOURCE_EXHAUSTED` with a `RetryInfo`
-//!   (after its delay), with backoff; never on `INVALID_ARGUMENT` or any
-//!   other answer. The server answers a resent id that was applied with
-//!   `DUPLICATE`; the client reports that as what it was:
+//!   does not reuse ids (a random UUID has no history: no question asked).
+//!   A failed push is resent as the **same** request (same ids) on
+//!   `UNAVAILABLE`, a connection lost mid-call, `DEADLINE_EXCEEDED` and
+//!   `RESOURCE_EXHAUSTED` with a `RetryInfo` (after its delay), with
+//!   backoff, for [`RetryPolicy::max_elapsed`] (30 s by default, however
+//!   many endpoints); never on `INVALID_ARGUMENT` or any other answer. The
+//!   server answers a resent id that was applied with `DUPLICATE`; the
+//!   client reports that as what it was:
 //!   [`MutationResult::applied_by_earlier_attempt`] (this call applied it,
 //!   once, and lost the first answer).
+//! - **Resending a push the client gave up on.** When the retries run out
+//!   without an answer, the push fails with
+//!   [`ClientError::Unacknowledged`], which holds the request with its ids
+//!   ([`ClientError::unacknowledged_push`]). Resend it later with
+//!   [`Client::resend`] (from this client, or a new one with the same
+//!   client id): every mutation is applied exactly once, `DUPLICATE` for
+//!   those an earlier attempt applied. This is the way out of a primary
+//!   run with `--sync-replicas` that answers `UNAVAILABLE` ("the push is
+//!   committed on the primary ... retry it with the same mutation ids")
+//!   for longer than the retry budget: the push is committed and may
+//!   survive or not a failover; the resend settles it.
+//!
+//!   ```no_run
+//!   # async fn example(client: deltasync::client::Client) -> Result<(), deltasync::client::ClientError> {
+//!   use deltasync::client::Mutation;
+//!   use serde_json::json;
+//!
+//!   let batch = [Mutation::put("todos", "milk", json!({"title": "Buy milk"}))];
+//!   let result = match client.push(batch).await {
+//!       Ok(r) => r,
+//!       Err(e) => match e.unacknowledged_push() {
+//!           // Later (or keep `push.request()` somewhere safe first):
+//!           Some(push) => client.resend(push).await?,
+//!           None => return Err(e),
+//!       },
+//!   };
+//!   # Ok(()) }
+//!   ```
 //! - **Read-your-writes.** Reads (`get`, `pull_all`, `watch`) pass the
 //!   highest checkpoint this client's pushes were given as
 //!   `min_checkpoint`, so they see its writes on any node (on by default;
-//!   [`ClientBuilder::read_your_writes`]).
+//!   [`ClientBuilder::read_your_writes`]). If the writes are gone (a
+//!   failover to a replica that had not replicated them, a restore from an
+//!   older snapshot: the primary answers `OUT_OF_RANGE`
+//!   `MIN_CHECKPOINT_AHEAD`), the client drops its floor to what the
+//!   primary holds and logs a warning: `get` reads again without it,
+//!   `pull_all` fails with [`ClientError::ResyncNeeded`] and a watch ends
+//!   with [`WatchEvent::ResyncNeeded`], both with
+//!   [`ResyncReason::WritesLost`].
 //! - **Watches that survive.** [`Client::watch`] resumes Subscribe from
 //!   the last checkpoint it delivered (with its store id, purge horizon and
 //!   epoch) across disconnects, restarts and failover: no gap, no
@@ -59,7 +96,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -72,7 +109,7 @@ use tonic::{
 
 use self::transport::{Auth, Svc, Target, Transport};
 pub use self::{
-    error::{ClientError, ResyncReason, code_name},
+    error::{ClientError, PendingPush, ResyncReason, code_name},
     transport::RetryPolicy,
     types::{
         Body, Checkpoint, Document, Mutation, MutationResult, Op, PullOptions, PullPage,
@@ -103,7 +140,8 @@ struct Inner {
     transport: Transport,
     /// The client id mutation ids are counted under.
     client_id: String,
-    /// The next mutation id; `None` until learned from the server.
+    /// The next mutation id; `None` until learned from the server (1 from
+    /// the start for a generated client id, which has no history).
     next_id: tokio::sync::Mutex<Option<u64>>,
     /// The highest checkpoint a push of this client was given.
     written: AtomicU64,
@@ -213,14 +251,17 @@ impl ClientBuilder {
             self.retry,
             self.timeout,
         )?;
-        let client_id = self
-            .client_id
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // A client id given may have history on the server (learned on
+        // first use); a fresh random one has none: its ids start at 1.
+        let (client_id, next_id) = match self.client_id {
+            Some(id) => (id, None),
+            None => (uuid::Uuid::new_v4().to_string(), Some(1)),
+        };
         Ok(Client {
             inner: Arc::new(Inner {
                 transport,
                 client_id,
-                next_id: tokio::sync::Mutex::new(None),
+                next_id: tokio::sync::Mutex::new(next_id),
                 written: AtomicU64::new(0),
                 read_your_writes: self.read_your_writes,
             }),
@@ -362,18 +403,68 @@ impl Client {
                 .collect::<Result<_, _>>()?,
             atomic,
         };
-        let attempts = AtomicU32::new(0);
+        self.send_push(PendingPush {
+            request,
+            maybe_applied: false,
+        })
+        .await
+    }
+
+    /// Sends a push that failed before ([`ClientError::Unacknowledged`])
+    /// again: the same request, the same mutation ids, so each mutation is
+    /// applied once whatever happened to the earlier attempts. A mutation
+    /// an earlier attempt applied answers `DUPLICATE` with
+    /// [`MutationResult::applied_by_earlier_attempt`] set (when an earlier
+    /// attempt may have reached a writer, see
+    /// [`PendingPush::maybe_applied`]); the others are applied now. It
+    /// fails again the same way (with the push to resend) if the servers
+    /// still cannot take it. The push must have been made under this
+    /// client's client id.
+    pub async fn resend(&self, push: &PendingPush) -> Result<PushResult, ClientError> {
+        if push.client_id() != self.inner.client_id {
+            return Err(ClientError::Input(format!(
+                "resend: the push was made under client id `{}`, this client's is `{}`",
+                push.client_id(),
+                self.inner.client_id
+            )));
+        }
+        self.send_push(push.clone()).await
+    }
+
+    /// Sends `push` (retrying with the same ids); on giving up without an
+    /// answer, the error carries it for [`Client::resend`].
+    async fn send_push(&self, push: PendingPush) -> Result<PushResult, ClientError> {
+        let unknown = AtomicBool::new(push.maybe_applied);
+        let request = &push.request;
         // The same request on every attempt: its ids make a resend safe.
         let response = self
             .inner
             .transport
-            .call(Target::Primary, true, |svc| {
-                attempts.fetch_add(1, Ordering::Relaxed);
+            .call_tracked(Target::Primary, true, &unknown, |svc| {
                 let request = self.unary(request.clone());
                 async move { Ok(Self::sync(svc).push(request).await?.into_inner()) }
             })
-            .await?;
-        let retried = attempts.load(Ordering::Relaxed) > 1;
+            .await;
+        let maybe_applied = unknown.load(Ordering::Relaxed);
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                let retryable = e
+                    .status()
+                    .is_some_and(|s| error::next(s, true) != error::Next::Fail);
+                return Err(if maybe_applied || retryable {
+                    ClientError::Unacknowledged {
+                        push: Box::new(PendingPush {
+                            maybe_applied,
+                            ..push
+                        }),
+                        source: Box::new(e),
+                    }
+                } else {
+                    e
+                });
+            }
+        };
         self.learned(response.last_mutation_id).await;
         self.inner
             .written
@@ -382,7 +473,7 @@ impl Client {
             results: response
                 .results
                 .into_iter()
-                .map(|r| MutationResult::from_pb(r, retried))
+                .map(|r| MutationResult::from_pb(r, maybe_applied))
                 .collect::<Result<_, _>>()?,
             checkpoint: Checkpoint {
                 seq: response.checkpoint,
@@ -443,20 +534,58 @@ impl Client {
         collection: &str,
         ids: impl IntoIterator<Item = S>,
     ) -> Result<Vec<Document>, ClientError> {
-        let request = pb::GetRequest {
+        let mut request = pb::GetRequest {
             collection: collection.to_owned(),
             ids: ids.into_iter().map(Into::into).collect(),
             min_checkpoint: self.min_checkpoint(),
         };
-        let response = self
-            .inner
+        let response = match self.get_once(&request).await {
+            Err(e) if self.floor_lost(&e, request.min_checkpoint) => {
+                // The writes it waited for do not exist any more: read
+                // what there is.
+                request.min_checkpoint = self.min_checkpoint();
+                self.get_once(&request).await?
+            }
+            other => other?,
+        };
+        types::documents(response.documents)
+    }
+
+    async fn get_once(&self, request: &pb::GetRequest) -> Result<pb::GetResponse, ClientError> {
+        self.inner
             .transport
             .call(Target::Any, true, |svc| {
                 let request = self.unary(request.clone());
                 async move { Ok(Self::sync(svc).get(request).await?.into_inner()) }
             })
-            .await?;
-        types::documents(response.documents)
+            .await
+    }
+
+    /// After a read that asked for `floor` failed: when the error says this
+    /// client's writes are gone (`MIN_CHECKPOINT_AHEAD`), lowers the
+    /// read-your-writes floor to the head the primary reported (unless a
+    /// push moved it meanwhile), logs a warning, and returns true.
+    fn floor_lost(&self, e: &ClientError, floor: u64) -> bool {
+        if !e.writes_lost() {
+            return false;
+        }
+        let head = e
+            .status()
+            .and_then(|s| error::metadata(s, "head"))
+            .and_then(|h| h.parse::<u64>().ok())
+            .unwrap_or(0)
+            .min(floor);
+        let _ =
+            self.inner
+                .written
+                .compare_exchange(floor, head, Ordering::Relaxed, Ordering::Relaxed);
+        tracing::warn!(
+            wanted = floor,
+            head,
+            "this client's writes up to checkpoint {floor} are gone (the primary holds \
+             {head}: a failover or a restore lost them); reads no longer wait for them"
+        );
+        true
     }
 
     /// One page of changes after `since`.
@@ -483,6 +612,9 @@ impl Client {
                 async move { Ok(Self::sync(svc).pull(request).await?.into_inner()) }
             })
             .await
+            .inspect_err(|e| {
+                self.floor_lost(e, request.min_checkpoint);
+            })
     }
 
     /// Every change after `options.since`, page by page to the end (the
@@ -659,6 +791,9 @@ impl Client {
                 }
             })
             .await
+            .inspect_err(|e| {
+                self.floor_lost(e, request.min_checkpoint);
+            })
     }
 
     /// Moves calls to the next endpoint.
@@ -669,5 +804,58 @@ impl Client {
     /// The retry policy (for the watch's own reconnects).
     fn retry_policy(&self) -> &RetryPolicy {
         &self.inner.transport.retry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::{Code, Status};
+    use tonic_types::{ErrorDetails, StatusExt};
+
+    use super::*;
+
+    fn client(id: Option<&str>) -> Client {
+        let mut b = Client::builder(["http://127.0.0.1:1"]);
+        if let Some(id) = id {
+            b = b.client_id(id);
+        }
+        b.build().unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_a_given_client_id_is_learned_from_the_server() {
+        assert_eq!(*client(None).inner.next_id.lock().await, Some(1));
+        assert_eq!(*client(Some("worker")).inner.next_id.lock().await, None);
+    }
+
+    #[tokio::test]
+    async fn lost_writes_lower_the_read_your_writes_floor() {
+        let c = client(None);
+        c.inner.written.store(10, Ordering::Relaxed);
+        let lost = |head: &str| {
+            ClientError::from(Status::with_error_details(
+                Code::OutOfRange,
+                "ahead",
+                ErrorDetails::with_error_info(
+                    "MIN_CHECKPOINT_AHEAD",
+                    "deltasync",
+                    [
+                        ("head".to_owned(), head.to_owned()),
+                        ("wanted".to_owned(), "10".to_owned()),
+                    ],
+                ),
+            ))
+        };
+        assert!(!c.floor_lost(&Status::unavailable("x").into(), 10));
+        assert_eq!(c.written(), 10);
+        assert!(c.floor_lost(&lost("4"), 10));
+        assert_eq!(c.written(), 4);
+        // A push that moved the floor meanwhile keeps it.
+        c.inner.written.store(12, Ordering::Relaxed);
+        assert!(c.floor_lost(&lost("3"), 4));
+        assert_eq!(c.written(), 12);
+        // No head reported: no floor.
+        assert!(c.floor_lost(&lost("?"), 12));
+        assert_eq!(c.written(), 0);
     }
 }

@@ -6,10 +6,12 @@ use std::{
     future::Future,
     sync::{
         Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
+
+use tokio::time::Instant;
 
 use tonic::{
     Request, Status,
@@ -18,7 +20,7 @@ use tonic::{
     transport::{Channel, ClientTlsConfig, Endpoint},
 };
 
-use super::error::{ClientError, Next, next};
+use super::error::{ClientError, Next, next, outcome_unknown};
 
 /// A channel with the client's credentials added to every call.
 pub(crate) type Svc = InterceptedService<Channel, Auth>;
@@ -52,11 +54,18 @@ impl Interceptor for Auth {
     }
 }
 
-/// How failed attempts are retried.
+/// How failed attempts are retried: for a time, not a number of attempts,
+/// so that a cluster whose primary restarts is ridden out however many
+/// endpoints are listed (with three dead endpoints a round of attempts
+/// takes no time at all).
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
+    /// How long a call keeps retrying, from its first attempt: no attempt
+    /// starts after it (waits are cut short to end with one last attempt
+    /// at it). Default 30 s.
+    pub max_elapsed: Duration,
     /// Most attempts of one call, the first included (failovers and
-    /// redirects to a primary count).
+    /// redirects to a primary count): a safety cap under `max_elapsed`.
     pub max_attempts: u32,
     /// Wait after the first round of endpoints that all failed.
     pub initial_backoff: Duration,
@@ -66,11 +75,13 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// 10 attempts, waits from 100 ms doubling up to 2 s: rides out a
-    /// server restart of a few seconds.
+    /// Retries for 30 s (at most 1000 attempts), waits from 100 ms doubling
+    /// up to 2 s between rounds of endpoints: rides out a server restart or
+    /// a failover whatever the number of endpoints.
     fn default() -> Self {
         Self {
-            max_attempts: 10,
+            max_elapsed: Duration::from_secs(30),
+            max_attempts: 1000,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(2),
         }
@@ -199,13 +210,32 @@ impl Transport {
     /// Runs `attempt` against the nodes `target` allows, retrying as
     /// [`next`] says: failover to the next endpoint, to the primary a
     /// replica names, after the server's retry delay, with backoff once a
-    /// whole round of endpoints failed. `idempotent`: resending cannot
-    /// apply anything twice. Every attempt gets the full per-call
-    /// deadline, enforced here too (a server that hangs is a failure).
+    /// whole round of endpoints failed, until the policy's `max_elapsed`
+    /// (or `max_attempts`) is spent. `idempotent`: resending cannot apply
+    /// anything twice. Every attempt gets the full per-call deadline,
+    /// enforced here too (a server that hangs is a failure).
     pub(crate) async fn call<T, F, Fut>(
         &self,
         target: Target,
         idempotent: bool,
+        attempt: F,
+    ) -> Result<T, ClientError>
+    where
+        F: FnMut(Svc) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.call_tracked(target, idempotent, &AtomicBool::new(false), attempt)
+            .await
+    }
+
+    /// As [`Transport::call`]; sets `unknown` when a failed attempt may
+    /// have reached a writer ([`outcome_unknown`]): a later `DUPLICATE`
+    /// then means that attempt applied the mutation.
+    pub(crate) async fn call_tracked<T, F, Fut>(
+        &self,
+        target: Target,
+        idempotent: bool,
+        unknown: &AtomicBool,
         mut attempt: F,
     ) -> Result<T, ClientError>
     where
@@ -213,6 +243,7 @@ impl Transport {
         Fut: Future<Output = Result<T, Status>>,
     {
         let n = self.endpoints.len();
+        let deadline = Instant::now() + self.retry.max_elapsed;
         let (mut failed_in_round, mut round) = (0, 0);
         let mut redirect: Option<String> = None;
         for tried in 1..=self.retry.max_attempts {
@@ -238,9 +269,15 @@ impl Transport {
                 Ok(value) => return Ok(value),
                 Err(status) => status,
             };
-            if tried == self.retry.max_attempts {
+            if outcome_unknown(&status) {
+                unknown.store(true, Ordering::Relaxed);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tried == self.retry.max_attempts || left.is_zero() {
                 return Err(status.into());
             }
+            // Waits end at the deadline, for one last attempt there.
+            let wait = |d: Duration| tokio::time::sleep(d.min(left));
             match next(&status, idempotent) {
                 Next::Fail => return Err(status.into()),
                 // A question about one node is answered by that node, now:
@@ -255,7 +292,16 @@ impl Transport {
                 }
                 Next::RetryAfter(delay) => {
                     tracing::debug!(?delay, "rate limited; retrying after the server's delay");
-                    tokio::time::sleep(delay).await;
+                    if target == Target::Any {
+                        // Another node may have room now.
+                        let _ = self.current.compare_exchange(
+                            index,
+                            (index + 1) % n,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    wait(delay).await;
                 }
                 Next::Failover => {
                     tracing::debug!(endpoint = %url, cause = %status.message(), "failing over");
@@ -274,7 +320,7 @@ impl Transport {
                     if failed_in_round >= n {
                         failed_in_round = 0;
                         round += 1;
-                        tokio::time::sleep(self.retry.backoff(round)).await;
+                        wait(self.retry.backoff(round)).await;
                     }
                 }
             }
@@ -321,6 +367,7 @@ mod tests {
     #[test]
     fn backoff_doubles_up_to_the_cap() {
         let p = RetryPolicy {
+            max_elapsed: Duration::from_secs(30),
             max_attempts: 5,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_millis(500),

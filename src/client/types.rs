@@ -202,12 +202,16 @@ pub struct MutationResult {
     pub conflicting_fields: Vec<String>,
     /// True when `conflicting_fields` was cut short by the message cap.
     pub conflicting_fields_truncated: bool,
-    /// True when `outcome` is DUPLICATE because an earlier attempt of this
-    /// same call committed the mutation and its answer was lost (the
-    /// client retried with the same ids): the mutation **was applied**,
-    /// once, by this call (applied, merged or resolved: the server does not
-    /// say which). `document` is the current state. False for a DUPLICATE
-    /// on the first attempt: the id was used before this call.
+    /// True when `outcome` is DUPLICATE and an earlier attempt of this
+    /// push (in this call, or before a [`Client::resend`](super::Client::resend))
+    /// may have reached a writer: its outcome was unknown (a deadline, a
+    /// connection lost after sending, an `UNAVAILABLE` that was not a
+    /// connect failure, a `--sync-replicas` timeout). The mutation **was
+    /// applied**, once, by that attempt (applied, merged or resolved: the
+    /// server does not say which); `document` is the current state. False
+    /// when every earlier attempt failed before reaching a writer
+    /// (connection refused, `NOT_PRIMARY`): a DUPLICATE then means the id
+    /// was used before, not that this push was applied.
     pub applied_by_earlier_attempt: bool,
 }
 
@@ -230,7 +234,9 @@ impl MutationResult {
         )
     }
 
-    pub(crate) fn from_pb(r: pb::MutationResult, retried: bool) -> Result<Self, ClientError> {
+    /// `maybe_applied`: an earlier attempt of this push may have reached a
+    /// writer.
+    pub(crate) fn from_pb(r: pb::MutationResult, maybe_applied: bool) -> Result<Self, ClientError> {
         let outcome = pb::Outcome::try_from(r.outcome).unwrap_or(pb::Outcome::Unspecified);
         Ok(Self {
             mutation_id: r.mutation_id,
@@ -238,7 +244,7 @@ impl MutationResult {
             document: r.document.map(Document::try_from).transpose()?,
             conflicting_fields: r.conflicting_fields,
             conflicting_fields_truncated: r.conflicting_fields_truncated,
-            applied_by_earlier_attempt: retried && outcome == pb::Outcome::Duplicate,
+            applied_by_earlier_attempt: maybe_applied && outcome == pb::Outcome::Duplicate,
         })
     }
 }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use futures_util::{Stream, StreamExt, stream::BoxStream};
-use tonic::Streaming;
+use tonic::{Code, Streaming};
 
 use super::{
     Checkpoint, Client, ClientError, Document, ResyncReason, WatchOptions,
@@ -35,8 +35,10 @@ pub enum WatchEvent {
         caught_up: bool,
     },
     /// The checkpoint cannot be resumed from (tombstones purged past it,
-    /// another store, a primary replaced before it replicated it): discard
-    /// local state and start again from 0. The last event of the watch.
+    /// another store, a primary replaced before it replicated it), or this
+    /// client's own writes are gone ([`ResyncReason::WritesLost`]: the
+    /// primary holds less than they reached): discard local state and start
+    /// again from 0. The last event of the watch.
     ResyncNeeded {
         /// Why.
         reason: ResyncReason,
@@ -52,7 +54,9 @@ pub enum WatchEvent {
 /// reopens Subscribe from the last checkpoint it delivered, passing that
 /// checkpoint's store id, purge horizon and epoch, on the next endpoint,
 /// with backoff, for as long as it takes; documents at or below that
-/// checkpoint are never delivered twice. It ends after a `ResyncNeeded`
+/// checkpoint are never delivered twice. A refusal for a stream cap
+/// (`RESOURCE_EXHAUSTED`: too many subscribers) is retried too, after the
+/// server's `RetryInfo` delay or with backoff. It ends after a `ResyncNeeded`
 /// event, or with an error the server will keep giving (permission
 /// denied, invalid argument).
 pub struct Watch {
@@ -141,6 +145,19 @@ impl State {
                         message: status.message().to_owned(),
                     };
                     return Some((Ok(event), self));
+                }
+                // A stream cap (max subscribers, per-principal streams) is
+                // transient: wait the server's delay (or back off), then
+                // try again, on the next endpoint.
+                ClientError::Status(status) if status.code() == Code::ResourceExhausted => {
+                    self.failures = self.failures.saturating_add(1);
+                    let wait = match next(status, true) {
+                        Next::RetryAfter(delay) => delay,
+                        _ => self.client.retry_policy().backoff(self.failures),
+                    };
+                    tracing::debug!(cause = %status.message(), ?wait, "watch: refused for now; retrying");
+                    self.client.rotate();
+                    tokio::time::sleep(wait).await;
                 }
                 ClientError::Status(status) if next(status, true) != Next::Fail => {
                     self.failures = self.failures.saturating_add(1);

@@ -437,7 +437,6 @@ async fn a_watch_waits_for_a_free_subscriber_slot() {
 /// read-your-writes: `get` answers (reading again without the floor) and a
 /// new watch yields ResyncNeeded(WritesLost).
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the server's MIN_CHECKPOINT_AHEAD answer; run after merging it"]
 async fn reads_after_lost_writes_resync_instead_of_hanging() {
     let data = DataDir::new();
     let server = start(&data, &[]);

@@ -34,7 +34,7 @@ PACKAGES="etcd:etcd-server"
 
 start_deltasync() {
   local port; port=$(free_port)
-  ./target/release/deltasync --listen "127.0.0.1:$port" --data-dir "$work/ds-$1" --durability fsync > "$work/ds-$1.log" 2>&1 &
+  "${DELTASYNC_BIN:-./target/release/deltasync}" --listen "127.0.0.1:$port" --data-dir "$work/ds-$1" --durability fsync > "$work/ds-$1.log" 2>&1 &
   ds_pid=$!; pids+=("$ds_pid"); ds_url="http://127.0.0.1:$port"; wait_port "$port"
 }
 start_etcd() {

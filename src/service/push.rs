@@ -8,7 +8,7 @@ use crate::{
     error::Error,
     pb,
     store::model::{
-        Body, EncodedBody, Mutation, MutationResult, Op, PushBatch, PushOutcome, Version,
+        Body, EncodedBody, Mutation, MutationResult, Op, PushBatch, PushOutcome, PutBody, Version,
     },
 };
 
@@ -139,8 +139,9 @@ fn decode(api: &SyncApi, req: pb::PushRequest, identity: &Identity) -> Result<Pu
     let mut mutations = Vec::with_capacity(req.mutations.len());
     for (i, m) in req.mutations.into_iter().enumerate() {
         let at = |field: &str| format!("mutations[{i}].{field}");
-        validate::collection(at("collection"), &m.collection)?;
-        validate::id(at("id"), &m.id)?;
+        // Names built only for an error: this runs for every mutation.
+        validate::collection(format_args!("mutations[{i}].collection"), &m.collection)?;
+        validate::id(format_args!("mutations[{i}].id"), &m.id)?;
         if m.mutation_id != 0 {
             if req.client_id.is_empty() {
                 return Err(Error::invalid(
@@ -176,10 +177,17 @@ fn decode(api: &SyncApi, req: pb::PushRequest, identity: &Identity) -> Result<Pu
             }
             Some(pb::mutation::Op::Delete(())) => Op::Delete,
             Some(pb::mutation::Op::Put(body)) => {
-                Op::Put(body_of(settings.max_body_bytes, body, &at("put"))?.into())
+                check_size(settings.max_body_bytes, &body, || at("put"))?;
+                if body.is_canonical() {
+                    // Most clients send exactly what would be stored.
+                    Op::Put(PutBody::canonical(body))
+                } else {
+                    Op::Put(body_of(body, &at("put"))?.into())
+                }
             }
             Some(pb::mutation::Op::Patch(body)) => {
-                Op::Patch(body_of(settings.max_body_bytes, body, &at("patch"))?)
+                check_size(settings.max_body_bytes, &body, || at("patch"))?;
+                Op::Patch(body_of(body, &at("patch"))?)
             }
         };
         mutations.push(Mutation {
@@ -199,13 +207,20 @@ fn decode(api: &SyncApi, req: pb::PushRequest, identity: &Identity) -> Result<Pu
     })
 }
 
-fn body_of(max: usize, body: EncodedBody, field: &str) -> Result<Body, Error> {
+/// Refuses a body over `max` bytes encoded; `field` names it (built only
+/// for the error).
+fn check_size(max: usize, body: &EncodedBody, field: impl Fn() -> String) -> Result<(), Error> {
     let size = body.len();
     if size > max {
         return Err(Error::invalid(
-            field,
+            field(),
             format!("body is {size} bytes encoded; the limit is {max}"),
         ));
     }
+    Ok(())
+}
+
+/// The fields of a body, or why it is not a valid JSON object.
+fn body_of(body: EncodedBody, field: &str) -> Result<Body, Error> {
     body.to_json(field).map_err(Error::InvalidArgument)
 }

@@ -65,6 +65,12 @@ impl EncodedBody {
         struct_to_body(s, path)
     }
 
+    /// True if these bytes are exactly `encode` of the object they decode
+    /// to (see `store::canonical`): then they can be stored as they are.
+    pub fn is_canonical(&self) -> bool {
+        super::canonical::is_canonical(&self.0)
+    }
+
     /// The encoded bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0

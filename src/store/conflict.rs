@@ -58,7 +58,7 @@ pub fn check_base(base: Option<Version>, current: Version, deleted: bool) -> Bas
 /// except a delete of a document that is not live, which is a no-op.
 pub fn apply_direct(current: Option<&Body>, op: &Op) -> Decision {
     let write = match (op, current) {
-        (Op::Put(put), _) => Some(NewState::Put(put.encoded.clone())),
+        (Op::Put(put), _) => Some(NewState::Put(put.encoded().clone())),
         (Op::Patch(patch), _) => {
             let mut body = current.cloned().unwrap_or_default();
             apply_patch(&mut body, patch);
@@ -103,7 +103,7 @@ pub fn three_way(
 ) -> Decision {
     let changes = match op {
         Op::Delete => return stale_delete(base, current, strategy),
-        Op::Put(put) => put_changes(base, current, &put.fields),
+        Op::Put(put) => put_changes(base, current, put.fields()),
         Op::Patch(patch) => patch_changes(base, patch),
     };
     // A field the client sets to exactly what the server already has is no
@@ -293,7 +293,7 @@ mod tests {
         let put: crate::store::model::PutBody = body(json!({"a": 1})).into();
         let d = apply_direct(Some(&body(json!({"b": 2}))), &Op::Put(put.clone()));
         assert_eq!(d.outcome, Outcome::Applied);
-        assert_eq!(d.write, Some(NewState::Put(put.encoded)));
+        assert_eq!(d.write, Some(NewState::Put(put.encoded().clone())));
     }
 
     #[test]

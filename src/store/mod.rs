@@ -8,6 +8,7 @@
 //! [`model`].
 
 pub mod body;
+pub mod canonical;
 pub mod clients;
 pub mod codec;
 pub mod compaction;

@@ -52,22 +52,56 @@ pub struct Document {
     pub updated_by: String,
 }
 
-/// A put's new body in both forms.
-#[derive(Debug, Clone, PartialEq)]
+/// A put's new body: its canonical encoding, and its fields for the
+/// conflict rules, built only when a rule reads them.
+#[derive(Debug, Clone)]
 pub struct PutBody {
-    /// Its fields, for the conflict rules.
-    pub fields: Body,
-    /// Its canonical encoding, made when the request is validated (not on
-    /// the single writer) and stored as is when the put applies unchanged.
-    pub encoded: EncodedBody,
+    /// The canonical encoding, made (or proven, see `store::canonical`) when
+    /// the request is validated, not on the single writer; stored as is
+    /// when the put applies unchanged.
+    encoded: EncodedBody,
+    /// The fields, decoded from `encoded` on first use: a put on a current
+    /// base never reads them.
+    fields: std::sync::OnceLock<Body>,
+}
+
+impl PutBody {
+    /// A body whose bytes [`EncodedBody::is_canonical`] accepted: stored as
+    /// received, decoded only if a rule reads its fields.
+    pub fn canonical(encoded: EncodedBody) -> Self {
+        debug_assert!(encoded.is_canonical());
+        Self {
+            encoded,
+            fields: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The canonical encoding.
+    pub fn encoded(&self) -> &EncodedBody {
+        &self.encoded
+    }
+
+    /// The fields, for the conflict rules.
+    pub fn fields(&self) -> &Body {
+        // Canonical bytes decode: the walk checked everything `to_json` does.
+        self.fields
+            .get_or_init(|| self.encoded.to_json("put").unwrap_or_default())
+    }
 }
 
 impl From<Body> for PutBody {
     fn from(fields: Body) -> Self {
         Self {
             encoded: EncodedBody::encode(&fields),
-            fields,
+            fields: fields.into(),
         }
+    }
+}
+
+/// Equal when stored the same: the encoding is canonical.
+impl PartialEq for PutBody {
+    fn eq(&self, other: &Self) -> bool {
+        self.encoded == other.encoded
     }
 }
 

@@ -198,7 +198,7 @@ async fn run(
         draining.cancel();
         let (node, follows) = (node_at_shutdown, follows_at_shutdown);
         tokio::spawn(async move {
-            node.pushes_finished().await;
+            node.close_pushes().await;
             follows.cancel();
         });
     };

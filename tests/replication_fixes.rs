@@ -404,7 +404,8 @@ async fn a_primary_keeps_tombstones_a_replica_has_not_acknowledged() {
 /// `--sync-replicas` acks answers them once its replicas acknowledged: its
 /// Follow streams end only after the pushes in flight, so none is answered
 /// UNAVAILABLE ("not replicated") for want of acks that could no longer
-/// come, and shutdown does not wait out `--sync-timeout`.
+/// come, and shutdown does not wait out `--sync-timeout`; a push that
+/// arrives once shutdown began is refused (UNAVAILABLE) before it commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_primary_answers_its_sync_pushes_before_its_replicas_streams_end() {
     let (primary_dir, replica_dir) = (DataDir::new(), DataDir::new());

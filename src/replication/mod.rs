@@ -209,7 +209,7 @@ struct Shared {
     shutdown: CancellationToken,
     /// Pushes being handled: at shutdown a primary's Follow streams outlive
     /// them, so the acks `--sync-replicas` waits for can still arrive.
-    pushes: watch::Sender<usize>,
+    pushes: watch::Sender<Pushes>,
 }
 
 impl Node {
@@ -254,7 +254,7 @@ impl Node {
                 primary,
                 promoting: tokio::sync::Mutex::new(()),
                 shutdown,
-                pushes: watch::Sender::new(0),
+                pushes: watch::Sender::new(Pushes::default()),
             }),
         })
     }
@@ -470,17 +470,27 @@ impl Node {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Counts a push as being handled until the guard is dropped.
-    pub fn push_started(&self) -> PushGuard {
-        self.shared.pushes.send_modify(|n| *n += 1);
-        PushGuard { node: self.clone() }
+    /// Counts a push as being handled until the guard is dropped; `None`
+    /// once shutdown began (the push is refused before it commits: its
+    /// replicas' streams may be ending).
+    pub fn push_started(&self) -> Option<PushGuard> {
+        let mut admitted = false;
+        self.shared.pushes.send_modify(|p| {
+            if !p.closed {
+                p.in_flight += 1;
+                admitted = true;
+            }
+        });
+        admitted.then(|| PushGuard { node: self.clone() })
     }
 
-    /// Resolves once no push is being handled (for shutdown: pushes that
-    /// wait for replica acks are answered before the Follow streams end).
-    pub async fn pushes_finished(&self) {
+    /// For shutdown: admits no more pushes, and resolves once those being
+    /// handled were answered (pushes that wait for replica acks get them
+    /// before the Follow streams end).
+    pub async fn close_pushes(&self) {
+        self.shared.pushes.send_modify(|p| p.closed = true);
         let mut pushes = self.shared.pushes.subscribe();
-        let _ = pushes.wait_for(|n| *n == 0).await;
+        let _ = pushes.wait_for(|p| p.in_flight == 0).await;
     }
 
     /// Waits until `--sync-replicas` replicas have acknowledged `checkpoint`
@@ -638,6 +648,15 @@ impl Drop for FollowerGuard {
     }
 }
 
+/// Pushes being handled, and whether more are admitted.
+#[derive(Debug, Default)]
+struct Pushes {
+    /// Being handled now.
+    in_flight: usize,
+    /// Shutdown began: no more are admitted.
+    closed: bool,
+}
+
 /// A push being handled (see [`Node::push_started`]).
 pub struct PushGuard {
     /// The node counting it.
@@ -649,6 +668,6 @@ impl Drop for PushGuard {
         self.node
             .shared
             .pushes
-            .send_modify(|n| *n = n.saturating_sub(1));
+            .send_modify(|p| p.in_flight = p.in_flight.saturating_sub(1));
     }
 }

@@ -7,8 +7,12 @@ use crate::{
     auth::{Identity, Meter, Permission},
     error::Error,
     pb,
-    store::model::{
-        Body, EncodedBody, Mutation, MutationResult, Op, PushBatch, PushOutcome, PutBody, Version,
+    store::{
+        StoreError,
+        model::{
+            Body, EncodedBody, Mutation, MutationResult, Op, PushBatch, PushOutcome, PutBody,
+            Version,
+        },
     },
 };
 
@@ -21,8 +25,11 @@ pub async fn handle(
     identity: &Identity,
     deadline: Option<std::time::Instant>,
 ) -> Result<pb::PushResponse, Error> {
-    // Counted from before its commit until answered (see `Node::push_started`).
-    let _pushing = api.node.push_started();
+    // Counted from before its commit until answered (see
+    // `Node::push_started`); refused once shutdown began.
+    let Some(_pushing) = api.node.push_started() else {
+        return Err(StoreError::Closed.into());
+    };
     let batch = decode(api, req, identity)?;
     let mutations = u64::try_from(batch.mutations.len()).unwrap_or(u64::MAX);
     identity.charge(Meter::Mutations, mutations)?;

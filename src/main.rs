@@ -23,11 +23,14 @@ async fn main() -> ExitCode {
         Some(Command::Token(TokenCommand::New)) => {
             return match auth::token::new() {
                 Ok(token) => {
-                    println!("{token}\n{}", auth::token::hash_string(&token));
+                    use std::io::Write;
+                    let hash = auth::token::hash_string(&token);
+                    // A closed stdout is the reader's choice, not a panic.
+                    let _ = writeln!(std::io::stdout(), "{token}\n{hash}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("{e}");
+                    eprintln!("deltasync: {e}");
                     ExitCode::FAILURE
                 }
             };

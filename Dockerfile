@@ -37,7 +37,7 @@ COPY --from=builder /out/usr/local/bin/deltasync /usr/local/bin/deltasync
 COPY --from=builder --chown=65532:65532 /out/data /data
 USER 65532:65532
 ENV DELTASYNC_LISTEN=0.0.0.0:50051 \
-    DELTASYNC_DATA_DIR=/data
+    DELTASYNC_DATA_DIR=/data/store
 EXPOSE 50051
 VOLUME ["/data"]
 ENTRYPOINT ["deltasync"]

@@ -477,8 +477,10 @@ async fn a_forwarded_push_cut_mid_call_is_unavailable() {
     let m = put(DOCS, "first", json!({})).id(1);
     push(&mut r, "cut", vec![m]).await;
 
-    // The primary's answers stop at the gate; the next push commits there.
-    gate.hold();
+    // Nothing more of the primary's passes the gate, on any connection
+    // (the replica's stream and its forwarding channel share it); the next
+    // push commits on the primary.
+    gate.allow(0);
     let before = common::pull_page(&mut p, 0).await.checkpoint;
     let m = put(DOCS, "second", json!({})).id(2);
     let request = pb::PushRequest {
@@ -491,7 +493,9 @@ async fn a_forwarded_push_cut_mid_call_is_unavailable() {
         common::pull_page(&mut p, 0).await.checkpoint > before
     })
     .await;
-    gate.cut(u64::MAX);
+    // Cut with nothing allowed: a relay woken by a raised allowance could
+    // deliver the held answer before it is aborted.
+    gate.cut(0);
     let status = call.await.expect("call").expect_err("no answer came back");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("unknown"), "{status:?}");

@@ -37,9 +37,17 @@
 //! - [`client`]: the typed async client library (failover, exactly-once
 //!   retries of pushes, read-your-writes, a watch that resumes across
 //!   restarts, TLS and tokens) over the generated stubs.
+//! - [`replica`]: offline-first local replicas over [`client`]: a sled
+//!   store of their own (`replica::store`: base documents, checkpoint, a
+//!   durable outbox keyed by mutation id, parked conflicts), the optimistic
+//!   view (`replica::view`, pure: the base with the outbox replayed), and
+//!   sync (push in order with the replica's own ids, answers applied and
+//!   later writes rebased, conflicts to per-collection resolvers, catch-up
+//!   by Pull, resync from 0).
 //! - [`cli`]: the `deltasync` subcommands (`get`, `put`, `pull`, `watch`,
 //!   `status`, ...), a thin user of [`client`] modelled on etcdctl, with
-//!   one printer per output format; serving stays the default.
+//!   one printer per output format; serving stays the default;
+//!   `cli::local` is `deltasync local ...` over [`replica`].
 //! - [`telemetry`], [`shutdown`]: logging and signals.
 //! - [`pb`]: generated code.
 //!
@@ -53,6 +61,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod pb;
+pub mod replica;
 pub mod replication;
 pub mod server;
 pub mod service;

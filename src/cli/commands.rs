@@ -31,6 +31,7 @@ pub async fn run(command: Command) -> Result<(), Failure> {
             snapshot::save(&client, &args).await
         }
         Command::Snapshot(SnapshotCommand::Restore(args)) => snapshot::restore(&args).await,
+        Command::Local(command) => super::local::run(command).await,
     }
 }
 

@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::{
     client::{Checkpoint, Document, Mutation, MutationResult, Op},
     pb,
+    replica::{Conflict, LocalDocument, LocalOp, Pending},
 };
 
 /// A JSON object written field by field, in the order given (the proto's
@@ -159,6 +160,78 @@ fn document_object(d: &Document) -> Object {
             d.updated_at.map(|t| Value::String(timestamp(t))),
         )
         .string("updatedBy", &d.updated_by)
+}
+
+/// A document of a local replica's optimistic view: the document as
+/// [`document`] prints it, plus `"pending": true` when unacknowledged writes
+/// are folded in.
+pub fn local_document(d: &LocalDocument) -> String {
+    document_object(&d.document)
+        .bool("pending", d.pending)
+        .line()
+}
+
+/// The JSON of an optional body: the object, or `null`.
+fn body_or_null(b: Option<&crate::client::Body>) -> String {
+    match b {
+        Some(b) => value(&Value::Object(b.clone())),
+        None => "null".to_owned(),
+    }
+}
+
+/// The operation of a local write as `push -f` reads it: `"put": {...}`,
+/// `"patch": {...}` or `"delete": {}`.
+fn local_op(op: &LocalOp) -> (&'static str, String) {
+    match op {
+        LocalOp::Put(b) => ("put", body_or_null(Some(b))),
+        LocalOp::Patch(b) => ("patch", body_or_null(Some(b))),
+        LocalOp::Delete => ("delete", "{}".to_owned()),
+    }
+}
+
+/// An outbox entry of a local replica: `{"mutationId", "collection", "id",
+/// "baseVersion", "put"|"patch"|"delete", "held"}` (`held`: its document
+/// has a parked conflict; `baseVersion` left out at 0).
+pub fn pending(p: &Pending) -> String {
+    let (name, op) = local_op(&p.entry.op);
+    let mut o = Object::default()
+        .uint64("mutationId", p.mutation_id)
+        .string("collection", &p.entry.collection)
+        .string("id", &p.entry.id)
+        .uint64("baseVersion", p.entry.base_version);
+    o.0.push((name, op));
+    o.bool("held", p.held).line()
+}
+
+/// A parked conflict of a local replica: `{"collection", "id",
+/// "mutationId", "base", "local", "server", "serverVersion",
+/// "conflictingFields"}`; `base`, `local` and `server` are bodies, `null`
+/// for no document (or a delete).
+pub fn conflict(c: &Conflict) -> String {
+    let mut o = Object::default()
+        .string("collection", &c.collection)
+        .string("id", &c.id)
+        .uint64("mutationId", c.mutation_id);
+    let server = c
+        .server
+        .as_ref()
+        .filter(|d| !d.deleted)
+        .and_then(|d| d.body.as_ref());
+    o.0.push(("base", body_or_null(c.base.as_ref())));
+    o.0.push(("local", body_or_null(c.local.as_ref())));
+    o.0.push(("server", body_or_null(server)));
+    let fields = (!c.conflicting_fields.is_empty()).then(|| {
+        Value::Array(
+            c.conflicting_fields
+                .iter()
+                .cloned()
+                .map(Value::String)
+                .collect(),
+        )
+    });
+    o.uint64("serverVersion", c.server.as_ref().map_or(0, |d| d.version))
+        .value("conflictingFields", fields)
+        .line()
 }
 
 /// A push result as grpcurl prints `deltasync.v1.MutationResult`, plus

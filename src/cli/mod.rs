@@ -13,6 +13,7 @@
 //! deltasync promote
 //! deltasync snapshot save FILE | snapshot restore FILE --data-dir DIR
 //! deltasync token new
+//! deltasync local init|put|patch|delete|get|list|sync|pending|conflicts|resolve --dir DIR ...
 //! ```
 //!
 //! Every client subcommand takes `--endpoints` (comma-separated,
@@ -29,6 +30,7 @@
 
 mod commands;
 pub mod json;
+pub mod local;
 pub mod output;
 pub mod snapshot;
 
@@ -75,6 +77,11 @@ pub enum Command {
     /// Copies a whole store to a file, and back into a data directory.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// An offline-first local replica of chosen collections (its own
+    /// store in --dir, synced on demand): init, put, patch, delete, get,
+    /// list, sync, pending, conflicts, resolve.
+    #[command(subcommand)]
+    Local(local::LocalCommand),
 }
 
 /// `deltasync snapshot ...`.

@@ -115,7 +115,7 @@ impl Input {
         assert_eq!(d.outcome, Outcome::Applied);
         assert!(d.conflicting_fields.is_empty());
         match (&self.op, d.write) {
-            (Op::Put(put), Some(NewState::Put(encoded))) => assert_eq!(encoded, put.encoded),
+            (Op::Put(put), Some(NewState::Put(encoded))) => assert_eq!(&encoded, put.encoded()),
             (Op::Patch(patch), Some(NewState::Live(body))) => {
                 for (k, v) in patch {
                     assert_eq!(body.get(k), (!v.is_null()).then_some(v));
@@ -160,12 +160,12 @@ impl Input {
                 .collect(),
             Op::Put(put) => {
                 let reference = base.or(self.current.as_ref());
-                let mut keys: Vec<&String> = put.fields.keys().collect();
+                let mut keys: Vec<&String> = put.fields().keys().collect();
                 keys.extend(reference.into_iter().flat_map(|r| r.keys()));
                 keys.sort();
                 keys.dedup();
                 keys.into_iter()
-                    .map(|k| (k.clone(), put.fields.get(k).cloned()))
+                    .map(|k| (k.clone(), put.fields().get(k).cloned()))
                     .collect()
             }
             Op::Delete => Vec::new(),

@@ -30,6 +30,14 @@
 //!   forwarding, `AdminService` (Status, Promote), epochs and fencing;
 //!   `store::replica` is the store's side (applying replicated commits,
 //!   the epoch history).
+//!   `replication::apply` applies a primary's messages to a store, for the
+//!   follower and for a snapshot restore alike.
+//! - [`snapshot`]: backup and restore: a consistent copy of the whole store
+//!   read through the replication stream into one checksummed file
+//!   (`snapshot::file`), and a new data dir built from it.
+//! - [`auth`], [`tls`]: who calls (bearer tokens or client certificates,
+//!   decided once in an interceptor), per-collection permissions, limits
+//!   and the overload guard; the reloadable TLS acceptor.
 //! - [`metrics`]: every metric exported, declared in one file; the RPC
 //!   layer (`metrics::layer`, go-grpc-prometheus names) and the
 //!   `--metrics-listen` page (`metrics::http`).

@@ -6,7 +6,7 @@
 //! Handlers ask the pure [`Principal::allows`]; nothing else reads tokens.
 //! Health and reflection stay open (probes, grpcurl).
 //!
-//! The principals and their grants come from the auth file ([`file`]),
+//! The principals and their grants come from the auth file ([`file`](mod@file)),
 //! reloaded when it changes; tokens are kept only as SHA-256 hashes
 //! ([`token`]). With no auth file every call is [`Identity::Open`], as a
 //! local development server is.

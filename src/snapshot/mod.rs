@@ -10,7 +10,7 @@
 //! primary keeps serving writes meanwhile; while the stream is open it
 //! holds tombstone purges back, as it does for any replica.
 //!
-//! The messages go, as they came, into one file ([`file`]) ending with the
+//! The messages go, as they came, into one file ([`file`](mod@file)) ending with the
 //! checkpoint and a SHA-256. `restore` checks the whole file first, then
 //! replays it into a new store through [`Applier`], the code a replica
 //! applies its primary's stream with, in a temporary directory next to the

@@ -1,4 +1,4 @@
-//! Encoding of the records kept in the log ([`keys::LOG`](super::keys::LOG)),
+//! Encoding of the records kept in the log (`keys::LOG`),
 //! one per change, keyed by its seq.
 //!
 //! Layout: `[format: u8][flags: u8][version: u64][prev seq: u64][updated_at

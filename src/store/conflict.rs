@@ -1,7 +1,7 @@
 //! The pure field-level conflict check (after Graphback's DataSync).
 //!
 //! Nothing here touches storage: push planning reads the current
-//! document and the base body from the delta log, then asks [`decide`] what to
+//! document and the base body from the delta log, then asks `decide` what to
 //! write. That keeps every rule unit-testable without a server.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -84,35 +84,48 @@ async fn a_push_lost_in_a_kill_is_retried_and_applied_once() {
     // The client reaches the server through a gate that can hold answers.
     let gate = Gate::start(&addr, u64::MAX, Dial::AtOnce).await;
     let client = client_of(&[gate.url()], "exactly-once");
-    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // The pusher stops before push HELD until the gate holds answers, so
+    // that push's answer is held for certain (nothing else is in flight).
+    const HELD: u64 = 10;
+    let (at_hold, reached) = tokio::sync::oneshot::channel::<()>();
+    let (go, held) = tokio::sync::oneshot::channel::<()>();
     let pusher = tokio::spawn({
-        let (client, answered) = (client.clone(), answered.clone());
+        let client = client.clone();
+        let (mut at_hold, mut held) = (Some(at_hold), Some(held));
         async move {
             let mut results = Vec::new();
             for i in 0..PUSHES {
+                if i == HELD {
+                    let _ = at_hold.take().map(|t| t.send(()));
+                    if let Some(held) = held.take() {
+                        let _ = held.await;
+                    }
+                }
                 let batch = [
                     Mutation::put("docs", format!("d{i}"), json!({"i": i})),
                     Mutation::put("docs", "counter", json!({"n": i})),
                 ];
                 results.push(client.push(batch).await.expect("push"));
-                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             results
         }
     });
 
-    wait_for("a few pushes", async || head(&server).await >= 10).await;
-    // From now on no answer reaches the client; the next push commits.
-    gate.hold();
-    // A push is committed (two seqs each) whose answer the gate holds:
-    // the one in flight at the hold, or the next one.
-    wait_for("a committed push whose answer is held", async || {
-        head(&server).await / 2 > answered.load(std::sync::atomic::Ordering::SeqCst)
+    reached.await.expect("the pusher reaches the hold");
+    // From now on no answer reaches the client, on any of its connections;
+    // the next push commits.
+    gate.allow(0);
+    go.send(()).expect("the pusher waits");
+    wait_for("the held push committed", async || {
+        head(&server).await == 2 * (HELD + 1)
     })
     .await;
     server.kill_9();
     let server = Process::start_at(&addr, data.as_ref(), &[], |_| {});
-    gate.cut(u64::MAX);
+    // Broken with nothing allowed (a raised allowance could deliver the held
+    // answer before the abort), then open for the retry's new connection.
+    gate.cut(0);
+    gate.open();
 
     let results = tokio::time::timeout(Duration::from_secs(60), pusher)
         .await
@@ -121,9 +134,13 @@ async fn a_push_lost_in_a_kill_is_retried_and_applied_once() {
     let all: Vec<_> = results.iter().flat_map(|r| &r.results).collect();
     assert_eq!(all.len(), usize::try_from(2 * PUSHES).unwrap());
     assert!(all.iter().all(|r| r.is_applied()), "{all:#?}");
+    let held_push = &results[usize::try_from(HELD).unwrap()];
     assert!(
-        all.iter().any(|r| r.applied_by_earlier_attempt),
-        "the held push was answered by its retry"
+        held_push
+            .results
+            .iter()
+            .all(|r| r.applied_by_earlier_attempt),
+        "the held push was answered by its retry: {held_push:?}"
     );
 
     let mut c = server.client().await;
@@ -368,7 +385,8 @@ async fn an_unacknowledged_push_is_resent_with_its_ids() {
         .build()
         .unwrap();
     client.put("docs", "warm", json!({})).await.unwrap();
-    gate.hold();
+    // Nothing more passes, on any of the client's connections.
+    gate.allow(0);
     let err = client
         .push([
             Mutation::put("docs", "b", json!({"v": 1})),

@@ -12,13 +12,13 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     pin::Pin,
     sync::{Arc, OnceLock},
     task::{Context, Poll},
     time::Instant,
 };
 
-use futures_util::future::BoxFuture;
 use http_body::{Body, Frame};
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -136,7 +136,7 @@ impl Method {
 /// Every known method by path, and the series of all other paths.
 struct Table {
     /// `/package.Service/Method` → its series.
-    methods: HashMap<String, Arc<Method>>,
+    methods: HashMap<String, Arc<Method>, foldhash::fast::RandomState>,
     /// For paths not served here.
     unknown: Arc<Method>,
 }
@@ -144,7 +144,7 @@ struct Table {
 impl Table {
     /// The methods of this server's services, from their descriptors.
     fn new(families: &RpcFamilies) -> Self {
-        let mut methods = HashMap::new();
+        let mut methods = HashMap::default();
         let sets = [
             crate::pb::FILE_DESCRIPTOR_SET,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
@@ -232,16 +232,11 @@ pub struct Rpc<S> {
 
 impl<S, B> Service<http::Request<B>> for Rpc<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = Counted<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -250,26 +245,52 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let method = self.table.lookup(request.uri().path());
         method.started.inc();
-        let mut call = Call {
+        let call = Call {
             method: Some(method),
             started: Instant::now(),
         };
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let response = match future.await {
-                Ok(response) => response,
-                Err(e) => {
-                    call.end(Code::Unknown);
-                    return Err(e);
-                }
-            };
-            // Trailers-only: the status is in the headers and nothing follows.
-            if let Some(code) = status_of(response.headers()) {
-                call.end(code);
-                return Ok(response);
+        Counted {
+            future: self.inner.call(request),
+            call,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of a counted call: its response, whose body counts the
+    /// call when its status comes (written out rather than boxed, so a
+    /// call costs no allocation here).
+    pub struct Counted<F> {
+        #[pin]
+        future: F,
+        call: Call,
+    }
+}
+
+impl<F, E> Future for Counted<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = match std::task::ready!(this.future.poll(cx)) {
+            Ok(response) => response,
+            Err(e) => {
+                this.call.end(Code::Unknown);
+                return Poll::Ready(Err(e));
             }
-            Ok(response.map(|body| tonic::body::Body::new(Observed { body, call })))
-        })
+        };
+        // Trailers-only: the status is in the headers and nothing follows.
+        if let Some(code) = status_of(response.headers()) {
+            this.call.end(code);
+            return Poll::Ready(Ok(response));
+        }
+        let call = this.call.take();
+        Poll::Ready(Ok(
+            response.map(|body| tonic::body::Body::new(Observed { body, call }))
+        ))
     }
 }
 
@@ -282,6 +303,14 @@ struct Call {
 }
 
 impl Call {
+    /// Moves the call out, leaving one that counts nothing.
+    fn take(&mut self) -> Self {
+        Self {
+            method: self.method.take(),
+            started: self.started,
+        }
+    }
+
     fn end(&mut self, code: Code) {
         if let Some(method) = self.method.take() {
             method.handled(code, self.started.elapsed().as_secs_f64());
@@ -331,10 +360,17 @@ impl Body for Observed {
     }
 }
 
+/// The header that carries a call's status.
+static GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// The `grpc-status` in `headers`, if any.
 fn status_of(headers: &http::HeaderMap) -> Option<Code> {
-    let value = headers.get("grpc-status")?;
-    let n: i32 = value.to_str().ok()?.trim().parse().ok()?;
+    let value = headers.get(&GRPC_STATUS)?.as_bytes();
+    // Almost always one digit, as tonic writes it.
+    if let [digit @ b'0'..=b'9'] = value {
+        return Some(Code::from_i32(i32::from(digit - b'0')));
+    }
+    let n: i32 = std::str::from_utf8(value).ok()?.trim().parse().ok()?;
     Some(Code::from_i32(n))
 }
 

@@ -556,7 +556,7 @@ impl Writer {
 
     /// Writes a planned group: its records first, as one batch, then the
     /// clients' mutation-id states and the head together, in one
-    /// transaction. The head is the commit mark: sled recovers its log as a
+    /// transaction (the head alone needs none). The head is the commit mark: sled recovers its log as a
     /// prefix, so the head is never recovered without the records before
     /// it, and records past the recovered head (a commit cut short, never
     /// acknowledged) are removed when the store opens
@@ -579,6 +579,21 @@ impl Writer {
                 (client, write.state.encode())
             })
             .collect();
+        // The head alone (no client states, no replication progress: a push
+        // without a client id) is one key, which sled writes atomically by
+        // itself; a transaction would cost it a multi-tree commit per group.
+        if states.is_empty() && group.clients_progress.is_none() {
+            if group.head == group.prev_head {
+                return Ok(());
+            }
+            return match t.meta.insert(keys::META_HEAD, &group.head.0.to_be_bytes()) {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    self.take_back(group);
+                    Err(e.into())
+                }
+            };
+        }
         let marked = (&t.clients, &t.meta).transaction(|(clients, meta)| {
             for (client, state) in &states {
                 clients.insert(client.as_bytes(), state.as_slice())?;
@@ -595,17 +610,22 @@ impl Writer {
             for (client, _) in &states {
                 self.unflushed.published(client, None);
             }
-            // Without the mark the records are not committed: take them
-            // back (a crash now leaves them for discard_uncommitted).
-            for doc in &group.changes {
-                let _ = t.log.remove(keys::seq_key(doc.seq));
-            }
+            self.take_back(group);
             return Err(match e {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => e.into(),
             });
         }
         Ok(())
+    }
+
+    /// Removes a group's records after its commit mark failed: without the
+    /// mark they are not committed (a crash before this leaves them for
+    /// [`discard_uncommitted`]).
+    fn take_back(&self, group: &GroupCommit) {
+        for doc in &group.changes {
+            let _ = self.trees.log.remove(keys::seq_key(doc.seq));
+        }
     }
 
     /// Removes delta-log entries and purges tombstones that are still the

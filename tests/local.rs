@@ -402,6 +402,98 @@ async fn a_new_store_rebuilds_the_base_and_keeps_the_outbox() {
     assert_eq!(view(&r, "todos"), server_view(&b, "todos").await);
 }
 
+/// Rule: when a fresh server with another store takes the address the
+/// replica synced with (nothing reconfigured, the replica stays open), the
+/// next sync notices the store change (the old checkpoint is refused),
+/// rebuilds the base from a Pull from 0 of the new store and pushes the
+/// outbox there; nothing is lost: a write based on a version only the old
+/// store had conflicts (base ahead) and is parked with its ancestor, and
+/// resolved it reaches the new store.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_store_at_the_same_address_rebuilds_the_base_and_keeps_the_outbox() {
+    let mut s1 = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = init(dir.path(), &url(&s1), &[("todos", Resolver::Manual)]);
+    r.put("todos", "old", json!({"title": "Old", "n": 0}))
+        .unwrap();
+    r.sync().await.unwrap();
+    assert_eq!(r.get("todos", "old").unwrap().unwrap().document.version, 1);
+    // Offline writes: one on a document of the old store, one new.
+    r.patch("todos", "old", json!({"n": 1})).unwrap();
+    r.put("todos", "new", json!({"written": "offline"}))
+        .unwrap();
+    let addr = s1.addr;
+    s1.stop().await;
+
+    let s2 = TestServer::start_at(addr).await;
+    assert_eq!(s2.addr, addr);
+    Client::connect([url(&s2)])
+        .unwrap()
+        .put("todos", "b1", json!({"from": "s2"}))
+        .await
+        .unwrap();
+    let report = r.sync().await.expect("sync");
+    assert!(report.resynced, "the store change is noticed: {report:?}");
+    assert_eq!(
+        (report.acknowledged, report.parked, report.remaining),
+        (1, 1, 1),
+        "{report:?}"
+    );
+    // The old store's document is gone from the base, but not my write.
+    let conflicts = r.conflicts().unwrap();
+    assert_eq!(conflicts.len(), 1);
+    let c = &conflicts[0];
+    assert_eq!(c.id, "old");
+    assert_eq!(c.server, None, "the new store never had it");
+    assert_eq!(c.base, Some(body(json!({"title": "Old", "n": 0}))));
+    assert_eq!(c.local, Some(body(json!({"title": "Old", "n": 1}))));
+    // The view replays the pending patch on the new store's base, where
+    // the document does not exist; the conflict keeps the ancestor, so a
+    // resolution can restore the whole body.
+    let shown = r.get("todos", "old").unwrap().unwrap();
+    assert!(shown.pending);
+    assert_eq!(shown.document.body, Some(body(json!({"n": 1}))));
+
+    let mine = c.local.clone().unwrap();
+    r.resolve("todos", "old", Resolution::Merged(mine.clone()))
+        .unwrap();
+    let report = r.sync().await.unwrap();
+    assert_eq!((report.acknowledged, report.remaining), (1, 0));
+    let expected = server_view(&s2, "todos").await;
+    assert_eq!(view(&r, "todos"), expected);
+    let ids: Vec<&str> = expected.iter().map(|d| d.0.as_str()).collect();
+    assert_eq!(ids, ["b1", "new", "old"]);
+    assert_eq!(expected[2].3, Some(mine));
+}
+
+// ---------------------------------------------------------------------
+// The todo story of `examples/local_todo.rs`
+// ---------------------------------------------------------------------
+
+#[allow(dead_code)] // its `main` is the example's
+#[path = "../examples/local_todo.rs"]
+mod local_todo;
+
+/// Rule: the example's story (two replicas, one offline, a conflict on
+/// `done` merged by hand) ends with both replicas' views equal to the
+/// server's Pull from 0, holding A's title and B's `done`, nothing pending.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_todo_story_converges() {
+    let s = TestServer::start().await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = local_todo::story(&[url(&s).as_str()], da.path(), db.path(), "milk")
+        .await
+        .expect("the story runs");
+    let expected = server_view(&s, "todos").await;
+    assert_eq!(view(&a, "todos"), expected);
+    assert_eq!(view(&b, "todos"), expected);
+    assert_eq!(
+        expected[0].3,
+        Some(body(json!({"title": "Buy oat milk", "done": true})))
+    );
+    assert!(a.pending().unwrap().is_empty() && b.pending().unwrap().is_empty());
+}
+
 // ---------------------------------------------------------------------
 // The command line
 // ---------------------------------------------------------------------

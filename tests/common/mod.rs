@@ -98,8 +98,28 @@ impl TestServer {
         .await
     }
 
+    /// A server with a new, empty store at `addr` (the address of one
+    /// stopped before): to its clients, the same server with another store.
+    pub async fn start_at(addr: SocketAddr) -> Self {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let config = Config::for_data_dir(dir.path().join("store"));
+        let listener = TcpListener::bind(addr)
+            .await
+            .expect("bind the same address");
+        Self::launch_on(listener, config, dir, store::Options::default()).await
+    }
+
     async fn launch(config: Config, dir: Arc<tempfile::TempDir>, options: store::Options) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::launch_on(listener, config, dir, options).await
+    }
+
+    async fn launch_on(
+        listener: TcpListener,
+        config: Config,
+        dir: Arc<tempfile::TempDir>,
+        options: store::Options,
+    ) -> Self {
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(deltasync::serve_with(

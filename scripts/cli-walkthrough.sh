@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A walk-through of the deltasync CLI against a fresh server: put, get,
-# patch, push, pull, watch (bounded), status, conflict, all with -w json,
-# each output checked. Builds nothing: the binary is $DELTASYNC_BIN, else
+# patch, push, pull, watch (bounded), status, conflict, snapshot save and
+# restore, all with -w json, each output checked and echoed to stderr (with
+# `tee -a`: a plain `tee /dev/stderr` truncates a log file that stderr is
+# redirected to). Builds nothing: the binary is $DELTASYNC_BIN, else
 # target/release/deltasync. Exits non-zero on the first mismatch.
 set -euo pipefail
 
@@ -29,15 +31,15 @@ for _ in $(seq 100); do ds status >/dev/null 2>&1 && break; sleep 0.1; done
 ds status >/dev/null
 
 echo "== put"
-ds put todos milk '{"title": "Buy milk", "done": false}' | tee /dev/stderr |
+ds put todos milk '{"title": "Buy milk", "done": false}' | tee -a /dev/stderr |
   check 'd[0]["outcome"] == "OUTCOME_APPLIED" and d[0]["document"]["version"] == "1"'
 
 echo "== get"
-ds get todos milk | tee /dev/stderr |
+ds get todos milk | tee -a /dev/stderr |
   check 'd[0]["body"] == {"title": "Buy milk", "done": False} and d[0]["seq"] == "1"'
 
 echo "== patch against version 1"
-ds patch todos milk '{"done": true}' --base-version 1 | tee /dev/stderr |
+ds patch todos milk '{"done": true}' --base-version 1 | tee -a /dev/stderr |
   check 'd[0]["document"]["version"] == "2" and d[0]["document"]["body"]["done"] is True'
 
 echo "== a stale patch of the same field conflicts (exit 3)"
@@ -53,26 +55,26 @@ printf '%s\n' \
   '{"collection": "todos", "id": "bread", "put": {"title": "Bread"}}' \
   '{"collection": "notes", "id": "n1", "put": {"text": "hello"}, "baseVersion": "0"}' \
   '{"collection": "todos", "id": "milk", "delete": {}}' |
-  ds push -f - | tee /dev/stderr |
+  ds push -f - | tee -a /dev/stderr |
   check 'len(d) == 3 and all(r["outcome"] == "OUTCOME_APPLIED" for r in d)'
 
 echo "== pull everything, then one collection"
-ds pull | tee /dev/stderr |
+ds pull | tee -a /dev/stderr |
   check '[x["id"] for x in d] == ["bread", "n1", "milk"] and d[2]["deleted"] is True'
 ds pull --collection notes | check '[x["id"] for x in d] == ["n1"]'
 
 echo "== watch from 0, bounded to 3 documents"
-timeout 10 "$BIN" watch --since 0 --count 3 -w json | tee /dev/stderr |
+timeout 10 "$BIN" watch --since 0 --count 3 -w json | tee -a /dev/stderr |
   check '[x["seq"] for x in d] == ["3", "4", "5"]'
 
 echo "== status"
-ds status | tee /dev/stderr |
+ds status | tee -a /dev/stderr |
   check 'd[0]["role"] == "ROLE_PRIMARY" and d[0]["head"] == "5"'
 
 echo "== snapshot save while serving, restore into a new data dir"
-"$BIN" snapshot save "$DIR/backup.snap" | tee /dev/stderr |
+"$BIN" snapshot save "$DIR/backup.snap" | tee -a /dev/stderr |
   check 'd[0]["checkpoint"] == "5"'
-"$BIN" snapshot restore "$DIR/backup.snap" --data-dir "$DIR/restored" | tee /dev/stderr |
+"$BIN" snapshot restore "$DIR/backup.snap" --data-dir "$DIR/restored" | tee -a /dev/stderr |
   check 'd[0]["checkpoint"] == "5"'
 [ -d "$DIR/restored" ] || { echo "no restored data dir" >&2; exit 1; }
 

@@ -523,3 +523,43 @@ async fn a_restored_primary_begins_a_new_epoch() {
         "{status:?}"
     );
 }
+
+/// Rule: a store restored from a snapshot can seed a new replica of the
+/// same primary: started with `--replicate-from`, it keeps the primary's
+/// epoch (no new epoch: that would depose the primary), resumes after the
+/// snapshot's checkpoint and ends with the primary's documents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_store_seeds_a_replica_of_the_same_primary() {
+    let source = TestServer::start().await;
+    let mut client = source.client.clone();
+    push(&mut client, "w", vec![put("c", "a", json!({"n": 1}))]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("s.snap");
+    let summary = save(source.addr, &file).await.expect("save");
+    push(&mut client, "w", vec![put("c", "b", json!({"n": 2}))]).await;
+    push(&mut client, "w", vec![patch("c", "a", json!({"m": 3}))]).await;
+
+    let target = dir.path().join("seed");
+    snapshot::restore(&file, &target).await.expect("restore");
+    let primary = format!("http://{}", source.addr);
+    let seeded = target.clone();
+    let mut replica = TestServer::start_with(move |c| {
+        c.data_dir = seeded;
+        c.replicate_from = Some(primary);
+    })
+    .await;
+    let (expected, _) = pull_all(&mut client, 0).await;
+    let mut copy = replica.client.clone();
+    common::eventually(|| {
+        let (mut copy, expected) = (copy.clone(), expected.clone());
+        async move { pull_all(&mut copy, 0).await.0 == expected }
+    })
+    .await;
+    let (documents, last) = pull_all(&mut copy, 0).await;
+    assert_eq!(documents, expected);
+    assert_eq!(last.store_id, summary.store_id);
+    // The primary still takes writes in its own epoch: it was not deposed.
+    let answer = push(&mut client, "w", vec![put("c", "d", json!({}))]).await;
+    assert_eq!(answer.checkpoint_epoch, summary.epoch);
+    replica.stop().await;
+}

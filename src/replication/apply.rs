@@ -5,7 +5,6 @@
 //! builds a replica.
 
 use tokio::sync::oneshot;
-use tonic::Code;
 
 use super::convert;
 use crate::{
@@ -37,30 +36,6 @@ impl From<StoreError> for Failure {
         match e {
             StoreError::StoreMismatch { .. } => Self::Refused(e.to_string()),
             e => Self::Transient(format!("local store: {e}")),
-        }
-    }
-}
-
-impl From<tonic::Status> for Failure {
-    fn from(s: tonic::Status) -> Self {
-        let info = tonic_types::StatusExt::get_error_details(&s)
-            .error_info()
-            .cloned();
-        let reason = info.as_ref().map(|i| i.reason.as_str()).unwrap_or_default();
-        let message = format!("primary: {} ({:?})", s.message(), s.code());
-        let first = info
-            .as_ref()
-            .and_then(|i| i.metadata.get("first"))
-            .and_then(|f| f.parse().ok());
-        match (s.code(), reason) {
-            (Code::FailedPrecondition, "DIVERGED") if let Some(first) = first => {
-                Self::Diverged(Seq(first), message)
-            }
-            (Code::FailedPrecondition, "STORE_MISMATCH" | "DIVERGED") => Self::Refused(message),
-            (Code::OutOfRange, _) => Self::Refused(format!(
-                "{message}; this replica missed deletions the primary purged: start it from an empty data directory"
-            )),
-            _ => Self::Transient(message),
         }
     }
 }
@@ -130,11 +105,6 @@ impl Applier {
             expected: store.written(),
             partial: None,
         })
-    }
-
-    /// The head after the last whole commit queued.
-    pub fn expected(&self) -> Seq {
-        self.expected
     }
 
     /// Applies one message after the hello: a whole commit (or client

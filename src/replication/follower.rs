@@ -8,7 +8,7 @@ use std::{collections::VecDeque, time::Duration};
 
 use futures_util::StreamExt;
 use tokio::{task::JoinHandle, time::Instant};
-use tonic::transport::Endpoint;
+use tonic::{Code, transport::Endpoint};
 
 use super::{
     Node, Role,
@@ -58,6 +58,31 @@ pub fn spawn(node: Node, shutdown: CancellationToken) -> Handle {
     let stop = shutdown.child_token();
     let task = tokio::spawn(run(node, stop.clone()));
     Handle { stop, task }
+}
+
+/// What the primary's refusal means for following.
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        let info = tonic_types::StatusExt::get_error_details(&s)
+            .error_info()
+            .cloned();
+        let reason = info.as_ref().map(|i| i.reason.as_str()).unwrap_or_default();
+        let message = format!("primary: {} ({:?})", s.message(), s.code());
+        let first = info
+            .as_ref()
+            .and_then(|i| i.metadata.get("first"))
+            .and_then(|f| f.parse().ok());
+        match (s.code(), reason) {
+            (Code::FailedPrecondition, "DIVERGED") if let Some(first) = first => {
+                Self::Diverged(Seq(first), message)
+            }
+            (Code::FailedPrecondition, "STORE_MISMATCH" | "DIVERGED") => Self::Refused(message),
+            (Code::OutOfRange, _) => Self::Refused(format!(
+                "{message}; this replica missed deletions the primary purged: start it from an empty data directory"
+            )),
+            _ => Self::Transient(message),
+        }
+    }
 }
 
 async fn run(node: Node, stop: CancellationToken) {

@@ -554,21 +554,30 @@ impl Writer {
         }
     }
 
-    /// Writes a planned group: its records first, as one batch, then the
-    /// clients' mutation-id states and the head together, in one
-    /// transaction (the head alone needs none). The head is the commit mark: sled recovers its log as a
-    /// prefix, so the head is never recovered without the records before
-    /// it, and records past the recovered head (a commit cut short, never
-    /// acknowledged) are removed when the store opens
-    /// ([`discard_uncommitted`]). sled's multi-tree transactions read every
-    /// key before writing it; the records skip that.
+    /// Writes a planned group: its records first, one insert each, then
+    /// the clients' mutation-id states and the head together, in one
+    /// transaction (the head alone needs none). The head is the commit
+    /// mark: sled recovers its log as a prefix (its recovery stops at the
+    /// first torn message), so the head is never recovered without the
+    /// records before it, and records past the recovered head (a commit cut
+    /// short, never acknowledged) are removed when the store opens
+    /// ([`discard_uncommitted`]).
+    ///
+    /// So the records need neither a transaction nor a `sled::Batch`: a
+    /// transaction reads every key before writing it, and every batch or
+    /// transaction first seals sled's current IO buffer and then its own
+    /// (`PageCache::pin_log`), which costs two log writes with two
+    /// `sync_file_range` calls on sled's thread pool, waking all its idle
+    /// threads, whether or not anyone flushes. Plain inserts leave the
+    /// buffer to the group's one flush (docs/benchmarks.md, "Third pass").
     fn write(&self, group: &GroupCommit) -> Result<(), StoreError> {
         let t = &self.trees;
-        let mut records = sled::Batch::default();
         for (doc, record) in group.changes.iter().zip(&group.records) {
-            records.insert(&keys::seq_key(doc.seq), record.as_slice());
+            if let Err(e) = t.log.insert(keys::seq_key(doc.seq), record.as_slice()) {
+                self.take_back(group);
+                return Err(e.into());
+            }
         }
-        t.log.apply_batch(records)?;
         // Before the states are written: readers go on seeing the durable
         // ones until this commit is published.
         let states: Vec<(&String, Vec<u8>)> = group

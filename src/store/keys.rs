@@ -38,6 +38,10 @@ pub const META_SEEN_EPOCH: &[u8] = b"seen_epoch";
 /// Meta key: on a replica, how complete its client states are (see
 /// `replica::ClientsProgress`); absent on a store that never followed one.
 pub const META_CLIENTS_PROGRESS: &[u8] = b"clients_progress";
+/// Meta key: the last group commit's client states and progress, written
+/// just before its head and replayed at open (see `redo`); absent after a
+/// clean stop.
+pub const META_REDO: &[u8] = b"redo";
 /// Meta key: the on-disk layout version.
 pub const META_SCHEMA: &[u8] = b"schema_version";
 

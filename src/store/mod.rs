@@ -22,6 +22,7 @@ pub mod model;
 pub mod pull;
 pub mod push;
 pub mod readahead;
+pub mod redo;
 pub mod replica;
 pub mod writer;
 
@@ -702,13 +703,20 @@ fn last_commit_time(trees: &Trees) -> Result<SystemTime, StoreError> {
     }
 }
 
-/// Reads the head seq, the commit mark, and removes records past it: a
-/// group commit cut short by a crash (see `Writer::write`).
+/// Reads the head seq, the commit mark, removes records past it (a group
+/// commit cut short by a crash, see `Writer::write`) and replays the last
+/// group's client states from its redo record.
 fn recover_head(db: &sled::Db, trees: &Trees) -> Result<Seq, StoreError> {
     let head = Seq(read_meta_u64(&trees.meta, keys::META_HEAD)?);
     let discarded = writer::discard_uncommitted(trees, head)?;
     if discarded > 0 {
         tracing::warn!(discarded, %head, "removed the records of a commit that did not complete");
+    }
+    let redo = redo::recover(trees, head)?;
+    if redo == Some(true) {
+        tracing::info!(%head, "wrote the last commit's client states again from its redo record");
+    }
+    if discarded > 0 || redo.is_some() {
         db.flush()?;
     }
     Ok(head)

@@ -24,10 +24,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use sled::{
-    Transactional,
-    transaction::{ConflictableTransactionError, TransactionError},
-};
+use sled::{Transactional, transaction::ConflictableTransactionError};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
@@ -44,6 +41,7 @@ use super::{
     model::{Document, PushBatch, PushOutcome, Seq},
     pull,
     push::{self, GroupCommit, Limits},
+    redo,
     replica::{self, ClientsProgress, Epochs, ReplicatedCommit},
 };
 
@@ -403,7 +401,10 @@ impl Writer {
             || group.clients_progress.is_some();
         if wrote && let Err(e) = self.write(&group) {
             tracing::error!(cause = %e, "group commit failed");
-            return Err(StoreError::CommitFailed);
+            return Err(match e {
+                StoreError::OutcomeUnknown => e,
+                _ => StoreError::CommitFailed,
+            });
         }
         let GroupCommit {
             outcomes,
@@ -548,28 +549,40 @@ impl Writer {
             return;
         }
         let write = self.writes.load(Ordering::Acquire);
+        // Everything it holds is written: a cleanly stopped store has none
+        // (and a build that predates it finds nothing to miss).
+        if let Err(e) = redo::clear(&self.trees.meta) {
+            tracing::error!(cause = %e, "removing the redo record failed");
+        }
         match self.faults.flush(&self.db) {
             Ok(_) => self.publish(local, write),
             Err(e) => tracing::error!(cause = %e, "final flush failed"),
         }
     }
 
-    /// Writes a planned group: its records first, one insert each, then
-    /// the clients' mutation-id states and the head together, in one
-    /// transaction (the head alone needs none). The head is the commit
-    /// mark: sled recovers its log as a prefix (its recovery stops at the
-    /// first torn message), so the head is never recovered without the
-    /// records before it, and records past the recovered head (a commit cut
-    /// short, never acknowledged) are removed when the store opens
-    /// ([`discard_uncommitted`]).
+    /// Writes a planned group with plain sled inserts, in this order: its
+    /// records; if it records client states or a replica's clients'
+    /// progress, a redo record holding them with the head ([`redo`]); the
+    /// head; then the states and progress themselves. The head is the
+    /// commit mark (for a group that only records states, the redo record
+    /// is): sled recovers a prefix of its log (its recovery stops at the
+    /// first torn message), so a recovered mark always has what was written
+    /// before it. At open, records past the recovered head are removed
+    /// ([`discard_uncommitted`]) and the states of the group whose redo
+    /// record matches it are written again.
     ///
-    /// So the records need neither a transaction nor a `sled::Batch`: a
-    /// transaction reads every key before writing it, and every batch or
-    /// transaction first seals sled's current IO buffer and then its own
-    /// (`PageCache::pin_log`), which costs two log writes with two
-    /// `sync_file_range` calls on sled's thread pool, waking all its idle
-    /// threads, whether or not anyone flushes. Plain inserts leave the
-    /// buffer to the group's one flush (docs/benchmarks.md, "Third pass").
+    /// No `sled::Batch` and no transaction: a transaction reads every key
+    /// before writing it, and every batch or transaction first seals sled's
+    /// current IO buffer and then its own (`PageCache::pin_log`), which
+    /// costs two log writes with two `sync_file_range` calls on sled's
+    /// thread pool, waking all its idle threads, whether or not anyone
+    /// flushes. Plain inserts leave the buffer to the group's one flush
+    /// (docs/benchmarks.md, "Third pass").
+    ///
+    /// A failure before the mark leaves nothing committed (what was
+    /// written is taken back); a failure after it stops the store, as a
+    /// failed flush does: the commit may be on disk or not, and a restart
+    /// finds out.
     fn write(&self, group: &GroupCommit) -> Result<(), StoreError> {
         let t = &self.trees;
         for (doc, record) in group.changes.iter().zip(&group.records) {
@@ -577,6 +590,23 @@ impl Writer {
                 self.take_back(group);
                 return Err(e.into());
             }
+        }
+        let moved = group.head != group.prev_head;
+        let head = group.head.0.to_be_bytes();
+        // The head alone (no client states, no replication progress: a push
+        // without a client id) is one key, atomic by itself.
+        if group.clients.is_empty() && group.clients_progress.is_none() {
+            if !moved {
+                return Ok(());
+            }
+            return t
+                .meta
+                .insert(keys::META_HEAD, &head)
+                .map(drop)
+                .map_err(|e| {
+                    self.take_back(group);
+                    e.into()
+                });
         }
         // Before the states are written: readers go on seeing the durable
         // ones until this commit is published.
@@ -588,42 +618,43 @@ impl Writer {
                 (client, write.state.encode())
             })
             .collect();
-        // The head alone (no client states, no replication progress: a push
-        // without a client id) is one key, which sled writes atomically by
-        // itself; a transaction would cost it a multi-tree commit per group.
-        if states.is_empty() && group.clients_progress.is_none() {
-            if group.head == group.prev_head {
-                return Ok(());
+        let progress = group.clients_progress.as_ref().map(|p| p.encode());
+        let record = redo::Redo::encode(group.head, progress, &states);
+        let marked = t.meta.insert(keys::META_REDO, record).and_then(|_| {
+            if moved {
+                t.meta.insert(keys::META_HEAD, &head)?;
             }
-            return match t.meta.insert(keys::META_HEAD, &group.head.0.to_be_bytes()) {
-                Ok(_) => Ok(()),
-                Err(e) => {
-                    self.take_back(group);
-                    Err(e.into())
-                }
-            };
-        }
-        let marked = (&t.clients, &t.meta).transaction(|(clients, meta)| {
-            for (client, state) in &states {
-                clients.insert(client.as_bytes(), state.as_slice())?;
-            }
-            if group.head != group.prev_head {
-                meta.insert(keys::META_HEAD, &group.head.0.to_be_bytes())?;
-            }
-            if let Some(progress) = &group.clients_progress {
-                meta.insert(keys::META_CLIENTS_PROGRESS, &progress.encode())?;
-            }
-            Ok::<_, ConflictableTransactionError<StoreError>>(())
+            Ok(())
         });
         if let Err(e) = marked {
+            // Neither mark is down (a failed insert writes nothing), or
+            // only the redo record, whose head is ahead of the recovered
+            // one: ignored at open. It is removed now so that a later
+            // commit reaching this head cannot replay it.
             for (client, _) in &states {
                 self.unflushed.published(client, None);
             }
             self.take_back(group);
-            return Err(match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => e.into(),
+            if redo::clear(&t.meta).is_err() {
+                self.stop();
+            }
+            return Err(e.into());
+        }
+        let applied = states
+            .iter()
+            .try_for_each(|(client, state)| {
+                t.clients
+                    .insert(client.as_bytes(), state.as_slice())
+                    .map(drop)
+            })
+            .and_then(|()| match progress {
+                Some(p) => t.meta.insert(keys::META_CLIENTS_PROGRESS, &p).map(drop),
+                None => Ok(()),
             });
+        if let Err(e) = applied {
+            tracing::error!(cause = %e, "writing client states after the commit mark failed; no more writes until restarted");
+            self.stop();
+            return Err(StoreError::OutcomeUnknown);
         }
         Ok(())
     }
@@ -744,6 +775,8 @@ impl Writer {
             Admin::Flush => {}
             Admin::Promote(epochs) => {
                 let epoch = epochs.current();
+                // Nor bring the clients' progress back after this.
+                redo::clear(meta)?;
                 meta.insert(keys::META_EPOCHS, epochs.encode())?;
                 meta.insert(keys::META_SEEN_EPOCH, &epoch.to_be_bytes())?;
                 meta.remove(keys::META_CLIENTS_PROGRESS)?;
@@ -806,6 +839,7 @@ impl Writer {
             batch.remove(&keys::seq_key(*seq));
         }
         log.apply_batch(batch)?;
+        redo::clear(&self.trees.meta)?;
         self.trees.clients.clear()?;
         self.trees
             .meta
@@ -837,6 +871,8 @@ impl Writer {
         if self.stopped.get() {
             return Err(StoreError::Stopped);
         }
+        // An old redo record must not bring a forgotten client back.
+        redo::clear(&self.trees.meta)?;
         let mut gone = Vec::new();
         for client in &forget.clients {
             let Some(bytes) = self.trees.clients.get(client.as_bytes())? else {
@@ -995,5 +1031,72 @@ mod tests {
         let ids: Vec<_> = page.documents.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["b"]);
         store.close().await;
+    }
+
+    /// Client `c1`'s mutation `n`: a put of document `id`.
+    fn tracked(n: u64, id: &str) -> PushBatch {
+        let mut batch = put(id);
+        batch.client_id = "c1".into();
+        batch.updated_by = "c1".into();
+        batch.mutations[0].mutation_id = n;
+        batch
+    }
+
+    /// Rule: a group's client states are durable exactly when its commit
+    /// is. A crash after the commit mark but before the states leaves the
+    /// redo record, which puts them back at open (a retry is DUPLICATE,
+    /// not applied twice); a crash before the mark leaves a record whose
+    /// head is ahead, which is ignored (the retry is applied once).
+    #[tokio::test]
+    async fn client_states_are_durable_exactly_with_their_commit() {
+        for committed in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let raw = || testing::reopen(|| sled::open(dir.path()));
+            let state = |db: &sled::Db| db.open_tree(keys::CLIENTS).unwrap().get("c1").unwrap();
+            let store = Store::open(dir.path(), Options::default()).unwrap();
+            store.push(tracked(1, "a")).await.unwrap();
+            store.close().await;
+            drop(store);
+            let first = state(&raw()).unwrap();
+            let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
+            store.push(tracked(2, "b")).await.unwrap();
+            store.close().await;
+            drop(store);
+            {
+                // What a crash leaves: the second group's records and
+                // redo record, its head (or the first's), and c1's state
+                // still the first.
+                let db = raw();
+                let meta = db.open_tree(keys::META).unwrap();
+                assert!(
+                    meta.get(keys::META_REDO).unwrap().is_none(),
+                    "a clean stop leaves no redo record"
+                );
+                let second = state(&db).unwrap().to_vec();
+                let c1 = "c1".to_string();
+                let record = redo::Redo::encode(Seq(2), None, &[(&c1, second)]);
+                meta.insert(keys::META_REDO, record).unwrap();
+                if !committed {
+                    meta.insert(keys::META_HEAD, &1u64.to_be_bytes()).unwrap();
+                }
+                db.open_tree(keys::CLIENTS)
+                    .unwrap()
+                    .insert("c1", first.clone())
+                    .unwrap();
+                db.flush().unwrap();
+            }
+            let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
+            let retry = store.push(tracked(2, "b")).await.unwrap();
+            let (want, head) = if committed {
+                (Outcome::Duplicate, Seq(2))
+            } else {
+                (Outcome::Applied, Seq(2))
+            };
+            assert_eq!(retry.results[0].outcome, want, "committed: {committed}");
+            assert_eq!(store.head(), head, "committed: {committed}");
+            let b = store.get("c".into(), vec!["b".into()]).await.unwrap();
+            assert_eq!(b[0].version, Version(1), "b written once");
+            store.close().await;
+        }
     }
 }

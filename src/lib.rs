@@ -20,7 +20,7 @@
 //!   version), the in-memory document index (`store::index`), bodies kept in
 //!   their `google.protobuf.Struct` encoding (`store::body`, served without
 //!   re-encoding), the pure conflict check, push planning, the group-commit
-//!   writer, reads (with read-ahead for paged pulls), the subscriber feed
+//!   writer (atomic through its commit mark and `store::redo`), reads (with read-ahead for paged pulls), the subscriber feed
 //!   (one broadcast ring, catch-up from the log), retention
 //!   (`store::compaction`) and upgrades from earlier layouts
 //!   (`store::migrate`).

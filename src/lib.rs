@@ -66,6 +66,7 @@ pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod metrics;
 pub mod pb;

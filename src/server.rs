@@ -3,6 +3,7 @@
 
 use std::future::Future;
 
+use futures_util::TryStreamExt;
 use tokio::net::TcpListener;
 use tonic::transport::{Server, server::TcpIncoming};
 
@@ -266,15 +267,22 @@ async fn run(
     let server: std::pin::Pin<
         Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
     > = match tls {
-        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
-            crate::tls::incoming(listener, tls, streams.clone()),
-            signal,
-        )),
-        None => Box::pin(router.serve_with_incoming_shutdown(
-            // Without TCP_NODELAY small responses wait out delayed ACKs (~40 ms).
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            signal,
-        )),
+        Some(tls) => Box::pin(
+            router.serve_with_incoming_shutdown(
+                crate::tls::incoming(listener, tls, streams.clone())
+                    .map_ok(crate::conn::Coalescing::new),
+                signal,
+            ),
+        ),
+        None => Box::pin(
+            router.serve_with_incoming_shutdown(
+                // Without TCP_NODELAY small responses wait out delayed ACKs (~40 ms).
+                TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .map_ok(crate::conn::Coalescing::new),
+                signal,
+            ),
+        ),
     };
     let grace = config.shutdown_grace;
     tokio::select! {

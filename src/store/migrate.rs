@@ -12,7 +12,7 @@
 use std::time::{Instant, SystemTime};
 
 use super::{
-    SCHEMA_VERSION, Trees, clients, codec,
+    SCHEMA_VERSION, SCHEMA_VERSION_REDO, Trees, clients, codec,
     error::StoreError,
     keys::{self, DocKey},
     model::{Body, Document, EncodedBody, Seq, Version},
@@ -32,7 +32,8 @@ pub fn upgrade(db: &sled::Db, trees: &Trees, now: SystemTime) -> Result<(), Stor
                     .insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
             }
             Some(v) => match keys::parse_u64(&v) {
-                Some(SCHEMA_VERSION) => break,
+                // A redo record may be pending: replayed by `redo::recover`.
+                Some(SCHEMA_VERSION | SCHEMA_VERSION_REDO) => break,
                 Some(1) => from_v1(db, trees)?,
                 Some(2) => from_v2(db, trees, now)?,
                 Some(3) => from_v3(db, trees)?,

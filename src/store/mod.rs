@@ -57,6 +57,12 @@ pub use self::{
 /// earlier ones).
 pub const SCHEMA_VERSION: u64 = 4;
 
+/// The same layout while a redo record may be pending (see `redo`): from
+/// the first one a process writes until a clean stop. A build from before
+/// the record refuses it rather than miss the record after a crash; a
+/// cleanly stopped store is [`SCHEMA_VERSION`] again.
+pub const SCHEMA_VERSION_REDO: u64 = 5;
+
 /// Source of the time stamped on changes and used for retention; injectable
 /// so tests can age data without waiting.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
@@ -236,6 +242,7 @@ impl Store {
             epoch: std::cell::Cell::new(replica::Epochs::read(&trees.meta)?.current()),
             purge_floor: purge_floor.clone(),
             metrics: options.metrics.clone(),
+            redo_marked: std::cell::Cell::new(false),
         };
         let spawn_failed = |e| StoreError::Storage(sled::Error::Io(e));
         let thread = std::thread::Builder::new()

@@ -23,12 +23,32 @@
 //! The record is removed then, and before anything else changes the
 //! clients' states or their progress (forgetting clients, discarding a
 //! divergent suffix, a promotion), so an old record is never replayed over
-//! them.
+//! them. A group whose record would exceed [`MAX_BYTES`] uses a sled
+//! transaction instead, which removes the record too.
+//!
+//! While a record may be pending the store's schema reads
+//! [`SCHEMA_VERSION_REDO`] ([`begin`]), so a build from before the record
+//! refuses the store instead of opening it after a crash without the
+//! replay; a clean stop removes the record and writes [`SCHEMA_VERSION`]
+//! back ([`finish`]), so rolling back to such a build still works after a
+//! clean stop.
+//!
+//! The prefix is what sled recovers after a *process* crash: everything
+//! handed to the kernel is read back in log order, and recovery's first
+//! pass cuts the log at the first torn message of its unstable tail. After
+//! a power loss it rests on sled's `sync_file_range`, as every commit mark
+//! here does.
 
-use super::{error::StoreError, keys, model::Seq};
+use super::{SCHEMA_VERSION, SCHEMA_VERSION_REDO, error::StoreError, keys, model::Seq};
 
 /// Tag of the stored form's first (and only) layout.
 const FORMAT: u8 = 1;
+
+/// Largest redo record written: sled keeps bigger values in files of their
+/// own, which it does not sync, so a group whose record would be bigger
+/// (a replica applying many commits' client states at once) writes its
+/// states and head in a sled transaction instead.
+pub const MAX_BYTES: usize = 64 * 1024;
 
 /// A group's client states and progress, with the head they belong to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,8 +64,12 @@ pub struct Redo {
 impl Redo {
     /// The stored form: `[FORMAT][head][has progress][progress?][count]`
     /// then per state `[id length][id][state length][state]`, all
-    /// big-endian u32 lengths.
-    pub fn encode(head: Seq, progress: Option<[u8; 16]>, states: &[(&String, Vec<u8>)]) -> Vec<u8> {
+    /// big-endian u32 lengths; `None` if a length does not fit.
+    pub fn encode(
+        head: Seq,
+        progress: Option<[u8; 16]>,
+        states: &[(&String, Vec<u8>)],
+    ) -> Option<Vec<u8>> {
         let size: usize = states.iter().map(|(c, s)| 8 + c.len() + s.len()).sum();
         let mut out = Vec::with_capacity(1 + 8 + 1 + 16 + 4 + size);
         out.push(FORMAT);
@@ -57,14 +81,14 @@ impl Redo {
             }
             None => out.push(0),
         }
-        push_len(&mut out, states.len());
+        push_len(&mut out, states.len())?;
         for (client, state) in states {
-            push_len(&mut out, client.len());
+            push_len(&mut out, client.len())?;
             out.extend_from_slice(client.as_bytes());
-            push_len(&mut out, state.len());
+            push_len(&mut out, state.len())?;
             out.extend_from_slice(state);
         }
-        out
+        Some(out)
     }
 
     /// Parses the stored form.
@@ -101,10 +125,9 @@ impl Redo {
     }
 }
 
-fn push_len(out: &mut Vec<u8>, len: usize) {
-    // Client ids and states are bounded far below 4 GiB by the request
-    // limits; saturating keeps a bug from writing a short length.
-    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+fn push_len(out: &mut Vec<u8>, len: usize) -> Option<()> {
+    out.extend_from_slice(&u32::try_from(len).ok()?.to_be_bytes());
+    Some(())
 }
 
 /// A cursor over the stored form.
@@ -151,6 +174,23 @@ pub fn clear(meta: &sled::Tree) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Marks the store as possibly holding a redo record, before the first one
+/// a process writes: a build from before the record refuses the store
+/// rather than open it after a crash without replaying it.
+pub fn begin(meta: &sled::Tree) -> Result<(), StoreError> {
+    meta.insert(keys::META_SCHEMA, &SCHEMA_VERSION_REDO.to_be_bytes())?;
+    Ok(())
+}
+
+/// At a clean stop, once every state is written: removes the record and
+/// marks the store as the plain layout again (in that order, so a crash
+/// between the two leaves a marked store without a record, which is fine).
+pub fn finish(meta: &sled::Tree) -> Result<(), StoreError> {
+    clear(meta)?;
+    meta.insert(keys::META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,7 +200,7 @@ mod tests {
         let a = "client-a".to_string();
         let b = "b".to_string();
         let states = vec![(&a, vec![1, 2, 3]), (&b, vec![])];
-        let bytes = Redo::encode(Seq(42), Some([7; 16]), &states);
+        let bytes = Redo::encode(Seq(42), Some([7; 16]), &states).unwrap();
         let redo = Redo::decode(&bytes).unwrap();
         assert_eq!(redo.head, Seq(42));
         assert_eq!(redo.progress, Some([7; 16]));
@@ -168,7 +208,7 @@ mod tests {
             redo.states,
             vec![(a.clone(), vec![1, 2, 3]), (b.clone(), vec![])]
         );
-        let none = Redo::encode(Seq(1), None, &[]);
+        let none = Redo::encode(Seq(1), None, &[]).unwrap();
         assert_eq!(Redo::decode(&none).unwrap().states, vec![]);
         // Every truncation, and a byte too many, is refused.
         for cut in 0..bytes.len() {

@@ -129,9 +129,28 @@ pub enum Command {
 pub struct Faults {
     /// When set, every flush fails as a full or failing disk would.
     pub fail_flush: Arc<AtomicBool>,
+    /// When set, how many more of a commit's inserts succeed; the next one
+    /// fails (a disk failing mid-commit; the process dying there, once the
+    /// store stops).
+    pub inserts_left: Arc<std::sync::Mutex<Option<usize>>>,
 }
 
 impl Faults {
+    /// Inserts into `tree`, or fails if told to.
+    fn insert(&self, tree: &sled::Tree, key: &[u8], value: &[u8]) -> Result<(), sled::Error> {
+        if let Ok(mut left) = self.inserts_left.lock()
+            && let Some(n) = left.as_mut()
+        {
+            if *n == 0 {
+                return Err(sled::Error::Io(std::io::Error::other(
+                    "injected insert failure",
+                )));
+            }
+            *n -= 1;
+        }
+        tree.insert(key, value).map(drop)
+    }
+
     /// Flushes `db`, or fails if told to.
     pub fn flush(&self, db: &sled::Db) -> Result<usize, sled::Error> {
         if self.fail_flush.load(Ordering::Relaxed) {
@@ -213,6 +232,9 @@ pub struct Writer {
     pub purge_floor: Arc<AtomicU64>,
     /// Counts group commits, flushes and pushed mutations' outcomes.
     pub metrics: Metrics,
+    /// Whether the store is marked as possibly holding a redo record
+    /// ([`redo::begin`]), done before the first one this process writes.
+    pub redo_marked: Cell<bool>,
 }
 
 /// State only the writer thread touches.
@@ -549,9 +571,10 @@ impl Writer {
             return;
         }
         let write = self.writes.load(Ordering::Acquire);
-        // Everything it holds is written: a cleanly stopped store has none
-        // (and a build that predates it finds nothing to miss).
-        if let Err(e) = redo::clear(&self.trees.meta) {
+        // Everything the redo record holds is written: a cleanly stopped
+        // store has none, and is marked as the plain layout again, which
+        // builds from before the record read.
+        if let Err(e) = redo::finish(&self.trees.meta) {
             tracing::error!(cause = %e, "removing the redo record failed");
         }
         match self.faults.flush(&self.db) {
@@ -565,28 +588,29 @@ impl Writer {
     /// progress, a redo record holding them with the head ([`redo`]); the
     /// head; then the states and progress themselves. The head is the
     /// commit mark (for a group that only records states, the redo record
-    /// is): sled recovers a prefix of its log (its recovery stops at the
-    /// first torn message), so a recovered mark always has what was written
-    /// before it. At open, records past the recovered head are removed
-    /// ([`discard_uncommitted`]) and the states of the group whose redo
-    /// record matches it are written again.
+    /// is): sled recovers a prefix of its log after a process crash, so a
+    /// recovered mark has what was written before it. At open, records past
+    /// the recovered head are removed ([`discard_uncommitted`]) and the
+    /// states of the group whose redo record matches it are written again.
     ///
-    /// No `sled::Batch` and no transaction: a transaction reads every key
-    /// before writing it, and every batch or transaction first seals sled's
-    /// current IO buffer and then its own (`PageCache::pin_log`), which
-    /// costs two log writes with two `sync_file_range` calls on sled's
-    /// thread pool, waking all its idle threads, whether or not anyone
-    /// flushes. Plain inserts leave the buffer to the group's one flush
-    /// (docs/benchmarks.md, "Third pass").
+    /// No `sled::Batch` and, below [`redo::MAX_BYTES`], no transaction: a
+    /// transaction reads every key before writing it, and every batch or
+    /// transaction first seals sled's current IO buffer and then its own
+    /// (`PageCache::pin_log`), which costs two log writes with two
+    /// `sync_file_range` calls on sled's thread pool, waking all its idle
+    /// threads, whether or not anyone flushes. Plain inserts leave the
+    /// buffer to the group's one flush (docs/benchmarks.md, "Third pass").
     ///
-    /// A failure before the mark leaves nothing committed (what was
-    /// written is taken back); a failure after it stops the store, as a
-    /// failed flush does: the commit may be on disk or not, and a restart
-    /// finds out.
+    /// A failure while writing the records takes them back: nothing is
+    /// marked. Once a mark has been tried, a failure may leave it on disk
+    /// or not (sled can fail an insert after installing it), so the store
+    /// stops, as after a failed flush, callers are told the outcome is
+    /// unknown, and a restart finds out.
     fn write(&self, group: &GroupCommit) -> Result<(), StoreError> {
         let t = &self.trees;
         for (doc, record) in group.changes.iter().zip(&group.records) {
-            if let Err(e) = t.log.insert(keys::seq_key(doc.seq), record.as_slice()) {
+            let key = keys::seq_key(doc.seq);
+            if let Err(e) = self.faults.insert(&t.log, &key, record) {
                 self.take_back(group);
                 return Err(e.into());
             }
@@ -599,14 +623,10 @@ impl Writer {
             if !moved {
                 return Ok(());
             }
-            return t
-                .meta
-                .insert(keys::META_HEAD, &head)
-                .map(drop)
-                .map_err(|e| {
-                    self.take_back(group);
-                    e.into()
-                });
+            return self
+                .faults
+                .insert(&t.meta, keys::META_HEAD, &head)
+                .map_err(|e| self.outcome_unknown(&e));
         }
         // Before the states are written: readers go on seeing the durable
         // ones until this commit is published.
@@ -619,44 +639,77 @@ impl Writer {
             })
             .collect();
         let progress = group.clients_progress.as_ref().map(|p| p.encode());
-        let record = redo::Redo::encode(group.head, progress, &states);
-        let marked = t.meta.insert(keys::META_REDO, record).and_then(|_| {
-            if moved {
-                t.meta.insert(keys::META_HEAD, &head)?;
+        let record = redo::Redo::encode(group.head, progress, &states)
+            .filter(|r| r.len() <= redo::MAX_BYTES);
+        let Some(record) = record else {
+            return self.write_in_transaction(group, &states, progress);
+        };
+        if !self.redo_marked.get() {
+            if let Err(e) = redo::begin(&t.meta) {
+                for (client, _) in &states {
+                    self.unflushed.published(client, None);
+                }
+                self.take_back(group);
+                return Err(e);
             }
-            Ok(())
+            self.redo_marked.set(true);
+        }
+        let mut written = self.faults.insert(&t.meta, keys::META_REDO, &record);
+        if moved {
+            written = written.and_then(|()| self.faults.insert(&t.meta, keys::META_HEAD, &head));
+        }
+        for (client, state) in &states {
+            written =
+                written.and_then(|()| self.faults.insert(&t.clients, client.as_bytes(), state));
+        }
+        if let Some(p) = progress {
+            written =
+                written.and_then(|()| self.faults.insert(&t.meta, keys::META_CLIENTS_PROGRESS, &p));
+        }
+        written.map_err(|e| self.outcome_unknown(&e))
+    }
+
+    /// A group whose redo record would be too big for one sled value kept
+    /// inline in its log (sled stores big values in separate files, which
+    /// it does not sync): its states, progress and head in one
+    /// transaction, which also removes an older redo record so that it
+    /// cannot be replayed over these states.
+    fn write_in_transaction(
+        &self,
+        group: &GroupCommit,
+        states: &[(&String, Vec<u8>)],
+        progress: Option<[u8; 16]>,
+    ) -> Result<(), StoreError> {
+        let t = &self.trees;
+        let marked = (&t.clients, &t.meta).transaction(|(clients, meta)| {
+            for (client, state) in states {
+                clients.insert(client.as_bytes(), state.as_slice())?;
+            }
+            meta.remove(keys::META_REDO)?;
+            if group.head != group.prev_head {
+                meta.insert(keys::META_HEAD, &group.head.0.to_be_bytes())?;
+            }
+            if let Some(p) = &progress {
+                meta.insert(keys::META_CLIENTS_PROGRESS, p)?;
+            }
+            Ok::<_, ConflictableTransactionError<StoreError>>(())
         });
-        if let Err(e) = marked {
-            // Neither mark is down (a failed insert writes nothing), or
-            // only the redo record, whose head is ahead of the recovered
-            // one: ignored at open. It is removed now so that a later
-            // commit reaching this head cannot replay it.
-            for (client, _) in &states {
-                self.unflushed.published(client, None);
-            }
-            self.take_back(group);
-            if redo::clear(&t.meta).is_err() {
-                self.stop();
-            }
-            return Err(e.into());
-        }
-        let applied = states
-            .iter()
-            .try_for_each(|(client, state)| {
-                t.clients
-                    .insert(client.as_bytes(), state.as_slice())
-                    .map(drop)
-            })
-            .and_then(|()| match progress {
-                Some(p) => t.meta.insert(keys::META_CLIENTS_PROGRESS, &p).map(drop),
-                None => Ok(()),
-            });
-        if let Err(e) = applied {
-            tracing::error!(cause = %e, "writing client states after the commit mark failed; no more writes until restarted");
-            self.stop();
-            return Err(StoreError::OutcomeUnknown);
-        }
-        Ok(())
+        marked.map_err(|e| {
+            let cause = match e {
+                sled::transaction::TransactionError::Abort(e) => e.to_string(),
+                sled::transaction::TransactionError::Storage(e) => e.to_string(),
+            };
+            self.outcome_unknown(&cause)
+        })
+    }
+
+    /// After a failure that may or may not have left a commit marked: the
+    /// store stops, and callers learn the outcome by retrying after a
+    /// restart.
+    fn outcome_unknown(&self, cause: &dyn std::fmt::Display) -> StoreError {
+        tracing::error!(%cause, "writing a commit mark failed; no more writes until restarted");
+        self.stop();
+        StoreError::OutcomeUnknown
     }
 
     /// Removes a group's records after its commit mark failed: without the
@@ -1074,7 +1127,7 @@ mod tests {
                 );
                 let second = state(&db).unwrap().to_vec();
                 let c1 = "c1".to_string();
-                let record = redo::Redo::encode(Seq(2), None, &[(&c1, second)]);
+                let record = redo::Redo::encode(Seq(2), None, &[(&c1, second)]).unwrap();
                 meta.insert(keys::META_REDO, record).unwrap();
                 if !committed {
                     meta.insert(keys::META_HEAD, &1u64.to_be_bytes()).unwrap();
@@ -1098,5 +1151,82 @@ mod tests {
             assert_eq!(b[0].version, Version(1), "b written once");
             store.close().await;
         }
+    }
+
+    /// Rule: whichever insert of a group with client states fails (a disk
+    /// failing there, or the process dying there: a stopped store writes
+    /// nothing more), the store reopens consistent: the retry of that push
+    /// is DUPLICATE if its commit is on disk and applied otherwise, the
+    /// document is written exactly once, and a push that was answered
+    /// applied is on disk. Guards the order of `Writer::write` (records,
+    /// redo record, head, states) together with the replay at open.
+    #[tokio::test]
+    async fn a_commit_cut_at_any_insert_is_applied_exactly_once() {
+        // The second group's inserts: its record, the redo record, the head,
+        // c1's state; and one more cut that fails nothing.
+        for cut in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let faults = Faults::default();
+            let options = Options {
+                faults: faults.clone(),
+                ..Options::default()
+            };
+            let store = Store::open(dir.path(), options).unwrap();
+            store.push(tracked(1, "a")).await.unwrap();
+            *faults.inserts_left.lock().unwrap() = Some(cut);
+            let first_try = store.push(tracked(2, "b")).await;
+            *faults.inserts_left.lock().unwrap() = None;
+            store.close().await;
+            drop(store);
+            let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
+            let retry = store.push(tracked(2, "b")).await.unwrap();
+            let b = store.get("c".into(), vec!["b".into()]).await.unwrap();
+            assert_eq!(b.len(), 1, "cut at {cut}: b is there after the retry");
+            assert_eq!(b[0].version, Version(1), "cut at {cut}: b written once");
+            assert_eq!(store.head(), Seq(2), "cut at {cut}");
+            if let Ok(outcome) = &first_try {
+                assert_eq!(outcome.results[0].outcome, Outcome::Applied);
+                assert_eq!(
+                    retry.results[0].outcome,
+                    Outcome::Duplicate,
+                    "cut at {cut}: acknowledged, so the retry is a duplicate"
+                );
+            }
+            store.close().await;
+        }
+    }
+
+    /// Rule: a store that may hold a redo record is marked so that a build
+    /// from before the record refuses it; a clean stop removes the record
+    /// and the mark.
+    #[tokio::test]
+    async fn a_pending_redo_record_is_marked_in_the_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults::default();
+        let options = Options {
+            faults: faults.clone(),
+            ..Options::default()
+        };
+        let store = Store::open(dir.path(), options).unwrap();
+        store.push(tracked(1, "a")).await.unwrap();
+        // Cut after the redo record: the store stops, as at a crash.
+        *faults.inserts_left.lock().unwrap() = Some(2);
+        assert!(store.push(tracked(2, "b")).await.is_err());
+        store.close().await;
+        drop(store);
+        let schema = || {
+            let db = testing::reopen(|| sled::open(dir.path()));
+            let meta = db.open_tree(keys::META).unwrap();
+            let version = meta
+                .get(keys::META_SCHEMA)
+                .unwrap()
+                .and_then(|v| keys::parse_u64(&v));
+            (version, meta.get(keys::META_REDO).unwrap().is_some())
+        };
+        assert_eq!(schema(), (Some(crate::store::SCHEMA_VERSION_REDO), true));
+        let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
+        store.close().await;
+        drop(store);
+        assert_eq!(schema(), (Some(crate::store::SCHEMA_VERSION), false));
     }
 }

@@ -55,6 +55,7 @@
 //! Not yet: background sync with Subscribe following and a stream of change
 //! events (call [`LocalReplica::sync`] on demand).
 
+pub mod events;
 pub mod store;
 mod sync;
 pub mod view;
@@ -70,6 +71,7 @@ use serde_json::Value;
 
 use self::store::{ConflictRecord, Plan, Store};
 pub use self::{
+    events::{Acknowledgement, Events, Lagged, ReplicaEvent, ResolvedBy},
     store::{BaseDoc, Entry, LocalOp, ReplicaConfig},
     sync::SyncReport,
 };
@@ -234,6 +236,10 @@ struct Inner {
     sync: tokio::sync::Mutex<()>,
     /// Merge callbacks by collection (not persisted).
     merge: RwLock<HashMap<String, MergeFn>>,
+    /// Where events go, after the commits that make them true.
+    events: events::Emitter,
+    /// Woken by every local write, so a background sync pushes it.
+    wrote: tokio::sync::Notify,
 }
 
 impl LocalReplica {
@@ -293,6 +299,8 @@ impl LocalReplica {
                 write: Mutex::new(()),
                 sync: tokio::sync::Mutex::new(()),
                 merge: RwLock::new(HashMap::new()),
+                events: events::Emitter::new(),
+                wrote: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -333,6 +341,14 @@ impl LocalReplica {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(collection.to_owned(), Arc::new(merge));
+    }
+
+    /// A receiver of every [`ReplicaEvent`] from now on: local writes,
+    /// changes from the server, acknowledgements, conflicts parked and
+    /// resolved. A receiver that falls [`events::CAPACITY`] events behind
+    /// is told so ([`Lagged`]).
+    pub fn events(&self) -> Events {
+        self.inner.events.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
@@ -431,7 +447,13 @@ impl LocalReplica {
         plan.set_next_id(next(mutation_id)?);
         store.commit(&plan)?;
         entries.push((mutation_id, entry));
-        Ok(local_document(collection, id, base.as_ref(), &entries))
+        let document = local_document(collection, id, base.as_ref(), &entries);
+        self.inner.events.send([ReplicaEvent::Written {
+            mutation_id,
+            document: document.clone(),
+        }]);
+        self.inner.wrote.notify_one();
+        Ok(document)
     }
 
     // -----------------------------------------------------------------
@@ -567,7 +589,7 @@ impl LocalReplica {
         let server = store.base(collection, id)?;
         let mut plan = Plan::default();
         let mut next_id = store.next_id()?;
-        sync::plan_resolution(
+        let (resent_as, renumbered) = sync::plan_resolution(
             store,
             &mut plan,
             &mut next_id,
@@ -577,6 +599,16 @@ impl LocalReplica {
         )?;
         plan.set_next_id(next_id);
         store.commit(&plan)?;
+        self.inner.events.send([ReplicaEvent::Resolved {
+            mutation_id: record.mutation_id,
+            collection: collection.to_owned(),
+            id: id.to_owned(),
+            resolution,
+            by: ResolvedBy::Hand,
+            resent_as,
+            renumbered,
+        }]);
+        self.inner.wrote.notify_one();
         let entries = store.doc_entries(collection, id)?;
         Ok(local_document(collection, id, server.as_ref(), &entries))
     }

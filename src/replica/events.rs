@@ -3,7 +3,8 @@
 //! commit that made it durable.
 //!
 //! It is a [`tokio::sync::broadcast`]: every receiver gets every event sent
-//! after it subscribed; one that falls more than [`CAPACITY`] events behind
+//! after it subscribed; one that falls more than the capacity
+//! ([`CAPACITY`] unless [`ReplicaOptions::event_capacity`](super::ReplicaOptions::event_capacity) says otherwise) behind
 //! is told how many it missed ([`Lagged`]) and goes on from the oldest kept,
 //! so a consumer never misses changes without knowing (it re-reads the view
 //! then).
@@ -169,9 +170,10 @@ pub(super) struct Emitter {
 }
 
 impl Emitter {
-    pub(super) fn new() -> Self {
+    /// A channel keeping `capacity` events (at least 1).
+    pub(super) fn new(capacity: usize) -> Self {
         Self {
-            tx: broadcast::Sender::new(CAPACITY),
+            tx: broadcast::Sender::new(capacity.max(1)),
         }
     }
 

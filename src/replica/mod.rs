@@ -11,6 +11,14 @@
 //! let replica = LocalReplica::init(dir, options, |b| b)?;
 //! replica.put("todos", "milk", json!({"title": "Buy milk"}))?; // durable, server or not
 //! let report = replica.sync().await?; // push the outbox, catch up
+//! // Or keep following the server, pushing each write as it is made:
+//! let mut events = replica.events();
+//! let handle = replica.start_sync(Default::default());
+//! while let Some(Ok(event)) = events.recv().await {
+//!     println!("{event:?}");
+//! #   break;
+//! }
+//! handle.shutdown().await;
 //! # Ok(()) }
 //! ```
 //!
@@ -52,9 +60,19 @@
 //!   diverged, another store, lost writes) rebuilds the base from a Pull
 //!   from 0; the outbox and parked conflicts stay.
 //!
-//! Not yet: background sync with Subscribe following and a stream of change
-//! events (call [`LocalReplica::sync`] on demand).
+//! - **In the background.** [`LocalReplica::start_sync`] runs a task
+//!   ([`background`]) that syncs, then follows the server with Subscribe
+//!   from the stored checkpoint and pushes each local write as it is made;
+//!   on a failure it backs off and starts again (the client library moves
+//!   across endpoints). [`LocalReplica::sync`] still works on demand,
+//!   alongside it.
+//! - **Events.** [`LocalReplica::events`] streams every change after the
+//!   commit that made it ([`ReplicaEvent`]): local writes, the server's
+//!   changes, acknowledgements, conflicts parked and resolved, resyncs. A
+//!   receiver that falls behind is told it lagged ([`Lagged`]), never left
+//!   to miss changes silently.
 
+pub mod background;
 pub mod events;
 pub mod store;
 mod sync;
@@ -71,6 +89,7 @@ use serde_json::Value;
 
 use self::store::{ConflictRecord, Plan, Store};
 pub use self::{
+    background::{BackgroundOptions, SyncHandle, SyncStatus},
     events::{Acknowledgement, Events, Lagged, ReplicaEvent, ResolvedBy},
     store::{BaseDoc, Entry, LocalOp, ReplicaConfig},
     sync::SyncReport,
@@ -194,6 +213,10 @@ pub struct ReplicaOptions {
     pub endpoints: Vec<String>,
     /// Collections and their resolvers.
     pub collections: BTreeMap<String, Resolver>,
+    /// How many events a receiver may fall behind by before it is told it
+    /// lagged, in the process that inits the replica (not kept: `open`
+    /// uses [`events::CAPACITY`]).
+    pub event_capacity: usize,
 }
 
 impl ReplicaOptions {
@@ -202,6 +225,7 @@ impl ReplicaOptions {
         Self {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             collections: BTreeMap::new(),
+            event_capacity: events::CAPACITY,
         }
     }
 
@@ -268,7 +292,7 @@ impl LocalReplica {
             collections: options.collections,
         };
         store.init(&config)?;
-        Self::with_store(store, configure)
+        Self::with_store(store, configure, options.event_capacity)
     }
 
     /// Opens the replica in `dir` (see [`LocalReplica::init`] for
@@ -280,12 +304,13 @@ impl LocalReplica {
         if !dir.exists() {
             return Err(ReplicaError::NotInitialized);
         }
-        Self::with_store(Store::open(dir)?, configure)
+        Self::with_store(Store::open(dir)?, configure, events::CAPACITY)
     }
 
     fn with_store(
         store: Store,
         configure: impl FnOnce(ClientBuilder) -> ClientBuilder,
+        event_capacity: usize,
     ) -> Result<Self, ReplicaError> {
         let config = store.config()?;
         let client = configure(Client::builder(config.endpoints.clone()))
@@ -299,7 +324,7 @@ impl LocalReplica {
                 write: Mutex::new(()),
                 sync: tokio::sync::Mutex::new(()),
                 merge: RwLock::new(HashMap::new()),
-                events: events::Emitter::new(),
+                events: events::Emitter::new(event_capacity),
                 wrote: tokio::sync::Notify::new(),
             }),
         })

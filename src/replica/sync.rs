@@ -72,7 +72,7 @@ impl LocalReplica {
     // Push
     // -----------------------------------------------------------------
 
-    async fn push_outbox(&self, report: &mut SyncReport) -> Result<(), ReplicaError> {
+    pub(super) async fn push_outbox(&self, report: &mut SyncReport) -> Result<(), ReplicaError> {
         loop {
             let batch = {
                 let _w = self.lock();
@@ -373,7 +373,11 @@ impl LocalReplica {
     /// Refuses a page that cannot follow `since`: another store, a
     /// checkpoint or a document seq going backwards, a collection not asked
     /// for.
-    fn check_page(&self, since: &StoredCheckpoint, page: &PullPage) -> Result<(), ReplicaError> {
+    pub(super) fn check_page(
+        &self,
+        since: &StoredCheckpoint,
+        page: &PullPage,
+    ) -> Result<(), ReplicaError> {
         let bad = |what: String| Err(ReplicaError::BadAnswer(what));
         if !since.store_id.is_empty() && page.checkpoint.store_id != since.store_id {
             return bad(format!(

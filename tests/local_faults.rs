@@ -521,3 +521,53 @@ async fn a_version_going_backwards_stops_the_sync_and_keeps_the_outbox() {
     assert_eq!(r.get("c", "doc").unwrap().unwrap().document.version, 4);
     assert_eq!(view(&r), server_view(&format!("http://{}", s.addr)).await);
 }
+
+// ---------------------------------------------------------------------
+// One process at a time
+// ---------------------------------------------------------------------
+
+/// Rule: a `local put` made while a `local sync` has the store open waits
+/// for it (up to `--lock-timeout`) instead of failing at once, and its
+/// write is in the outbox once the sync lets go; with a short
+/// `--lock-timeout` it fails with a one-line reason saying the store is in
+/// use.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_put_waits_for_a_sync_holding_the_store() {
+    let s = TestServer::start().await;
+    let (proxy, faults) = start_proxy(s.addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = init(dir.path(), &proxy);
+    r.put("c", "first", json!({"n": 1})).unwrap();
+    drop(r);
+
+    // A sync that holds the store: its push's answer never comes.
+    faults.hold_push_answers.store(true, Ordering::SeqCst);
+    let sync = spawn_local(dir.path(), &["sync", "--timeout", "20s"]);
+    common::eventually(|| async { faults.pushes_committed.load(Ordering::SeqCst) > 0 }).await;
+
+    let busy = run_local(
+        dir.path(),
+        &["put", "c", "x", "{}", "--lock-timeout", "100ms"],
+    )
+    .await;
+    assert_eq!(busy.status.code(), Some(1));
+    let reason = String::from_utf8_lossy(&busy.stderr);
+    assert_eq!(reason.lines().count(), 1, "{reason}");
+    assert!(reason.contains("in use by another process"), "{reason}");
+
+    let waiting = spawn_local(
+        dir.path(),
+        &["put", "c", "second", r#"{"n": 2}"#, "--lock-timeout", "20s"],
+    );
+    // The put waits; the sync ends (killed here), the put goes on.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!kill_9(sync));
+    let out = tokio::task::spawn_blocking(move || waiting.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let printed = ok(&out);
+    assert_eq!(printed[0]["id"], "second");
+    let r = LocalReplica::open(dir.path(), quick).unwrap();
+    let ids: Vec<String> = outbox(&r).into_iter().map(|(_, id)| id).collect();
+    assert_eq!(ids, ["first", "second"]);
+}

@@ -182,6 +182,10 @@ pub enum ReplicaError {
     /// The local store holds what this build cannot read.
     #[error("local store is corrupt: {0}")]
     Corrupt(String),
+    /// Another process has the directory open (sled locks it: one
+    /// process at a time).
+    #[error("the local store in {} is in use by another process (a sync?); one process at a time", .0.display())]
+    Locked(std::path::PathBuf),
     /// The directory has no replica: run init first.
     #[error("no local replica in this directory (init one first)")]
     NotInitialized,
@@ -305,6 +309,30 @@ impl LocalReplica {
             return Err(ReplicaError::NotInitialized);
         }
         Self::with_store(Store::open(dir)?, configure, events::CAPACITY)
+    }
+
+    /// As [`LocalReplica::open`], but while another process has the
+    /// directory open (a sync under way), waits for it to let go, up to
+    /// `wait`, trying again every 20 ms; then [`ReplicaError::Locked`].
+    /// Blocks the thread.
+    pub fn open_waiting(
+        dir: &Path,
+        configure: impl FnOnce(ClientBuilder) -> ClientBuilder,
+        wait: std::time::Duration,
+    ) -> Result<Self, ReplicaError> {
+        if !dir.exists() {
+            return Err(ReplicaError::NotInitialized);
+        }
+        let deadline = std::time::Instant::now() + wait;
+        let store = loop {
+            match Store::open(dir) {
+                Err(ReplicaError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
+        Self::with_store(store, configure, events::CAPACITY)
     }
 
     fn with_store(

@@ -4,7 +4,8 @@
 //! replicas and the server is held (answers never come back) and the
 //! server is stopped (SIGTERM or SIGKILL) and started again on the same
 //! data dir and address; replicas sync at random and are reopened (a
-//! restarted client). At the end every outbox is empty and every view is
+//! restarted client); one replica also syncs in the background. At the
+//! end every outbox is empty and every view is
 //! the server's Pull from 0, and the history checks out: every write a
 //! replica acknowledged locally is accounted for (applied, merged, applied
 //! by an earlier attempt, or settled as a conflict by its resolver, a merge
@@ -29,8 +30,8 @@ use common::{
 use deltasync::{
     client::{Client, ClientBuilder, PullOptions, RetryPolicy},
     replica::{
-        Acknowledgement, Events, LocalReplica, ReplicaEvent, ReplicaOptions, Resolution,
-        ResolvedBy, Resolver,
+        Acknowledgement, BackgroundOptions, Events, LocalReplica, ReplicaEvent, ReplicaOptions,
+        Resolution, ResolvedBy, Resolver, SyncHandle,
     },
 };
 use futures_util::StreamExt;
@@ -98,6 +99,17 @@ const COLLECTIONS: [(&str, Resolver); 3] = [
 const IDS: [&str; 3] = ["a", "b", "c"];
 const FIELDS: [&str; 3] = ["x", "y", "z"];
 const REPLICAS: usize = 3;
+/// The replica that also syncs in the background (pushing as it writes,
+/// following the server), while the test calls `sync` on it too.
+const BACKGROUND: usize = 2;
+
+/// The background sync's backoff: short, so an outage costs little.
+fn backoff() -> BackgroundOptions {
+    BackgroundOptions {
+        min_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+    }
+}
 
 /// Short retries and deadlines: a held or absent server fails a sync fast.
 fn quick(b: ClientBuilder) -> ClientBuilder {
@@ -144,6 +156,8 @@ struct Node {
     writes: usize,
     /// Mutation ids the server answered (acknowledged or rejected).
     answered: BTreeSet<u64>,
+    /// The background sync, on the replica that runs one.
+    background: Option<SyncHandle>,
 }
 
 impl Node {
@@ -398,7 +412,8 @@ fn resolve_all(rng: &mut Rng, node: &mut Node, tags: &mut u64) {
     }
 }
 
-/// Rule: with replicas and a direct writer writing at random, the network
+/// Rule: with replicas (one also syncing in the background) and a direct
+/// writer writing at random, the network
 /// held (answers lost after the server committed) and the server stopped
 /// (SIGTERM or SIGKILL) and restarted in between, once every outbox is
 /// empty (conflicts settled by keep-server, keep-local, a merge callback
@@ -448,6 +463,7 @@ async fn replicas_and_server_writers_converge_under_cuts_and_restarts() {
             if i == 1 {
                 Node::set_merge(&replica);
             }
+            let background = (i == BACKGROUND).then(|| replica.start_sync(backoff()));
             Node {
                 events: replica.events(),
                 replica: Some(replica),
@@ -456,6 +472,7 @@ async fn replicas_and_server_writers_converge_under_cuts_and_restarts() {
                 ledger: BTreeMap::new(),
                 writes: 0,
                 answered: BTreeSet::new(),
+                background,
             }
         })
         .collect();
@@ -579,6 +596,9 @@ async fn replicas_and_server_writers_converge_under_cuts_and_restarts() {
         } else {
             // A client restart: the replica is reopened from its dir.
             let node = &mut nodes[n];
+            if let Some(handle) = node.background.take() {
+                handle.shutdown().await;
+            }
             node.drain(None);
             node.replica = None;
             let r = LocalReplica::open(node.dir.path(), quick).expect("reopen");
@@ -586,6 +606,9 @@ async fn replicas_and_server_writers_converge_under_cuts_and_restarts() {
                 Node::set_merge(&r);
             }
             node.events = r.events();
+            if n == BACKGROUND {
+                node.background = Some(r.start_sync(backoff()));
+            }
             node.replica = Some(r);
             *stats.entry("client restarts").or_default() += 1;
         }
@@ -599,6 +622,7 @@ async fn replicas_and_server_writers_converge_under_cuts_and_restarts() {
     }
 
     // Heal, then sync and resolve until every outbox is empty.
+    let healing = std::time::Instant::now();
     gate.open();
     server.start();
     let mut rounds = 0;
@@ -618,12 +642,20 @@ async fn replicas_and_server_writers_converge_under_cuts_and_restarts() {
         rounds += 1;
         assert!(rounds < 20, "the outboxes do not drain");
     }
-    // A last round so every replica sees the others' last writes.
+    // A last round so every replica sees the others' last writes; the
+    // background sync stops (after its own last round).
     for node in &mut nodes {
         sync(node.r()).await.unwrap();
+        if let Some(handle) = node.background.take() {
+            handle.shutdown().await;
+            sync(node.r()).await.unwrap();
+        }
         node.drain(None);
     }
 
+    if verbose {
+        eprintln!("healed and drained in {:?}", healing.elapsed());
+    }
     // Convergence: every view is the server's Pull from 0.
     let url = server.url();
     let mut versions: BTreeMap<(String, String), u64> = BTreeMap::new();

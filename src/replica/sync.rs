@@ -326,13 +326,17 @@ impl LocalReplica {
             .inner
             .client
             .pull_all(self.pull_options(Checkpoint::from(&since)));
+        // Each page is checked against the checkpoint it follows, not the
+        // stored one: a background follower may have moved that on
+        // meanwhile (then the page's documents are only applied where
+        // newer, and the checkpoint only moves forward).
+        let mut from = since;
         while let Some(page) = pages.next().await {
             let page = page?;
             let _w = self.lock();
-            let store = &self.inner.store;
-            let stored = store.checkpoint()?;
-            self.check_page(&stored, &page)?;
+            self.check_page(&from, &page)?;
             self.apply_changes(&page.documents, &page.checkpoint)?;
+            from = StoredCheckpoint::from(&page.checkpoint);
             report.pulled += page.documents.len();
         }
         Ok(())

@@ -50,6 +50,16 @@ struct Faults {
     pushes_committed: AtomicUsize,
     /// Rewrites every Pull answer before it goes back.
     rewrite_pull: Mutex<Option<fn(&mut pb::PullResponse)>>,
+    /// Answers a Pull from a checkpoint above 0 OUT_OF_RANGE (as for a
+    /// compacted checkpoint): the caller resyncs.
+    refuse_resume: AtomicBool,
+    /// Holds the answer to a Pull from 0 (read from the server first)
+    /// until `release` is notified.
+    hold_pull_from_0: AtomicBool,
+    /// Pulls from 0 held so far.
+    pulls_held: AtomicUsize,
+    /// Lets held pulls go.
+    release: tokio::sync::Notify,
 }
 
 /// A SyncService that forwards to a real server, with [`Faults`].
@@ -84,6 +94,12 @@ impl SyncService for Proxy {
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
+        let since = request.get_ref().since;
+        if since > 0 && self.faults.refuse_resume.load(Ordering::SeqCst) {
+            return Err(Status::out_of_range("checkpoint compacted (proxy)"));
+        }
+        let held = since == 0 && self.faults.hold_pull_from_0.load(Ordering::SeqCst);
+        let release = self.faults.release.notified();
         let mut answer = self
             .upstream
             .clone()
@@ -92,6 +108,10 @@ impl SyncService for Proxy {
             .into_inner();
         if let Some(rewrite) = *self.faults.rewrite_pull.lock().unwrap() {
             rewrite(&mut answer);
+        }
+        if held {
+            self.faults.pulls_held.fetch_add(1, Ordering::SeqCst);
+            release.await;
         }
         Ok(Response::new(answer))
     }
@@ -570,4 +590,78 @@ async fn a_put_waits_for_a_sync_holding_the_store() {
     let r = LocalReplica::open(dir.path(), quick).unwrap();
     let ids: Vec<String> = outbox(&r).into_iter().map(|(_, id)| id).collect();
     assert_eq!(ids, ["first", "second"]);
+}
+
+// ---------------------------------------------------------------------
+// A resync racing a background follower
+// ---------------------------------------------------------------------
+
+/// Rule: a resync (a Pull from 0) that a background follower overtakes in
+/// the same store keeps what the follower brought meanwhile: the base and
+/// the checkpoint never go back to the older snapshot (so no change is
+/// lost behind a checkpoint that moved past it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resync_keeps_what_a_background_follower_brought_meanwhile() {
+    let s = TestServer::start().await;
+    let (proxy, faults) = start_proxy(s.addr).await;
+    let server = Client::connect([format!("http://{}", s.addr)]).unwrap();
+    server.put("c", "early", json!({"n": 1})).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let r = init(dir.path(), &proxy);
+    let mut events = r.events();
+    let handle = r.start_sync(deltasync::replica::BackgroundOptions {
+        min_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+    });
+    let mut status = handle.status();
+    tokio::time::timeout(
+        common::cluster::PATIENCE,
+        status.wait_for(|s| matches!(s, deltasync::replica::SyncStatus::Following { .. })),
+    )
+    .await
+    .expect("following")
+    .unwrap();
+
+    // A sync on demand must resync, and its pull from 0 is held.
+    faults.refuse_resume.store(true, Ordering::SeqCst);
+    faults.hold_pull_from_0.store(true, Ordering::SeqCst);
+    let on_demand = tokio::spawn({
+        let r = r.clone();
+        async move { r.sync().await }
+    });
+    common::eventually(|| async { faults.pulls_held.load(Ordering::SeqCst) > 0 }).await;
+    // Meanwhile the follower brings a later change.
+    server.put("c", "late", json!({"n": 2})).await.unwrap();
+    let followed = loop {
+        match tokio::time::timeout(common::cluster::PATIENCE, events.recv()).await {
+            Ok(Some(Ok(deltasync::replica::ReplicaEvent::ServerChanges {
+                documents,
+                checkpoint: Some(c),
+            }))) if documents.iter().any(|d| d.id == "late") => break c,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("the follower's change: {other:?}"),
+        }
+    };
+    faults.refuse_resume.store(false, Ordering::SeqCst);
+    faults.hold_pull_from_0.store(false, Ordering::SeqCst);
+    faults.release.notify_waiters();
+    let report = on_demand.await.unwrap().expect("the sync");
+    assert!(report.resynced, "{report:?}");
+    let resynced = loop {
+        match events.try_recv() {
+            Some(Ok(deltasync::replica::ReplicaEvent::Resynced { checkpoint })) => {
+                break checkpoint;
+            }
+            Some(_) => {}
+            None => panic!("a Resynced event"),
+        }
+    };
+    assert!(
+        resynced.seq >= followed.seq,
+        "the resync took the checkpoint back from {} to {}",
+        followed.seq,
+        resynced.seq
+    );
+    handle.shutdown().await;
+    assert_eq!(view(&r), server_view(&format!("http://{}", s.addr)).await);
 }

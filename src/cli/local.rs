@@ -1,6 +1,8 @@
 //! `deltasync local ...`: a local replica ([`crate::replica`]) from the
 //! shell. Every command takes `--dir DIR` and prints JSON lines; a failure
-//! is exit 1 with a one-line reason (2: bad usage).
+//! is exit 1 with a one-line reason (2: bad usage). One process at a time
+//! has a directory open: a command waits up to `--lock-timeout` (10 s) for
+//! another (a `sync`) to let go.
 //!
 //! ```text
 //! deltasync local init --dir DIR --endpoints URL[,URL...] --collection C... [--on-conflict keep-server|keep-local|manual]

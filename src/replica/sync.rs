@@ -436,20 +436,33 @@ impl LocalReplica {
         }
         let _w = self.lock();
         let store = &self.inner.store;
+        // A background follower may have brought the base past this pull,
+        // in the same store, meanwhile: what it brought stays, and so does
+        // its checkpoint.
+        let stored = store.checkpoint()?;
+        let ahead = stored.store_id == checkpoint.store_id && stored.seq > checkpoint.seq;
+        let newer_in_base = |c: &str, id: &str, seq: u64| -> Result<bool, ReplicaError> {
+            Ok(ahead && store.base(c, id)?.is_some_and(|b| b.seq > seq))
+        };
         let mut plan = Plan::default();
         for (c, id) in store.base_keys()? {
-            if !docs.contains_key(&(c.clone(), id.clone())) {
+            if !docs.contains_key(&(c.clone(), id.clone()))
+                && !newer_in_base(&c, &id, checkpoint.seq)?
+            {
                 plan.remove_base(&c, &id);
             }
         }
         for ((c, id), d) in &docs {
-            plan.put_base(c, id, d);
+            if !newer_in_base(c, id, d.seq)? {
+                plan.put_base(c, id, d);
+            }
         }
-        plan.set_checkpoint(&checkpoint);
+        let reached = if ahead { stored } else { checkpoint };
+        plan.set_checkpoint(&reached);
         store.commit(&plan)?;
         report.resynced = true;
         self.inner.events.send([ReplicaEvent::Resynced {
-            checkpoint: Checkpoint::from(&checkpoint),
+            checkpoint: Checkpoint::from(&reached),
         }]);
         Ok(())
     }

@@ -48,13 +48,21 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
 /// One run's figures.
 #[derive(Debug, Clone, Copy)]
 struct Run {
+    /// Median durable local write.
     write_p50: Duration,
+    /// 99th percentile durable local write.
     write_p99: Duration,
+    /// Slowest durable local write.
     write_max: Duration,
+    /// Local writes per second, one writer.
     writes_per_s: f64,
+    /// The sync that pushed every pending write and caught up.
     converge: Duration,
+    /// Pending writes pushed per second by that sync.
     converge_per_s: f64,
+    /// A new replica's first sync.
     pull: Duration,
+    /// Documents per second of that sync.
     pull_per_s: f64,
 }
 

@@ -145,8 +145,11 @@ enum Fate {
 
 /// One replica, its events and its ledger.
 struct Node {
+    /// The replica's directory (reopened on a client restart).
     dir: tempfile::TempDir,
+    /// The open replica (`None` only while it is reopened).
     replica: Option<LocalReplica>,
+    /// Its events, folded into the ledger after each step.
     events: Events,
     /// Its writer tag field (`w0`, `w1`, ...).
     field: String,
@@ -284,8 +287,11 @@ impl Node {
 
 /// The server process, its data dir and address, and the gate in front.
 struct Server {
+    /// Its store, kept across restarts.
     data: DataDir,
+    /// Its address, the same after each restart (the gate's upstream).
     addr: String,
+    /// The running process (`None`: stopped).
     process: Option<Process>,
 }
 

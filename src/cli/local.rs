@@ -1,21 +1,23 @@
 //! `deltasync local ...`: a local replica ([`crate::replica`]) from the
 //! shell. Every command takes `--dir DIR` and prints JSON lines; a failure
-//! is exit 1 with a one-line reason (2: bad usage).
+//! is exit 1 with a one-line reason (2: bad usage). One process at a time
+//! has a directory open: a command waits up to `--lock-timeout` (10 s) for
+//! another (a `sync`) to let go.
 //!
 //! ```text
 //! deltasync local init --dir DIR --endpoints URL[,URL...] --collection C... [--on-conflict keep-server|keep-local|manual]
 //! deltasync local put|patch --dir DIR C ID JSON     deltasync local delete --dir DIR C ID
 //! deltasync local get --dir DIR C ID                deltasync local list --dir DIR C [--deleted]
-//! deltasync local sync --dir DIR [--timeout DUR]
+//! deltasync local sync --dir DIR [--timeout DUR] [--cacert F] [--cert F --key F] [--token-file F]
 //! deltasync local pending --dir DIR                 deltasync local conflicts --dir DIR
 //! deltasync local resolve --dir DIR C ID (--keep server|local | --body JSON)
 //! ```
 
 use std::{io::Write, path::PathBuf, time::Duration};
 
-use super::{Failure, json};
+use super::{Failure, SecurityArgs, json};
 use crate::{
-    client::RetryPolicy,
+    client::{ClientBuilder, RetryPolicy},
     replica::{LocalReplica, ReplicaError, ReplicaOptions, Resolution, Resolver},
 };
 
@@ -53,6 +55,10 @@ pub struct DirArgs {
     /// The local replica's directory.
     #[arg(long, env = "DELTASYNC_LOCAL_DIR")]
     pub dir: PathBuf,
+    /// How long to wait while another process (a `local sync`) has the
+    /// directory open, before giving up.
+    #[arg(long, env = "DELTASYNC_LOCAL_LOCK_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub lock_timeout: Duration,
 }
 
 /// `local init`.
@@ -118,6 +124,9 @@ pub struct ListArgs {
 pub struct SyncArgs {
     #[command(flatten)]
     pub dir: DirArgs,
+    /// TLS and the bearer token, as for the other client commands.
+    #[command(flatten)]
+    pub security: SecurityArgs,
     /// How long the sync may take, retries included.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -223,7 +232,22 @@ pub async fn run(command: LocalCommand) -> Result<(), Failure> {
 }
 
 fn open(dir: &DirArgs) -> Result<LocalReplica, Failure> {
-    Ok(LocalReplica::open(&dir.dir, |b| b)?)
+    open_waiting(dir, |b| b)
+}
+
+/// Opens the replica, waiting up to `--lock-timeout` for another process
+/// to let go of it.
+fn open_waiting(
+    dir: &DirArgs,
+    configure: impl FnOnce(ClientBuilder) -> ClientBuilder,
+) -> Result<LocalReplica, Failure> {
+    LocalReplica::open_waiting(&dir.dir, configure, dir.lock_timeout).map_err(|e| match e {
+        ReplicaError::Locked(_) => Failure::new(format!(
+            "{e}: still busy after --lock-timeout {}",
+            humantime::format_duration(dir.lock_timeout)
+        )),
+        other => other.into(),
+    })
 }
 
 fn print(line: String) -> Result<(), Failure> {
@@ -242,15 +266,17 @@ fn init(args: InitArgs) -> Result<(), Failure> {
 
 async fn sync(args: SyncArgs) -> Result<(), Failure> {
     let timeout = args.timeout;
+    let secure = args.security.load()?;
     // Retries end before the deadline, so an unreachable server is
     // reported as such rather than as a timeout.
-    let replica = LocalReplica::open(&args.dir.dir, |b| {
-        b.retry(RetryPolicy {
-            max_elapsed: timeout * 3 / 4,
-            ..RetryPolicy::default()
-        })
-        .timeout(Some(timeout.min(Duration::from_secs(10))))
-        .connect_timeout(timeout.min(Duration::from_secs(3)))
+    let replica = open_waiting(&args.dir, |b| {
+        secure(b)
+            .retry(RetryPolicy {
+                max_elapsed: timeout * 3 / 4,
+                ..RetryPolicy::default()
+            })
+            .timeout(Some(timeout.min(Duration::from_secs(10))))
+            .connect_timeout(timeout.min(Duration::from_secs(3)))
     })?;
     let report = tokio::time::timeout(timeout, replica.sync())
         .await

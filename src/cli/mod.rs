@@ -37,7 +37,7 @@ pub mod snapshot;
 use std::{io::Write, path::PathBuf, process::ExitCode, time::Duration};
 
 use crate::{
-    client::{Client, ClientError},
+    client::{Client, ClientBuilder, ClientError},
     pb,
 };
 use output::Format;
@@ -106,6 +106,31 @@ pub struct ClientArgs {
     )]
     pub endpoints: Vec<String>,
 
+    #[command(flatten)]
+    pub security: SecurityArgs,
+
+    /// The client id mutation ids are counted under (default: a random
+    /// one per run).
+    #[arg(long, env = "DELTASYNC_CLIENT_ID")]
+    pub client_id: Option<String>,
+
+    /// Deadline of each call attempt.
+    #[arg(long, env = "DELTASYNC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+
+    /// How long connecting to an endpoint may take.
+    #[arg(long, env = "DELTASYNC_DIAL_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub dial_timeout: Duration,
+
+    /// Output format (default: table on a terminal, else json).
+    #[arg(short = 'w', long = "write-out", value_enum)]
+    pub write_out: Option<Format>,
+}
+
+/// TLS and the bearer token: every command that talks to a server has
+/// these (`deltasync local sync` too).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecurityArgs {
     /// The CA (PEM) that signed the servers' certificates (https://
     /// endpoints).
     #[arg(long, env = "DELTASYNC_CACERT")]
@@ -127,23 +152,42 @@ pub struct ClientArgs {
     /// a command line is visible to other users).
     #[arg(long, env = "DELTASYNC_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+}
 
-    /// The client id mutation ids are counted under (default: a random
-    /// one per run).
-    #[arg(long, env = "DELTASYNC_CLIENT_ID")]
-    pub client_id: Option<String>,
-
-    /// Deadline of each call attempt.
-    #[arg(long, env = "DELTASYNC_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-
-    /// How long connecting to an endpoint may take.
-    #[arg(long, env = "DELTASYNC_DIAL_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
-    pub dial_timeout: Duration,
-
-    /// Output format (default: table on a terminal, else json).
-    #[arg(short = 'w', long = "write-out", value_enum)]
-    pub write_out: Option<Format>,
+impl SecurityArgs {
+    /// Reads the files these flags name, and returns what sets the TLS
+    /// and token they give on a client builder.
+    pub fn load(&self) -> Result<impl FnOnce(ClientBuilder) -> ClientBuilder + use<>, Failure> {
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|e| Failure::new(format!("cannot read {}: {e}", p.display())))
+        };
+        let tls = if self.cacert.is_some() || self.cert.is_some() {
+            let ca = self.cacert.as_ref().map(read).transpose()?;
+            let identity = match (&self.cert, &self.key) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                _ => None,
+            };
+            Some((ca, identity))
+        } else {
+            None
+        };
+        let token = match (&self.token_file, &self.token) {
+            (Some(path), _) => Some(
+                String::from_utf8(read(path)?)
+                    .map_err(|_| Failure::new("the token file is not UTF-8"))?,
+            ),
+            (None, token) => token.clone(),
+        };
+        Ok(move |mut builder: ClientBuilder| {
+            if let Some((ca, identity)) = tls {
+                builder = builder.tls_pem(ca, identity);
+            }
+            if let Some(token) = token {
+                builder = builder.token(token.trim());
+            }
+            builder
+        })
+    }
 }
 
 /// `get COLLECTION ID...`.
@@ -367,30 +411,10 @@ pub async fn run(command: Command) -> ExitCode {
 impl ClientArgs {
     /// The client these flags describe.
     pub fn client(&self) -> Result<Client, Failure> {
-        let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|e| Failure::new(format!("cannot read {}: {e}", p.display())))
-        };
-        let mut builder = Client::builder(self.endpoints.iter().map(|e| e.trim().to_owned()))
+        let builder = Client::builder(self.endpoints.iter().map(|e| e.trim().to_owned()))
             .timeout(Some(self.timeout))
             .connect_timeout(self.dial_timeout);
-        if self.cacert.is_some() || self.cert.is_some() {
-            let ca = self.cacert.as_ref().map(read).transpose()?;
-            let identity = match (&self.cert, &self.key) {
-                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-                _ => None,
-            };
-            builder = builder.tls_pem(ca, identity);
-        }
-        let token = match (&self.token_file, &self.token) {
-            (Some(path), _) => Some(
-                String::from_utf8(read(path)?)
-                    .map_err(|_| Failure::new("the token file is not UTF-8"))?,
-            ),
-            (None, token) => token.clone(),
-        };
-        if let Some(token) = token {
-            builder = builder.token(token.trim());
-        }
+        let mut builder = self.security.load()?(builder);
         if let Some(id) = &self.client_id {
             builder = builder.client_id(id);
         }

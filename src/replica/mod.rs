@@ -11,6 +11,14 @@
 //! let replica = LocalReplica::init(dir, options, |b| b)?;
 //! replica.put("todos", "milk", json!({"title": "Buy milk"}))?; // durable, server or not
 //! let report = replica.sync().await?; // push the outbox, catch up
+//! // Or keep following the server, pushing each write as it is made:
+//! let mut events = replica.events();
+//! let handle = replica.start_sync(Default::default());
+//! while let Some(Ok(event)) = events.recv().await {
+//!     println!("{event:?}");
+//! #   break;
+//! }
+//! handle.shutdown().await;
 //! # Ok(()) }
 //! ```
 //!
@@ -52,9 +60,20 @@
 //!   diverged, another store, lost writes) rebuilds the base from a Pull
 //!   from 0; the outbox and parked conflicts stay.
 //!
-//! Not yet: background sync with Subscribe following and a stream of change
-//! events (call [`LocalReplica::sync`] on demand).
+//! - **In the background.** [`LocalReplica::start_sync`] runs a task
+//!   ([`background`]) that syncs, then follows the server with Subscribe
+//!   from the stored checkpoint and pushes each local write as it is made;
+//!   on a failure it backs off and starts again (the client library moves
+//!   across endpoints). [`LocalReplica::sync`] still works on demand,
+//!   alongside it.
+//! - **Events.** [`LocalReplica::events`] streams every change after the
+//!   commit that made it ([`ReplicaEvent`]): local writes, the server's
+//!   changes, acknowledgements, conflicts parked and resolved, resyncs. A
+//!   receiver that falls behind is told it lagged ([`Lagged`]), never left
+//!   to miss changes silently.
 
+pub mod background;
+pub mod events;
 pub mod store;
 mod sync;
 pub mod view;
@@ -70,6 +89,8 @@ use serde_json::Value;
 
 use self::store::{ConflictRecord, Plan, Store};
 pub use self::{
+    background::{BackgroundOptions, SyncHandle, SyncStatus},
+    events::{Acknowledgement, Events, Lagged, ReplicaEvent, ResolvedBy},
     store::{BaseDoc, Entry, LocalOp, ReplicaConfig},
     sync::SyncReport,
 };
@@ -161,6 +182,10 @@ pub enum ReplicaError {
     /// The local store holds what this build cannot read.
     #[error("local store is corrupt: {0}")]
     Corrupt(String),
+    /// Another process has the directory open (sled locks it: one
+    /// process at a time).
+    #[error("the local store in {} is in use by another process (a sync?); one process at a time", .0.display())]
+    Locked(std::path::PathBuf),
     /// The directory has no replica: run init first.
     #[error("no local replica in this directory (init one first)")]
     NotInitialized,
@@ -192,6 +217,10 @@ pub struct ReplicaOptions {
     pub endpoints: Vec<String>,
     /// Collections and their resolvers.
     pub collections: BTreeMap<String, Resolver>,
+    /// How many events a receiver may fall behind by before it is told it
+    /// lagged, in the process that inits the replica (not kept: `open`
+    /// uses [`events::CAPACITY`]).
+    pub event_capacity: usize,
 }
 
 impl ReplicaOptions {
@@ -200,6 +229,7 @@ impl ReplicaOptions {
         Self {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             collections: BTreeMap::new(),
+            event_capacity: events::CAPACITY,
         }
     }
 
@@ -234,6 +264,10 @@ struct Inner {
     sync: tokio::sync::Mutex<()>,
     /// Merge callbacks by collection (not persisted).
     merge: RwLock<HashMap<String, MergeFn>>,
+    /// Where events go, after the commits that make them true.
+    events: events::Emitter,
+    /// Woken by every local write, so a background sync pushes it.
+    wrote: tokio::sync::Notify,
 }
 
 impl LocalReplica {
@@ -262,7 +296,7 @@ impl LocalReplica {
             collections: options.collections,
         };
         store.init(&config)?;
-        Self::with_store(store, configure)
+        Self::with_store(store, configure, options.event_capacity)
     }
 
     /// Opens the replica in `dir` (see [`LocalReplica::init`] for
@@ -274,12 +308,37 @@ impl LocalReplica {
         if !dir.exists() {
             return Err(ReplicaError::NotInitialized);
         }
-        Self::with_store(Store::open(dir)?, configure)
+        Self::with_store(Store::open(dir)?, configure, events::CAPACITY)
+    }
+
+    /// As [`LocalReplica::open`], but while another process has the
+    /// directory open (a sync under way), waits for it to let go, up to
+    /// `wait`, trying again every 20 ms; then [`ReplicaError::Locked`].
+    /// Blocks the thread.
+    pub fn open_waiting(
+        dir: &Path,
+        configure: impl FnOnce(ClientBuilder) -> ClientBuilder,
+        wait: std::time::Duration,
+    ) -> Result<Self, ReplicaError> {
+        if !dir.exists() {
+            return Err(ReplicaError::NotInitialized);
+        }
+        let deadline = std::time::Instant::now() + wait;
+        let store = loop {
+            match Store::open(dir) {
+                Err(ReplicaError::Locked(_)) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
+        Self::with_store(store, configure, events::CAPACITY)
     }
 
     fn with_store(
         store: Store,
         configure: impl FnOnce(ClientBuilder) -> ClientBuilder,
+        event_capacity: usize,
     ) -> Result<Self, ReplicaError> {
         let config = store.config()?;
         let client = configure(Client::builder(config.endpoints.clone()))
@@ -293,6 +352,8 @@ impl LocalReplica {
                 write: Mutex::new(()),
                 sync: tokio::sync::Mutex::new(()),
                 merge: RwLock::new(HashMap::new()),
+                events: events::Emitter::new(event_capacity),
+                wrote: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -333,6 +394,14 @@ impl LocalReplica {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(collection.to_owned(), Arc::new(merge));
+    }
+
+    /// A receiver of every [`ReplicaEvent`] from now on: local writes,
+    /// changes from the server, acknowledgements, conflicts parked and
+    /// resolved. A receiver that falls [`events::CAPACITY`] events behind
+    /// is told so ([`Lagged`]).
+    pub fn events(&self) -> Events {
+        self.inner.events.subscribe()
     }
 
     fn lock(&self) -> MutexGuard<'_, ()> {
@@ -431,7 +500,13 @@ impl LocalReplica {
         plan.set_next_id(next(mutation_id)?);
         store.commit(&plan)?;
         entries.push((mutation_id, entry));
-        Ok(local_document(collection, id, base.as_ref(), &entries))
+        let document = local_document(collection, id, base.as_ref(), &entries);
+        self.inner.events.send([ReplicaEvent::Written {
+            mutation_id,
+            document: document.clone(),
+        }]);
+        self.inner.wrote.notify_one();
+        Ok(document)
     }
 
     // -----------------------------------------------------------------
@@ -567,7 +642,7 @@ impl LocalReplica {
         let server = store.base(collection, id)?;
         let mut plan = Plan::default();
         let mut next_id = store.next_id()?;
-        sync::plan_resolution(
+        let (resent_as, renumbered) = sync::plan_resolution(
             store,
             &mut plan,
             &mut next_id,
@@ -577,6 +652,16 @@ impl LocalReplica {
         )?;
         plan.set_next_id(next_id);
         store.commit(&plan)?;
+        self.inner.events.send([ReplicaEvent::Resolved {
+            mutation_id: record.mutation_id,
+            collection: collection.to_owned(),
+            id: id.to_owned(),
+            resolution,
+            by: ResolvedBy::Hand,
+            resent_as,
+            renumbered,
+        }]);
+        self.inner.wrote.notify_one();
         let entries = store.doc_entries(collection, id)?;
         Ok(local_document(collection, id, server.as_ref(), &entries))
     }

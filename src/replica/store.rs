@@ -360,9 +360,16 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the database in `dir`.
+    /// Opens (or creates) the database in `dir`; [`ReplicaError::Locked`]
+    /// while another process has it open.
     pub fn open(dir: &Path) -> Result<Self, ReplicaError> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+            // sled's words for a directory another process holds.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                ReplicaError::Locked(dir.to_owned())
+            }
+            other => ReplicaError::Storage(other),
+        })?;
         Ok(Self {
             meta: db.open_tree("meta")?,
             base: db.open_tree("base")?,

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::{
     LocalReplica, ReplicaError, Resolution, Resolver,
+    events::{Acknowledgement, ReplicaEvent, ResolvedBy},
     store::{BaseDoc, ConflictRecord, Entry, LocalOp, Plan, Store, StoredCheckpoint, doc_key},
     view,
 };
@@ -71,7 +72,7 @@ impl LocalReplica {
     // Push
     // -----------------------------------------------------------------
 
-    async fn push_outbox(&self, report: &mut SyncReport) -> Result<(), ReplicaError> {
+    pub(super) async fn push_outbox(&self, report: &mut SyncReport) -> Result<(), ReplicaError> {
         loop {
             let batch = {
                 let _w = self.lock();
@@ -128,6 +129,8 @@ impl LocalReplica {
         let mut plan = Plan::default();
         let mut next_id = store.next_id()?;
         let first_id = next_id;
+        let mut events = Vec::new();
+        let mut refreshed = Vec::new();
         for ((m, entry), result) in batch.iter().zip(&answer.results) {
             if result.mutation_id != *m {
                 return Err(ReplicaError::BadAnswer(format!(
@@ -142,6 +145,7 @@ impl LocalReplica {
             {
                 plan.put_base(c, id, &fresh);
                 server = Some(fresh);
+                refreshed.push(doc.clone());
             }
             match result.outcome {
                 pb::Outcome::Applied
@@ -150,6 +154,18 @@ impl LocalReplica {
                 | pb::Outcome::Duplicate => {
                     plan.remove_entry(*m, entry);
                     report.acknowledged += 1;
+                    events.push(ReplicaEvent::Acknowledged {
+                        mutation_id: *m,
+                        collection: c.clone(),
+                        id: id.clone(),
+                        acknowledgement: match result.outcome {
+                            pb::Outcome::Applied => Acknowledgement::Applied,
+                            pb::Outcome::Merged => Acknowledgement::Merged,
+                            pb::Outcome::Resolved => Acknowledgement::Resolved,
+                            _ => Acknowledgement::Duplicate,
+                        },
+                        version: result.document.as_ref().map_or(0, |d| d.version),
+                    });
                     // Later writes of the document were made on top of
                     // this one: they move to the version the answer shows,
                     // unless they change a field someone else changed there
@@ -179,12 +195,12 @@ impl LocalReplica {
                         conflicting_fields: result.conflicting_fields.clone(),
                     };
                     match self.auto_resolution(entry.resolver, c, id, &record, server.as_ref())? {
-                        Some(resolution) => {
+                        Some((resolution, by)) => {
                             tracing::info!(
                                 collection = %c, id = %id, mutation_id = m, ?resolution,
                                 "conflict resolved by the collection's resolver"
                             );
-                            plan_resolution(
+                            let (resent_as, renumbered) = plan_resolution(
                                 store,
                                 &mut plan,
                                 &mut next_id,
@@ -193,10 +209,25 @@ impl LocalReplica {
                                 server.as_ref(),
                             )?;
                             report.resolved += 1;
+                            events.push(ReplicaEvent::Resolved {
+                                mutation_id: *m,
+                                collection: c.clone(),
+                                id: id.clone(),
+                                resolution,
+                                by,
+                                resent_as,
+                                renumbered,
+                            });
                         }
                         None => {
                             plan.put_conflict(c, id, &record);
                             report.parked += 1;
+                            events.push(ReplicaEvent::Parked {
+                                mutation_id: *m,
+                                collection: c.clone(),
+                                id: id.clone(),
+                                conflicting_fields: record.conflicting_fields.clone(),
+                            });
                         }
                     }
                 }
@@ -211,7 +242,18 @@ impl LocalReplica {
         if next_id != first_id {
             plan.set_next_id(next_id);
         }
-        store.commit(&plan)
+        store.commit(&plan)?;
+        if !refreshed.is_empty() {
+            events.insert(
+                0,
+                ReplicaEvent::ServerChanges {
+                    documents: refreshed,
+                    checkpoint: None,
+                },
+            );
+        }
+        self.inner.events.send(events);
+        Ok(())
     }
 
     /// The resolution a conflict gets without asking anyone: the
@@ -223,10 +265,10 @@ impl LocalReplica {
         id: &str,
         record: &ConflictRecord,
         server: Option<&BaseDoc>,
-    ) -> Result<Option<Resolution>, ReplicaError> {
+    ) -> Result<Option<(Resolution, ResolvedBy)>, ReplicaError> {
         Ok(match resolver {
-            Resolver::KeepServer => Some(Resolution::KeepServer),
-            Resolver::KeepLocal => Some(Resolution::KeepLocal),
+            Resolver::KeepServer => Some((Resolution::KeepServer, ResolvedBy::Resolver)),
+            Resolver::KeepLocal => Some((Resolution::KeepLocal, ResolvedBy::Resolver)),
             Resolver::Manual => {
                 let merge = self
                     .inner
@@ -243,9 +285,10 @@ impl LocalReplica {
                         merge(&conflict).map(|r| match r {
                             Resolution::Merged(b) => {
                                 // As the server will store it.
-                                Resolution::Merged(view::normalize(&b).unwrap_or(b))
+                                let b = view::normalize(&b).unwrap_or(b);
+                                (Resolution::Merged(b), ResolvedBy::Merge)
                             }
-                            other => other,
+                            other => (other, ResolvedBy::Merge),
                         })
                     }
                 }
@@ -283,21 +326,50 @@ impl LocalReplica {
             .inner
             .client
             .pull_all(self.pull_options(Checkpoint::from(&since)));
+        // Each page is checked against the checkpoint it follows, not the
+        // stored one: a background follower may have moved that on
+        // meanwhile (then the page's documents are only applied where
+        // newer, and the checkpoint only moves forward).
+        let mut from = since;
         while let Some(page) = pages.next().await {
             let page = page?;
             let _w = self.lock();
-            let store = &self.inner.store;
-            let stored = store.checkpoint()?;
-            let mut plan = Plan::default();
-            self.check_page(&stored, &page)?;
-            for doc in &page.documents {
-                if let Some(fresh) = newer(store.base(&doc.collection, &doc.id)?.as_ref(), doc)? {
-                    plan.put_base(&doc.collection, &doc.id, &fresh);
-                }
-            }
-            plan.set_checkpoint(&StoredCheckpoint::from(&page.checkpoint));
-            store.commit(&plan)?;
+            self.check_page(&from, &page)?;
+            self.apply_changes(&page.documents, &page.checkpoint)?;
+            from = StoredCheckpoint::from(&page.checkpoint);
             report.pulled += page.documents.len();
+        }
+        Ok(())
+    }
+
+    /// Puts the documents newer than the base's into it and moves the
+    /// checkpoint (forward only: a concurrent sync may be ahead), in one
+    /// commit; then tells the events. The caller holds the write lock and
+    /// checked the page.
+    pub(super) fn apply_changes(
+        &self,
+        documents: &[Document],
+        checkpoint: &Checkpoint,
+    ) -> Result<(), ReplicaError> {
+        let store = &self.inner.store;
+        let mut plan = Plan::default();
+        let mut changed = Vec::new();
+        for doc in documents {
+            if let Some(fresh) = newer(store.base(&doc.collection, &doc.id)?.as_ref(), doc)? {
+                plan.put_base(&doc.collection, &doc.id, &fresh);
+                changed.push(doc.clone());
+            }
+        }
+        let stored = store.checkpoint()?;
+        if checkpoint.seq >= stored.seq {
+            plan.set_checkpoint(&StoredCheckpoint::from(checkpoint));
+        }
+        store.commit(&plan)?;
+        if !changed.is_empty() {
+            self.inner.events.send([ReplicaEvent::ServerChanges {
+                documents: changed,
+                checkpoint: Some(checkpoint.clone()),
+            }]);
         }
         Ok(())
     }
@@ -305,7 +377,11 @@ impl LocalReplica {
     /// Refuses a page that cannot follow `since`: another store, a
     /// checkpoint or a document seq going backwards, a collection not asked
     /// for.
-    fn check_page(&self, since: &StoredCheckpoint, page: &PullPage) -> Result<(), ReplicaError> {
+    pub(super) fn check_page(
+        &self,
+        since: &StoredCheckpoint,
+        page: &PullPage,
+    ) -> Result<(), ReplicaError> {
         let bad = |what: String| Err(ReplicaError::BadAnswer(what));
         if !since.store_id.is_empty() && page.checkpoint.store_id != since.store_id {
             return bad(format!(
@@ -360,18 +436,34 @@ impl LocalReplica {
         }
         let _w = self.lock();
         let store = &self.inner.store;
+        // A background follower may have brought the base past this pull,
+        // in the same store, meanwhile: what it brought stays, and so does
+        // its checkpoint.
+        let stored = store.checkpoint()?;
+        let ahead = stored.store_id == checkpoint.store_id && stored.seq > checkpoint.seq;
+        let newer_in_base = |c: &str, id: &str, seq: u64| -> Result<bool, ReplicaError> {
+            Ok(ahead && store.base(c, id)?.is_some_and(|b| b.seq > seq))
+        };
         let mut plan = Plan::default();
         for (c, id) in store.base_keys()? {
-            if !docs.contains_key(&(c.clone(), id.clone())) {
+            if !docs.contains_key(&(c.clone(), id.clone()))
+                && !newer_in_base(&c, &id, checkpoint.seq)?
+            {
                 plan.remove_base(&c, &id);
             }
         }
         for ((c, id), d) in &docs {
-            plan.put_base(c, id, d);
+            if !newer_in_base(c, id, d.seq)? {
+                plan.put_base(c, id, d);
+            }
         }
-        plan.set_checkpoint(&checkpoint);
+        let reached = if ahead { stored } else { checkpoint };
+        plan.set_checkpoint(&reached);
         store.commit(&plan)?;
         report.resynced = true;
+        self.inner.events.send([ReplicaEvent::Resynced {
+            checkpoint: Checkpoint::from(&reached),
+        }]);
         Ok(())
     }
 }
@@ -440,11 +532,16 @@ fn newer(current: Option<&BaseDoc>, doc: &Document) -> Result<Option<BaseDoc>, R
     }
 }
 
+/// What a resolution did to mutation ids: the id the resolved write goes
+/// out under (if any), and the later writes' (old, new) ids.
+pub(super) type Renumbering = (Option<u64>, Vec<(u64, u64)>);
+
 /// Plans a conflict's resolution: the conflicting write `(m, entry)` leaves
 /// the outbox (and its conflict record, if parked); keep-local or a merge
 /// puts a write against `server`'s version at the end under a new id; the
 /// document's later writes (held: never sent) follow it under new ids, so
-/// ids still go out in increasing order.
+/// ids still go out in increasing order. Returns the id the resolved
+/// write goes out under (if any) and the later writes' (old, new) ids.
 pub(super) fn plan_resolution(
     store: &Store,
     plan: &mut Plan,
@@ -452,7 +549,7 @@ pub(super) fn plan_resolution(
     (m, entry): (u64, &Entry),
     resolution: &Resolution,
     server: Option<&BaseDoc>,
-) -> Result<(), ReplicaError> {
+) -> Result<Renumbering, ReplicaError> {
     let (c, id) = (&entry.collection, &entry.id);
     plan.remove_entry(m, entry);
     plan.remove_conflict(c, id);
@@ -467,18 +564,27 @@ pub(super) fn plan_resolution(
         ancestor: server.and_then(BaseDoc::live_body).cloned(),
         ..entry.clone()
     };
-    match resolution {
-        Resolution::KeepServer => {}
-        Resolution::KeepLocal => plan.put_entry(take_id()?, &against_server(entry.op.clone())),
-        Resolution::Merged(body) => {
-            plan.put_entry(take_id()?, &against_server(LocalOp::Put(body.clone())));
+    let resent_as = match resolution {
+        Resolution::KeepServer => None,
+        Resolution::KeepLocal => {
+            let new = take_id()?;
+            plan.put_entry(new, &against_server(entry.op.clone()));
+            Some(new)
         }
-    }
+        Resolution::Merged(body) => {
+            let new = take_id()?;
+            plan.put_entry(new, &against_server(LocalOp::Put(body.clone())));
+            Some(new)
+        }
+    };
+    let mut renumbered = Vec::new();
     for (later, e) in store.doc_entries(c, id)? {
         if later > m {
+            let new = take_id()?;
             plan.remove_entry(later, &e);
-            plan.put_entry(take_id()?, &e);
+            plan.put_entry(new, &e);
+            renumbered.push((later, new));
         }
     }
-    Ok(())
+    Ok((resent_as, renumbered))
 }

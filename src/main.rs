@@ -43,6 +43,8 @@ async fn main() -> ExitCode {
         tracing::error!("invalid configuration: {e}");
         return ExitCode::FAILURE;
     }
+    // Before anything slow: a SIGTERM from here on stops the server cleanly.
+    let signal = shutdown::signal();
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(e) => {
@@ -50,7 +52,10 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match deltasync::serve(config, listener, shutdown::signal()).await {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "bound; opening the store");
+    }
+    match deltasync::serve(config, listener, signal).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -3,30 +3,46 @@
 pub use tokio_util::sync::CancellationToken;
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM (what Kubernetes sends).
-pub async fn signal() {
-    let ctrl_c = async {
+///
+/// The handlers are installed when this is called, not when the future is
+/// first polled: the server polls it only once it serves, and a SIGTERM
+/// that comes while the store opens (a pod deleted as it starts) would
+/// otherwise kill the process instead of stopping it cleanly.
+pub fn signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            tokio::select! {
+                () = received(interrupt, "SIGINT") => tracing::info!("SIGINT received"),
+                () = received(terminate, "SIGTERM") => tracing::info!("SIGTERM received"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(cause = %e, "cannot listen for SIGINT");
+            tracing::error!(cause = %e, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(cause = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+        tracing::info!("Ctrl-C received");
+    }
+}
+
+/// Waits for a signal whose handler was installed, or forever if it could
+/// not be.
+#[cfg(unix)]
+async fn received(handler: std::io::Result<tokio::signal::unix::Signal>, name: &str) {
+    match handler {
+        Ok(mut handler) => {
+            handler.recv().await;
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
+        Err(e) => {
+            tracing::error!(cause = %e, "cannot listen for {name}");
+            std::future::pending::<()>().await;
+        }
     }
 }
 

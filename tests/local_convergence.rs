@@ -18,7 +18,6 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    os::unix::process::ExitStatusExt,
     path::Path,
     time::Duration,
 };
@@ -305,13 +304,9 @@ impl Server {
             if rng.chance(50) {
                 p.kill_9();
             } else {
-                // A SIGTERM right after the server logs that it serves may
-                // kill it outright: its handler is installed when the
-                // signal future is first polled (a server bug, reported).
-                // For the replicas that is one more kind of crash.
                 let status = p.terminate(Duration::from_secs(20));
                 assert!(
-                    status.success() || status.signal() == Some(15),
+                    status.success(),
                     "the server exits cleanly on SIGTERM: {status:?}"
                 );
             }

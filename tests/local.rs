@@ -4,15 +4,17 @@
 
 mod common;
 
-use std::{path::Path, process::Output, time::Duration};
+use std::{path::Path, time::Duration};
 
-use common::TestServer;
+use common::{
+    TestServer,
+    local::{ok, run, server_view, view},
+};
 use deltasync::{
-    client::{Client, PullOptions, RetryPolicy},
+    client::{Client, RetryPolicy},
     pb,
     replica::{LocalOp, LocalReplica, ReplicaError, ReplicaOptions, Resolution, Resolver},
 };
-use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 
 fn url(s: &TestServer) -> String {
@@ -51,41 +53,6 @@ fn body(v: Value) -> Map<String, Value> {
         Value::Object(m) => m,
         other => panic!("not an object: {other}"),
     }
-}
-
-/// A document as (id, version, deleted, body, pending).
-type ViewRow = (String, u64, bool, Option<Map<String, Value>>, bool);
-
-/// A collection of the view as (id, version, deleted, body), pending or not.
-fn view(r: &LocalReplica, collection: &str) -> Vec<ViewRow> {
-    r.list(collection)
-        .unwrap()
-        .into_iter()
-        .map(|d| {
-            let doc = d.document;
-            (doc.id, doc.version, doc.deleted, doc.body, d.pending)
-        })
-        .collect()
-}
-
-/// The server's Pull from 0 of a collection, in the same form (never
-/// pending).
-async fn server_view(s: &TestServer, collection: &str) -> Vec<ViewRow> {
-    let client = Client::connect([url(s)]).unwrap();
-    let mut pages = client.pull_all(PullOptions {
-        collections: vec![collection.to_owned()],
-        ..Default::default()
-    });
-    let mut docs = Vec::new();
-    while let Some(page) = pages.next().await {
-        docs.extend(page.unwrap().documents);
-    }
-    let mut out: Vec<_> = docs
-        .into_iter()
-        .map(|d| (d.id, d.version, d.deleted, d.body, false))
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 /// Rule: a local write is in the outbox, durable, when the call returns,
@@ -137,7 +104,7 @@ async fn offline_writes_survive_a_restart_and_are_pushed_when_the_server_returns
         (0, 0, 0)
     );
     assert!(r.pending().unwrap().is_empty());
-    assert_eq!(view(&r, "todos"), server_view(&s, "todos").await);
+    assert_eq!(view(&r, "todos"), server_view(&url(&s), "todos").await);
     let milk = r.get("todos", "milk").unwrap().unwrap();
     assert!(!milk.pending);
     // Three writes, based on each other: versions 1, 2, 3, no conflict.
@@ -196,7 +163,7 @@ async fn a_push_whose_answer_was_lost_is_applied_once() {
         json!({"title": "Buy milk", "done": true})
     );
     assert_eq!(common::last_mutation_id(&mut raw, r.client_id()).await, 2);
-    assert_eq!(view(&r, "todos"), server_view(&s, "todos").await);
+    assert_eq!(view(&r, "todos"), server_view(&url(&s), "todos").await);
     // A second sync sends nothing.
     assert_eq!(r.sync().await.unwrap().pushed, 0);
 }
@@ -269,7 +236,7 @@ async fn conflicts_go_to_each_collections_resolver() {
     // The kept write went out under a new id, above the rejected one.
     assert!(common::last_mutation_id(&mut s.connect().await, r.client_id()).await > rejected);
     for c in ["server", "local", "merged"] {
-        assert_eq!(view(&r, c), server_view(&s, c).await, "{c}");
+        assert_eq!(view(&r, c), server_view(&url(&s), c).await, "{c}");
     }
 
     // Manual: parked with both sides, still in the view.
@@ -314,7 +281,7 @@ async fn conflicts_go_to_each_collections_resolver() {
     );
     let doc = server_doc("manual").await;
     assert_eq!(doc.body, Some(body(json!({"title": "by hand", "n": 1}))));
-    assert_eq!(view(&r, "manual"), server_view(&s, "manual").await);
+    assert_eq!(view(&r, "manual"), server_view(&url(&s), "manual").await);
 }
 
 /// Rule: two replicas that write offline (the same documents included)
@@ -333,7 +300,7 @@ async fn two_replicas_converge_to_the_servers_pull_from_0() {
         .unwrap();
     r1.sync().await.unwrap();
     r2.sync().await.unwrap();
-    assert_eq!(view(&r2, "todos"), server_view(&s, "todos").await);
+    assert_eq!(view(&r2, "todos"), server_view(&url(&s), "todos").await);
 
     // Both write without syncing.
     r1.patch("todos", "milk", json!({"done": true})).unwrap();
@@ -353,7 +320,7 @@ async fn two_replicas_converge_to_the_servers_pull_from_0() {
     // server merged with r1's "done": it never saw r1's, so it conflicts
     // (and keep-local sends it again) instead of overwriting it silently.
     assert_eq!((a.resolved, b.resolved, a2.resolved), (0, 1, 0));
-    let expected = server_view(&s, "todos").await;
+    let expected = server_view(&url(&s), "todos").await;
     assert_eq!(view(&r1, "todos"), expected);
     assert_eq!(view(&r2, "todos"), expected);
     let milk = r1
@@ -399,7 +366,7 @@ async fn a_new_store_rebuilds_the_base_and_keeps_the_outbox() {
     assert_eq!(report.acknowledged, 1);
     let ids: Vec<String> = view(&r, "todos").into_iter().map(|d| d.0).collect();
     assert_eq!(ids, ["b1", "new"], "the old store's documents are gone");
-    assert_eq!(view(&r, "todos"), server_view(&b, "todos").await);
+    assert_eq!(view(&r, "todos"), server_view(&url(&b), "todos").await);
 }
 
 /// Rule: when a fresh server with another store takes the address the
@@ -459,7 +426,7 @@ async fn a_new_store_at_the_same_address_rebuilds_the_base_and_keeps_the_outbox(
         .unwrap();
     let report = r.sync().await.unwrap();
     assert_eq!((report.acknowledged, report.remaining), (1, 0));
-    let expected = server_view(&s2, "todos").await;
+    let expected = server_view(&url(&s2), "todos").await;
     assert_eq!(view(&r, "todos"), expected);
     let ids: Vec<&str> = expected.iter().map(|d| d.0.as_str()).collect();
     assert_eq!(ids, ["b1", "new", "old"]);
@@ -484,7 +451,7 @@ async fn the_todo_story_converges() {
     let (a, b) = local_todo::story(&[url(&s).as_str()], da.path(), db.path(), "milk")
         .await
         .expect("the story runs");
-    let expected = server_view(&s, "todos").await;
+    let expected = server_view(&url(&s), "todos").await;
     assert_eq!(view(&a, "todos"), expected);
     assert_eq!(view(&b, "todos"), expected);
     assert_eq!(
@@ -497,33 +464,6 @@ async fn the_todo_story_converges() {
 // ---------------------------------------------------------------------
 // The command line
 // ---------------------------------------------------------------------
-
-const BIN: &str = env!("CARGO_BIN_EXE_deltasync");
-
-async fn run(dir: &Path, args: &[&str]) -> Output {
-    let mut c = std::process::Command::new(BIN);
-    c.arg("local").args(args).arg("--dir").arg(dir);
-    tokio::task::spawn_blocking(move || c.output().expect("the binary runs"))
-        .await
-        .unwrap()
-}
-
-fn lines(out: &Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
-        .collect()
-}
-
-fn ok(out: &Output) -> Vec<Value> {
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    lines(out)
-}
 
 /// Rule: `deltasync local` writes into the outbox with or without a server
 /// and prints the optimistic document (`"pending": true`); `sync` exits 0
@@ -611,4 +551,82 @@ async fn the_command_line_runs_a_local_replica() {
     );
     let missing = run(&dir.path().join("nothing"), &["list", "todos"]).await;
     assert_eq!(missing.status.code(), Some(1));
+}
+
+/// A body of about `bytes` bytes, with the field `n`.
+fn big_body(bytes: usize, n: u64) -> Value {
+    json!({"n": n, "pad": "x".repeat(bytes)})
+}
+
+/// Rule: the outbox goes out in pushes the server takes: writes whose
+/// bodies together exceed the server's request limit are split over
+/// several pushes, not sent as one push refused for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn big_writes_go_out_in_pushes_the_server_takes() {
+    let s = TestServer::start_with(|c| {
+        c.max_batch = 100;
+        c.max_body_bytes = 300_000;
+        c.max_request_bytes = 600_000;
+        c.max_message_bytes = 600_000;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let r = init(dir.path(), &url(&s), &[("big", Resolver::Manual)]);
+    for i in 0..4 {
+        r.put("big", &format!("d{i}"), big_body(250_000, i))
+            .unwrap();
+    }
+    let report = r.sync().await.expect("sync");
+    assert_eq!((report.acknowledged, report.remaining), (4, 0));
+    assert_eq!(view(&r, "big"), server_view(&url(&s), "big").await);
+}
+
+/// Rule: a replica never conflicts with itself, also when the server
+/// leaves the bodies out of an answer over its size limit: a write made on
+/// top of an APPLIED one moves to the version it produced.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_on_top_of_an_answer_without_bodies_do_not_conflict() {
+    let s = TestServer::start_with(|c| {
+        c.max_batch = 100;
+        c.max_body_bytes = 300_000;
+        c.max_request_bytes = 400_000;
+        c.max_message_bytes = 400_000;
+    })
+    .await;
+    let server = Client::connect([url(&s)]).unwrap();
+    for id in ["a", "b"] {
+        server.put("big", id, big_body(280_000, 0)).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let r = init(dir.path(), &url(&s), &[("big", Resolver::Manual)]);
+    r.sync().await.expect("first sync");
+    // One push of both first patches: its answer would echo two 280 kB
+    // documents, over the 400 kB limit, so it comes without bodies.
+    for n in [1, 2] {
+        for id in ["a", "b"] {
+            r.patch("big", id, json!({ "n": n })).unwrap();
+        }
+    }
+    let report = r.sync().await.expect("sync");
+    assert_eq!(
+        (report.acknowledged, report.parked, report.remaining),
+        (4, 0, 0),
+        "{report:?}"
+    );
+    assert!(r.conflicts().unwrap().is_empty());
+    let a = r.get("big", "a").unwrap().unwrap();
+    assert_eq!(a.document.body.as_ref().unwrap()["n"], json!(2));
+    assert_eq!(view(&r, "big"), server_view(&url(&s), "big").await);
+}
+
+/// Rule: opening a directory that holds no replica is refused and leaves
+/// the directory as it was (a mistyped `--dir` creates nothing).
+#[tokio::test(flavor = "multi_thread")]
+async fn opening_a_directory_without_a_replica_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = LocalReplica::open(dir.path(), quick)
+        .err()
+        .expect("refused");
+    assert!(matches!(err, ReplicaError::NotInitialized), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

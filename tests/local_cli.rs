@@ -4,50 +4,16 @@
 
 mod common;
 
-use std::{path::Path, process::Output};
-
-use common::{auth::principal, cluster::DataDir, process::Process};
+use common::{
+    auth::principal,
+    cluster::DataDir,
+    local::{failed, ok, run},
+    process::Process,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_deltasync");
-
-async fn run(dir: &Path, args: &[&str]) -> Output {
-    let mut c = std::process::Command::new(BIN);
-    c.arg("local").args(args).arg("--dir").arg(dir);
-    tokio::task::spawn_blocking(move || c.output().expect("the binary runs"))
-        .await
-        .unwrap()
-}
-
-fn ok(out: &Output) -> Vec<Value> {
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// A failure: exit 1 and a one-line reason, returned.
-fn failed(out: &Output) -> String {
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reason = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(reason.lines().count(), 1, "{reason}");
-    reason
-}
 
 /// A CA and a server certificate for `localhost` it signed: (CA PEM,
 /// certificate PEM, key PEM).

@@ -11,7 +11,8 @@
 //! by an earlier attempt, or settled as a conflict by its resolver, a merge
 //! callback or by hand), and nothing was applied twice.
 //!
-//! `DELTASYNC_TEST_SEED=N` replays a seed (printed on failure);
+//! `DELTASYNC_TEST_SEED=N` replays a seed's choices (printed on failure;
+//! the timing of cuts and kills is the machine's);
 //! `DELTASYNC_TEST_STEPS=N` sets the number of random steps (default 50).
 
 mod common;
@@ -24,16 +25,16 @@ use std::{
 
 use common::{
     cluster::{DataDir, Dial, Gate},
+    local::{seed, server_view, view},
     process::Process,
 };
 use deltasync::{
-    client::{Client, ClientBuilder, PullOptions, RetryPolicy},
+    client::{Client, ClientBuilder, RetryPolicy},
     replica::{
         Acknowledgement, BackgroundOptions, Events, LocalReplica, ReplicaEvent, ReplicaOptions,
         Resolution, ResolvedBy, Resolver, SyncHandle,
     },
 };
-use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 
 // ---------------------------------------------------------------------
@@ -325,36 +326,6 @@ impl Server {
     }
 }
 
-/// A collection of the view as (id, version, deleted, body, pending).
-type ViewRow = (String, u64, bool, Option<Map<String, Value>>, bool);
-
-fn view(r: &LocalReplica, collection: &str) -> Vec<ViewRow> {
-    r.list(collection)
-        .unwrap()
-        .into_iter()
-        .map(|d| {
-            let doc = d.document;
-            (doc.id, doc.version, doc.deleted, doc.body, d.pending)
-        })
-        .collect()
-}
-
-async fn server_view(url: &str, collection: &str) -> Vec<ViewRow> {
-    let client = Client::connect([url]).unwrap();
-    let mut pages = client.pull_all(PullOptions {
-        collections: vec![collection.to_owned()],
-        ..Default::default()
-    });
-    let mut out = Vec::new();
-    while let Some(page) = pages.next().await {
-        for d in page.unwrap().documents {
-            out.push((d.id, d.version, d.deleted, d.body, false));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
-}
-
 fn body(v: Value) -> Map<String, Value> {
     match v {
         Value::Object(m) => m,
@@ -440,14 +411,7 @@ fn resolve_all(rng: &mut Rng, node: &mut Node, tags: &mut u64) {
 /// applied twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn replicas_and_server_writers_converge_under_cuts_and_restarts() {
-    let seed = env_u64("DELTASYNC_TEST_SEED").unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-            .try_into()
-            .unwrap_or(7)
-    });
+    let seed = seed();
     let steps = env_u64("DELTASYNC_TEST_STEPS").unwrap_or(50);
     let _guard = SeedGuard(seed);
     let mut rng = Rng(seed);

@@ -14,7 +14,7 @@ mod common;
 use std::{
     net::SocketAddr,
     path::Path,
-    process::{Child, Command, Output, Stdio},
+    process::Child,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -22,9 +22,12 @@ use std::{
     time::Duration,
 };
 
-use common::TestServer;
+use common::{
+    TestServer,
+    local::{self, ok, seed},
+};
 use deltasync::{
-    client::{Client, ClientBuilder, PullOptions, RetryPolicy},
+    client::{Client, ClientBuilder, RetryPolicy},
     pb::{
         self,
         sync_service_client::SyncServiceClient,
@@ -32,7 +35,6 @@ use deltasync::{
     },
     replica::{LocalReplica, ReplicaError, ReplicaOptions, Resolver},
 };
-use futures_util::StreamExt;
 use serde_json::{Map, Value, json};
 use tonic::{Request, Response, Status, transport::Channel};
 
@@ -181,56 +183,6 @@ impl Drop for SeedGuard {
     }
 }
 
-fn seed() -> u64 {
-    std::env::var("DELTASYNC_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-                .try_into()
-                .unwrap_or(7)
-        })
-}
-
-const BIN: &str = env!("CARGO_BIN_EXE_deltasync");
-
-/// `deltasync local ARGS --dir DIR`, started.
-fn spawn_local(dir: &Path, args: &[&str]) -> Child {
-    Command::new(BIN)
-        .arg("local")
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary runs")
-}
-
-/// `deltasync local ARGS --dir DIR`, run to its end.
-async fn run_local(dir: &Path, args: &[&str]) -> Output {
-    let child = spawn_local(dir, args);
-    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap()
-}
-
-fn ok(out: &Output) -> Vec<Value> {
-    assert!(
-        out.status.success(),
-        "exit {:?}: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// SIGKILLs `child` and reaps it; true if it had already exited.
 fn kill_9(mut child: Child) -> bool {
     let done = child.try_wait().unwrap().is_some();
@@ -254,38 +206,6 @@ fn init(dir: &Path, endpoint: &str) -> LocalReplica {
         quick,
     )
     .expect("init")
-}
-
-/// A collection of the view (or the server's Pull from 0) as
-/// (id, version, deleted, body).
-type Row = (String, u64, bool, Option<Map<String, Value>>);
-
-fn view(r: &LocalReplica) -> Vec<Row> {
-    r.list("c")
-        .unwrap()
-        .into_iter()
-        .map(|d| {
-            assert!(!d.pending, "{d:?}");
-            let doc = d.document;
-            (doc.id, doc.version, doc.deleted, doc.body)
-        })
-        .collect()
-}
-
-async fn server_view(url: &str) -> Vec<Row> {
-    let client = Client::connect([url]).unwrap();
-    let mut pages = client.pull_all(PullOptions {
-        collections: vec!["c".into()],
-        ..Default::default()
-    });
-    let mut out = Vec::new();
-    while let Some(page) = pages.next().await {
-        for d in page.unwrap().documents {
-            out.push((d.id, d.version, d.deleted, d.body));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
 }
 
 /// The outbox as (mutation id, document id).
@@ -373,10 +293,11 @@ async fn a_sync_killed_at_random_moments_applies_every_write_once() {
     drop(r);
 
     let mut kills = 0;
+    let mut mid_push = 0;
     // (delay ms, outbox left) after each kill, for the log.
     let mut trail = Vec::new();
     for round in 0..40 {
-        let child = spawn_local(dir.path(), &["sync", "--timeout", "20s"]);
+        let child = local::spawn(dir.path(), &["sync", "--timeout", "20s"]);
         let delay = rng.below(300);
         tokio::time::sleep(Duration::from_millis(delay)).await;
         let finished = kill_9(child);
@@ -391,13 +312,18 @@ async fn a_sync_killed_at_random_moments_applies_every_write_once() {
             before.ends_with(&now),
             "round {round}: the outbox lost or changed entries: {before:?} -> {now:?}"
         );
+        // Killed after part of the outbox was acknowledged, with some of it
+        // still to send: the kill landed inside the push rounds.
+        if !finished && !now.is_empty() && now.len() < before.len() {
+            mid_push += 1;
+        }
         for d in 0..docs {
             let doc = r.get("c", &format!("d{d}")).unwrap().unwrap().document;
             assert_eq!(doc.body.unwrap().len(), per_doc, "d{d} after a kill");
         }
         trail.push((delay, now.len()));
         if now.is_empty() {
-            if kills >= 6 {
+            if kills >= 6 && mid_push >= 1 {
                 break;
             }
             // More writes, so there is a sync left to kill.
@@ -407,11 +333,15 @@ async fn a_sync_killed_at_random_moments_applies_every_write_once() {
         before = outbox(&r);
     }
     assert!(kills >= 6, "too few syncs killed: {trail:?}");
-    let out = run_local(dir.path(), &["sync", "--timeout", "20s"]).await;
+    assert!(
+        mid_push >= 1,
+        "no kill landed between two pushes of a sync: {trail:?}"
+    );
+    let out = local::run(dir.path(), &["sync", "--timeout", "20s"]).await;
     ok(&out);
     let r = LocalReplica::open(dir.path(), quick).unwrap();
     assert!(r.pending().unwrap().is_empty());
-    assert_eq!(view(&r), server_view(&url).await);
+    assert_eq!(local::view(&r, "c"), local::server_view(&url, "c").await);
     let last = u64::try_from(docs * per_doc).unwrap();
     assert_applied_once(&s, &client_id, docs, per_doc, last).await;
     eprintln!("seed {seed}: {kills} kills; (delay ms, outbox left): {trail:?}");
@@ -434,7 +364,7 @@ async fn a_sync_killed_between_the_servers_commit_and_its_answer_applies_once() 
     drop(r);
 
     faults.hold_push_answers.store(true, Ordering::SeqCst);
-    let child = spawn_local(dir.path(), &["sync", "--timeout", "20s"]);
+    let child = local::spawn(dir.path(), &["sync", "--timeout", "20s"]);
     common::eventually(|| async { faults.pushes_committed.load(Ordering::SeqCst) > 0 }).await;
     assert!(!kill_9(child), "the sync waits for the held answer");
     // The server has the first push (one write per document); the
@@ -446,12 +376,15 @@ async fn a_sync_killed_between_the_servers_commit_and_its_answer_applies_once() 
     drop(r);
 
     faults.hold_push_answers.store(false, Ordering::SeqCst);
-    let out = ok(&run_local(dir.path(), &["sync", "--timeout", "20s"]).await);
+    let out = ok(&local::run(dir.path(), &["sync", "--timeout", "20s"]).await);
     assert_eq!(out[0]["sync"]["acknowledged"], 6, "{out:?}");
     assert_eq!(out[0]["sync"]["parked"], 0, "{out:?}");
     assert_applied_once(&s, &client_id, 2, 3, 6).await;
     let r = LocalReplica::open(dir.path(), quick).unwrap();
-    assert_eq!(view(&r), server_view(&format!("http://{}", s.addr)).await);
+    assert_eq!(
+        local::view(&r, "c"),
+        local::server_view(&format!("http://{}", s.addr), "c").await
+    );
 }
 
 /// Rule: writes made with `deltasync local` while the server is away are
@@ -466,21 +399,21 @@ async fn offline_writes_survive_client_restarts_until_the_server_returns() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("replica");
     let url = format!("http://{addr}");
-    ok(&run_local(&d, &["init", "--endpoints", &url, "--collection", "c"]).await);
+    ok(&local::run(&d, &["init", "--endpoints", &url, "--collection", "c"]).await);
     for k in 0..3 {
         let body = json!({format!("p{k}"): k}).to_string();
-        ok(&run_local(&d, &["patch", "c", "d0", &body]).await);
-        ok(&run_local(&d, &["patch", "c", "d1", &body]).await);
+        ok(&local::run(&d, &["patch", "c", "d0", &body]).await);
+        ok(&local::run(&d, &["patch", "c", "d1", &body]).await);
     }
     // A sync that cannot reach the server, killed at some moment of its
     // retries (not a wait for readiness: any moment will do).
-    let child = spawn_local(&d, &["sync", "--timeout", "30s"]);
+    let child = local::spawn(&d, &["sync", "--timeout", "30s"]);
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(!kill_9(child), "the sync still retries");
-    assert_eq!(ok(&run_local(&d, &["pending"]).await).len(), 6);
+    assert_eq!(ok(&local::run(&d, &["pending"]).await).len(), 6);
 
     let s = TestServer::start_at(addr).await;
-    let out = ok(&run_local(&d, &["sync", "--timeout", "20s"]).await);
+    let out = ok(&local::run(&d, &["sync", "--timeout", "20s"]).await);
     assert_eq!(out[0]["sync"]["acknowledged"], 6, "{out:?}");
     let client_id = LocalReplica::open(&d, quick)
         .unwrap()
@@ -539,7 +472,10 @@ async fn a_version_going_backwards_stops_the_sync_and_keeps_the_outbox() {
     let report = r.sync().await.unwrap();
     assert_eq!(report.acknowledged, 1);
     assert_eq!(r.get("c", "doc").unwrap().unwrap().document.version, 4);
-    assert_eq!(view(&r), server_view(&format!("http://{}", s.addr)).await);
+    assert_eq!(
+        local::view(&r, "c"),
+        local::server_view(&format!("http://{}", s.addr), "c").await
+    );
 }
 
 // ---------------------------------------------------------------------
@@ -562,10 +498,10 @@ async fn a_put_waits_for_a_sync_holding_the_store() {
 
     // A sync that holds the store: its push's answer never comes.
     faults.hold_push_answers.store(true, Ordering::SeqCst);
-    let sync = spawn_local(dir.path(), &["sync", "--timeout", "20s"]);
+    let sync = local::spawn(dir.path(), &["sync", "--timeout", "20s"]);
     common::eventually(|| async { faults.pushes_committed.load(Ordering::SeqCst) > 0 }).await;
 
-    let busy = run_local(
+    let busy = local::run(
         dir.path(),
         &["put", "c", "x", "{}", "--lock-timeout", "100ms"],
     )
@@ -575,12 +511,18 @@ async fn a_put_waits_for_a_sync_holding_the_store() {
     assert_eq!(reason.lines().count(), 1, "{reason}");
     assert!(reason.contains("in use by another process"), "{reason}");
 
-    let waiting = spawn_local(
+    let mut waiting = local::spawn(
         dir.path(),
         &["put", "c", "second", r#"{"n": 2}"#, "--lock-timeout", "20s"],
     );
-    // The put waits; the sync ends (killed here), the put goes on.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The put waits while the sync holds the store (still running after
+    // a while, where a put that did not wait would have failed at once);
+    // the sync ends (killed here), the put goes on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "the put waits for the store"
+    );
     assert!(!kill_9(sync));
     let out = tokio::task::spawn_blocking(move || waiting.wait_with_output().unwrap())
         .await
@@ -663,5 +605,8 @@ async fn a_resync_keeps_what_a_background_follower_brought_meanwhile() {
         resynced.seq
     );
     handle.shutdown().await;
-    assert_eq!(view(&r), server_view(&format!("http://{}", s.addr)).await);
+    assert_eq!(
+        local::view(&r, "c"),
+        local::server_view(&format!("http://{}", s.addr), "c").await
+    );
 }

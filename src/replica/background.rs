@@ -140,7 +140,17 @@ impl LocalReplica {
             };
             match stop {
                 Stop::Shutdown => break,
-                Stop::Restart => failures = 0,
+                Stop::Restart => {
+                    // The next pass's sync resyncs if it must; the shortest
+                    // backoff keeps a server that keeps ending the stream
+                    // (or keeps asking for a resync the sync does not
+                    // find) from spinning this loop.
+                    failures = 0;
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(options.min_backoff) => {}
+                    }
+                }
                 Stop::Failed(e) => {
                     failures = failures.saturating_add(1);
                     let wait = backoff(&options, failures);

@@ -96,6 +96,9 @@ pub use self::{
 };
 use crate::client::{Body, Client, ClientBuilder, ClientError, Document};
 
+/// How long [`LocalReplica::open`] waits for sled's directory lock.
+pub const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How a write the server answered CONFLICT is settled; chosen per
 /// collection at init and kept with each write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -300,15 +303,16 @@ impl LocalReplica {
     }
 
     /// Opens the replica in `dir` (see [`LocalReplica::init`] for
-    /// `configure`). One process at a time: sled locks the directory.
+    /// `configure`). One process at a time: sled locks the directory, and
+    /// releases it a moment after the last handle of a replica is dropped,
+    /// so this waits up to [`REOPEN_WAIT`] for the lock before it answers
+    /// [`ReplicaError::Locked`] (see [`LocalReplica::open_waiting`] for
+    /// longer). Blocks the thread.
     pub fn open(
         dir: &Path,
         configure: impl FnOnce(ClientBuilder) -> ClientBuilder,
     ) -> Result<Self, ReplicaError> {
-        if !dir.exists() {
-            return Err(ReplicaError::NotInitialized);
-        }
-        Self::with_store(Store::open(dir)?, configure, events::CAPACITY)
+        Self::open_waiting(dir, configure, REOPEN_WAIT)
     }
 
     /// As [`LocalReplica::open`], but while another process has the
@@ -320,7 +324,9 @@ impl LocalReplica {
         configure: impl FnOnce(ClientBuilder) -> ClientBuilder,
         wait: std::time::Duration,
     ) -> Result<Self, ReplicaError> {
-        if !dir.exists() {
+        // sled would create its files in any directory it opens: a
+        // mistyped `--dir` must not leave them behind.
+        if !Store::exists(dir) {
             return Err(ReplicaError::NotInitialized);
         }
         let deadline = std::time::Instant::now() + wait;
@@ -383,7 +389,9 @@ impl LocalReplica {
 
     /// Resolves the conflicts of `collection` with `merge` from now on (in
     /// this process): it gets each conflict and returns a resolution, or
-    /// `None` to park it.
+    /// `None` to park it. It runs while the sync holds the replica's write
+    /// lock, so it must not call this replica (a read or a write would wait
+    /// for that lock forever): everything it needs comes as its argument.
     pub fn set_merge(
         &self,
         collection: &str,

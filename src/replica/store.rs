@@ -170,6 +170,30 @@ pub struct Entry {
     pub resolver: Resolver,
 }
 
+impl Entry {
+    /// About what the entry takes in a push request: its ids and its body
+    /// as JSON (a protobuf `Struct` is of the same order).
+    pub fn encoded_len(&self) -> usize {
+        /// Counts bytes written.
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        if let LocalOp::Put(body) | LocalOp::Patch(body) = &self.op {
+            // Writing into a counter cannot fail; a map always serializes.
+            let _ = serde_json::to_writer(&mut count, body);
+        }
+        self.collection.len() + self.id.len() + count.0
+    }
+}
+
 /// A pending write that the server answered CONFLICT and that waits for
 /// [`LocalReplica::resolve`](super::LocalReplica::resolve); the write
 /// itself stays in the outbox (held: neither it nor later writes of the
@@ -360,10 +384,20 @@ pub struct Store {
 }
 
 impl Store {
+    /// Whether `dir` holds a database (sled's data file).
+    pub fn exists(dir: &Path) -> bool {
+        dir.join("db").is_file()
+    }
+
     /// Opens (or creates) the database in `dir`; [`ReplicaError::Locked`]
     /// while another process has it open.
     pub fn open(dir: &Path) -> Result<Self, ReplicaError> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+        // No background flusher: every change flushes before it returns,
+        // and a flusher thread would hold the directory's lock for up to
+        // its interval after the replica is dropped, so reopening it at
+        // once (a restarted process, a test) would find it locked.
+        let config = sled::Config::new().path(dir).flush_every_ms(None);
+        let db = config.open().map_err(|e| match e {
             // sled's words for a directory another process holds.
             sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
                 ReplicaError::Locked(dir.to_owned())

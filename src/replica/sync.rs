@@ -20,12 +20,22 @@ use super::{
     view,
 };
 use crate::{
-    client::{Checkpoint, Document, Mutation, Op, PendingPush, PullOptions, PullPage, PushResult},
+    client::{
+        Body, Checkpoint, Document, Mutation, Op, PendingPush, PullOptions, PullPage, PushResult,
+    },
     pb,
 };
 
 /// Most writes per push (the server's `--max-batch` is 1000 by default).
 const MAX_BATCH: usize = 256;
+
+/// Most body bytes per push (a write bigger than this goes alone): well
+/// under the server's request limit (`--max-request-bytes`, 16 MiB by
+/// default), and small enough that the answer, which echoes each
+/// document, keeps every body within the server's answer limit
+/// (`--max-message-bytes`, 4 MiB), so later writes can move onto the
+/// versions it shows.
+const MAX_BATCH_BYTES: usize = 512 * 1024;
 
 /// What one [`LocalReplica::sync`] did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -76,7 +86,7 @@ impl LocalReplica {
         loop {
             let batch = {
                 let _w = self.lock();
-                next_batch(&self.inner.store, MAX_BATCH)?
+                next_batch(&self.inner.store, MAX_BATCH, MAX_BATCH_BYTES)?
             };
             if batch.is_empty() {
                 return Ok(());
@@ -99,19 +109,26 @@ impl LocalReplica {
                 .await?;
             report.pushed += batch.len();
             let _w = self.lock();
-            self.apply_answer(&batch, &answer, report)?;
+            if !self.apply_answer(&batch, &answer, report)? {
+                // Another store answered: its outcomes are recorded, and
+                // the next catch-up resyncs before anything more is sent
+                // (a write resent against a base from the old store would
+                // only conflict again).
+                return Ok(());
+            }
         }
     }
 
     /// Records a push's answer: acknowledged writes leave the outbox and
     /// move the later writes of their document onto the version they
-    /// produced; conflicts go to their resolver.
+    /// produced; conflicts go to their resolver. Returns whether the answer
+    /// came from the store the base is from.
     fn apply_answer(
         &self,
         batch: &[(u64, Entry)],
         answer: &PushResult,
         report: &mut SyncReport,
-    ) -> Result<(), ReplicaError> {
+    ) -> Result<bool, ReplicaError> {
         let store = &self.inner.store;
         if answer.results.len() != batch.len() {
             return Err(ReplicaError::BadAnswer(format!(
@@ -173,16 +190,21 @@ impl LocalReplica {
                     // document), which they never saw. Those keep their
                     // base, so the server's field check reports the
                     // conflict instead of overwriting it.
+                    // An answer over the server's size limit carries the
+                    // version without the body; an APPLIED write produced
+                    // exactly its own change on its ancestor.
                     if let Some(d) = &result.document
-                        && (d.deleted || d.body.is_some())
+                        && let Some(produced) = produced_body(d, result.outcome, entry)
                     {
-                        let produced = if d.deleted { None } else { d.body.as_ref() };
-                        let foreign =
-                            view::foreign_fields(entry.ancestor.as_ref(), &entry.op, produced);
+                        let foreign = view::foreign_fields(
+                            entry.ancestor.as_ref(),
+                            &entry.op,
+                            produced.as_ref(),
+                        );
                         for (later, mut e) in store.doc_entries(c, id)? {
                             if later > *m && !view::touches(&e.op, foreign.as_ref()) {
                                 e.base_version = d.version;
-                                e.ancestor = produced.cloned();
+                                e.ancestor.clone_from(&produced);
                                 plan.put_entry(later, &e);
                             }
                         }
@@ -253,7 +275,7 @@ impl LocalReplica {
             );
         }
         self.inner.events.send(events);
-        Ok(())
+        Ok(same_store)
     }
 
     /// The resolution a conflict gets without asking anyone: the
@@ -472,7 +494,11 @@ impl LocalReplica {
 /// conflict, at most one per document (a later write of a document waits
 /// for the earlier one's answer, which gives its base), stopping at the
 /// first document met twice so ids go out in increasing order.
-fn next_batch(store: &Store, max: usize) -> Result<Vec<(u64, Entry)>, ReplicaError> {
+fn next_batch(
+    store: &Store,
+    max: usize,
+    max_bytes: usize,
+) -> Result<Vec<(u64, Entry)>, ReplicaError> {
     let parked: HashSet<Vec<u8>> = store
         .conflicts()?
         .into_iter()
@@ -480,21 +506,43 @@ fn next_batch(store: &Store, max: usize) -> Result<Vec<(u64, Entry)>, ReplicaErr
         .collect();
     let mut docs = HashSet::new();
     let mut batch = Vec::new();
+    let mut bytes = 0;
     for item in store.outbox_iter() {
         let (m, e) = item?;
         let key = doc_key(&e.collection, &e.id);
         if parked.contains(&key) {
             continue;
         }
+        let size = e.encoded_len();
+        if !batch.is_empty() && bytes + size > max_bytes {
+            break;
+        }
         if !docs.insert(key) {
             break;
         }
+        bytes += size;
         batch.push((m, e));
         if batch.len() == max {
             break;
         }
     }
     Ok(batch)
+}
+
+/// The body an acknowledged write left on the server (`Some(None)`: no live
+/// document), when the answer tells: its document, or, for an APPLIED
+/// write whose body the server left out of an answer over its size limit,
+/// the write's own change on its ancestor. `None` when it cannot be known.
+fn produced_body(d: &Document, outcome: pb::Outcome, entry: &Entry) -> Option<Option<Body>> {
+    if d.deleted {
+        Some(None)
+    } else if d.body.is_some() {
+        Some(d.body.clone())
+    } else if outcome == pb::Outcome::Applied {
+        Some(view::apply(entry.ancestor.clone(), &entry.op))
+    } else {
+        None
+    }
 }
 
 /// The wire form of an entry: always based (conditional) and REJECT, so

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod local;
 pub mod process;
 
 use std::{net::SocketAddr, sync::Arc};

@@ -89,6 +89,7 @@
 
 mod error;
 mod transport;
+pub(crate) use transport::backoff;
 mod types;
 mod watch;
 

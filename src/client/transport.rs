@@ -93,13 +93,18 @@ impl RetryPolicy {
     /// failures): doubling, capped, with up to 25% jitter so that clients
     /// failing together do not come back together.
     pub(crate) fn backoff(&self, round: u32) -> Duration {
-        let base = self
-            .initial_backoff
-            .saturating_mul(1 << round.saturating_sub(1).min(16))
-            .min(self.max_backoff);
-        let jitter = getrandom::u32().unwrap_or(0) % 256;
-        base + base / 4 * jitter / 256
+        backoff(self.initial_backoff, self.max_backoff, round)
     }
+}
+
+/// The wait before round `round` (1 = after the first failure): `initial`
+/// doubling, capped at `max`, with up to 25% jitter.
+pub(crate) fn backoff(initial: Duration, max: Duration, round: u32) -> Duration {
+    let base = initial
+        .saturating_mul(1 << round.saturating_sub(1).min(16))
+        .min(max);
+    let jitter = getrandom::u32().unwrap_or(0) % 256;
+    base + base / 4 * jitter / 256
 }
 
 /// Where a call goes.

@@ -256,12 +256,7 @@ impl LocalReplica {
 /// The wait after `failures` failures in a row: doubling from the minimum,
 /// capped, with up to a quarter more of jitter.
 fn backoff(options: &BackgroundOptions, failures: u32) -> Duration {
-    let base = options
-        .min_backoff
-        .saturating_mul(1 << failures.saturating_sub(1).min(16))
-        .min(options.max_backoff);
-    let jitter = getrandom::u32().unwrap_or(0) % 256;
-    base + base / 4 * jitter / 256
+    crate::client::backoff(options.min_backoff, options.max_backoff, failures)
 }
 
 #[cfg(test)]

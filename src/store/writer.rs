@@ -1086,6 +1086,16 @@ mod tests {
         store.close().await;
     }
 
+    /// A store in `dir` with its failure hooks.
+    fn open_with_faults(dir: &std::path::Path) -> (Store, Faults) {
+        let faults = Faults::default();
+        let options = Options {
+            faults: faults.clone(),
+            ..Options::default()
+        };
+        (Store::open(dir, options).unwrap(), faults)
+    }
+
     /// Client `c1`'s mutation `n`: a put of document `id`.
     fn tracked(n: u64, id: &str) -> PushBatch {
         let mut batch = put(id);
@@ -1166,12 +1176,7 @@ mod tests {
         // c1's state; and one more cut that fails nothing.
         for cut in 0..5 {
             let dir = tempfile::tempdir().unwrap();
-            let faults = Faults::default();
-            let options = Options {
-                faults: faults.clone(),
-                ..Options::default()
-            };
-            let store = Store::open(dir.path(), options).unwrap();
+            let (store, faults) = open_with_faults(dir.path());
             store.push(tracked(1, "a")).await.unwrap();
             *faults.inserts_left.lock().unwrap() = Some(cut);
             let first_try = store.push(tracked(2, "b")).await;
@@ -1202,12 +1207,7 @@ mod tests {
     #[tokio::test]
     async fn a_pending_redo_record_is_marked_in_the_schema() {
         let dir = tempfile::tempdir().unwrap();
-        let faults = Faults::default();
-        let options = Options {
-            faults: faults.clone(),
-            ..Options::default()
-        };
-        let store = Store::open(dir.path(), options).unwrap();
+        let (store, faults) = open_with_faults(dir.path());
         store.push(tracked(1, "a")).await.unwrap();
         // Cut after the redo record: the store stops, as at a crash.
         *faults.inserts_left.lock().unwrap() = Some(2);

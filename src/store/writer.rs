@@ -1229,4 +1229,115 @@ mod tests {
         drop(store);
         assert_eq!(schema(), (Some(crate::store::SCHEMA_VERSION), false));
     }
+
+    /// Rule: forgetting a client removes the last group's redo record
+    /// first, so a crash after it cannot bring the client's state back (a
+    /// forgotten client's ids apply again, as its retention promises).
+    #[tokio::test]
+    async fn a_forgotten_client_stays_forgotten_across_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let ahead = Arc::new(AtomicU64::new(0));
+        let faults = Faults::default();
+        let options = || Options {
+            clock: crate::store::offset_clock(ahead.clone()),
+            faults: faults.clone(),
+            ..Options::default()
+        };
+        let store = Store::open(dir.path(), options()).unwrap();
+        store.push(tracked(1, "a")).await.unwrap();
+        ahead.store(3 * 3600, Ordering::Relaxed);
+        let hour = Duration::from_secs(3600);
+        let retention = crate::store::compaction::Retention {
+            history: hour,
+            max_versions: 100,
+            tombstones: hour,
+            clients: hour,
+            batch: 100,
+        };
+        let report = store.compact(&retention).await.unwrap();
+        assert_eq!(report.removed.clients, 1, "c1 is forgotten");
+        // A crash: the next commit's mark fails, the store stops and
+        // writes nothing more (not even at close).
+        *faults.inserts_left.lock().unwrap() = Some(1);
+        assert!(store.push(put("b")).await.is_err());
+        *faults.inserts_left.lock().unwrap() = None;
+        store.close().await;
+        drop(store);
+        let store = testing::reopen(|| Store::open(dir.path(), options()));
+        let retry = store.push(tracked(1, "a")).await.unwrap();
+        assert_eq!(
+            retry.results[0].outcome,
+            Outcome::Applied,
+            "a forgotten client's id applies again"
+        );
+        store.close().await;
+    }
+
+    /// Rule: a replica's commit, cut at any of its inserts (the process
+    /// dying there), reopens with its client states and their progress
+    /// consistent with its head: both the commit's or both the one before.
+    #[tokio::test]
+    async fn a_replicated_commit_cut_at_any_insert_keeps_states_with_their_head() {
+        use crate::store::clients::ClientState;
+        use crate::store::replica::{CommitKind, ReplicatedCommit};
+        let doc = |id: &str, seq: u64| Document {
+            collection: "c".into(),
+            id: id.into(),
+            version: Version(1),
+            body: EncodedBody::default(),
+            deleted: false,
+            seq: Seq(seq),
+            updated_at: std::time::SystemTime::now(),
+            updated_by: "c1".into(),
+        };
+        let commit = |seq: u64| ReplicatedCommit {
+            prev_head: Seq(seq - 1),
+            head: Seq(seq),
+            epoch: 1,
+            records: vec![doc(&format!("d{seq}"), seq)],
+            clients: vec![(
+                "c1".into(),
+                ClientState::from_parts(seq, 0, 0, seq, []).unwrap(),
+            )],
+            kind: CommitKind::Live,
+        };
+        // Its inserts: the record, the redo record, the head, c1's state,
+        // the progress; and one more cut that fails nothing.
+        for cut in 0..6 {
+            let dir = tempfile::tempdir().unwrap();
+            let (store, faults) = open_with_faults(dir.path());
+            store
+                .replicate(commit(1))
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+            *faults.inserts_left.lock().unwrap() = Some(cut);
+            let second = store.replicate(commit(2)).await.unwrap().await.unwrap();
+            *faults.inserts_left.lock().unwrap() = None;
+            store.close().await;
+            drop(store);
+            let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
+            let head = store.head();
+            assert!(
+                head == Seq(1) || head == Seq(2),
+                "cut at {cut}: head {head}"
+            );
+            if second.is_ok() {
+                assert_eq!(head, Seq(2), "cut at {cut}: acknowledged");
+            }
+            assert_eq!(
+                store.last_mutation_id("c1").unwrap(),
+                head.0,
+                "cut at {cut}: c1's state belongs to the head"
+            );
+            assert_eq!(
+                store.clients_progress().unwrap().from,
+                head.0,
+                "cut at {cut}: the progress belongs to the head"
+            );
+            store.close().await;
+        }
+    }
 }

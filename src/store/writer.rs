@@ -1340,4 +1340,51 @@ mod tests {
             store.close().await;
         }
     }
+
+    /// Rule: a group whose redo record would be too big for sled to keep
+    /// inline writes its states in a transaction, which also removes the
+    /// older record: after a crash, that record is not replayed over the
+    /// newer states.
+    #[tokio::test]
+    async fn a_big_group_of_states_is_not_undone_by_an_older_redo_record() {
+        use crate::store::clients::ClientState;
+        use crate::store::replica::{CommitKind, ReplicatedCommit};
+        let state = |last: u64| ClientState::from_parts(last, 0, 0, 1, []).unwrap();
+        let commit = |prev: u64, head: u64, clients: Vec<(String, ClientState)>| ReplicatedCommit {
+            prev_head: Seq(prev),
+            head: Seq(head),
+            epoch: 1,
+            records: Vec::new(),
+            clients,
+            kind: CommitKind::Live,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults) = open_with_faults(dir.path());
+        let replicate = |c| async { store.replicate(c).await.unwrap().await.unwrap() };
+        // A small group: its redo record names c1 at 1.
+        replicate(commit(0, 0, vec![("c1".into(), state(1))]))
+            .await
+            .unwrap();
+        // A group of states only, too big for a redo record (2,000
+        // clients), moving c1 to 5.
+        let mut many: Vec<_> = (0..2000)
+            .map(|i| (format!("client-{i:05}"), state(1)))
+            .collect();
+        many.push(("c1".into(), state(5)));
+        replicate(commit(0, 0, many)).await.unwrap();
+        // A crash: the next group's redo record fails, the store stops.
+        *faults.inserts_left.lock().unwrap() = Some(0);
+        assert!(
+            replicate(commit(0, 0, vec![("c2".into(), state(1))]))
+                .await
+                .is_err()
+        );
+        *faults.inserts_left.lock().unwrap() = None;
+        store.close().await;
+        drop(store);
+        let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
+        assert_eq!(store.last_mutation_id("c1").unwrap(), 5);
+        assert_eq!(store.last_mutation_id("client-01999").unwrap(), 1);
+        store.close().await;
+    }
 }

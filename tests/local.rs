@@ -553,6 +553,18 @@ async fn the_command_line_runs_a_local_replica() {
     assert_eq!(missing.status.code(), Some(1));
 }
 
+/// A server taking requests and sending answers of at most `bytes`
+/// (bodies up to 300 kB).
+async fn server_with_limit(bytes: usize) -> TestServer {
+    TestServer::start_with(|c| {
+        c.max_batch = 100;
+        c.max_body_bytes = 300_000;
+        c.max_request_bytes = bytes;
+        c.max_message_bytes = bytes;
+    })
+    .await
+}
+
 /// A body of about `bytes` bytes, with the field `n`.
 fn big_body(bytes: usize, n: u64) -> Value {
     json!({"n": n, "pad": "x".repeat(bytes)})
@@ -563,13 +575,7 @@ fn big_body(bytes: usize, n: u64) -> Value {
 /// several pushes, not sent as one push refused for ever.
 #[tokio::test(flavor = "multi_thread")]
 async fn big_writes_go_out_in_pushes_the_server_takes() {
-    let s = TestServer::start_with(|c| {
-        c.max_batch = 100;
-        c.max_body_bytes = 300_000;
-        c.max_request_bytes = 600_000;
-        c.max_message_bytes = 600_000;
-    })
-    .await;
+    let s = server_with_limit(600_000).await;
     let dir = tempfile::tempdir().unwrap();
     let r = init(dir.path(), &url(&s), &[("big", Resolver::Manual)]);
     for i in 0..4 {
@@ -586,13 +592,7 @@ async fn big_writes_go_out_in_pushes_the_server_takes() {
 /// top of an APPLIED one moves to the version it produced.
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_on_top_of_an_answer_without_bodies_do_not_conflict() {
-    let s = TestServer::start_with(|c| {
-        c.max_batch = 100;
-        c.max_body_bytes = 300_000;
-        c.max_request_bytes = 400_000;
-        c.max_message_bytes = 400_000;
-    })
-    .await;
+    let s = server_with_limit(400_000).await;
     let server = Client::connect([url(&s)]).unwrap();
     for id in ["a", "b"] {
         server.put("big", id, big_body(280_000, 0)).await.unwrap();

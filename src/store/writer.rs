@@ -19,7 +19,7 @@ use std::{
     collections::{HashMap, VecDeque},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -129,24 +129,31 @@ pub enum Command {
 pub struct Faults {
     /// When set, every flush fails as a full or failing disk would.
     pub fail_flush: Arc<AtomicBool>,
-    /// When set, how many more of a commit's inserts succeed; the next one
-    /// fails (a disk failing mid-commit; the process dying there, once the
-    /// store stops).
-    pub inserts_left: Arc<std::sync::Mutex<Option<usize>>>,
+    /// 0: off; else one more than how many of the writer's next inserts
+    /// succeed before one fails (a disk failing mid-commit; the process
+    /// dying there, once the store stops). See [`Faults::fail_inserts_after`].
+    inserts_left: Arc<AtomicUsize>,
 }
 
 impl Faults {
-    /// Inserts into `tree`, or fails if told to.
+    /// From now on, `n` more inserts of the writer succeed and the next
+    /// fails (`None`: none fail).
+    pub fn fail_inserts_after(&self, n: Option<usize>) {
+        let encoded = n.map_or(0, |n| n.saturating_add(1));
+        self.inserts_left.store(encoded, Ordering::Relaxed);
+    }
+
+    /// Inserts into `tree`, or fails if told to. Only the writer thread
+    /// inserts, so a load and a store suffice.
     fn insert(&self, tree: &sled::Tree, key: &[u8], value: &[u8]) -> Result<(), sled::Error> {
-        if let Ok(mut left) = self.inserts_left.lock()
-            && let Some(n) = left.as_mut()
-        {
-            if *n == 0 {
+        match self.inserts_left.load(Ordering::Relaxed) {
+            0 => {}
+            1 => {
                 return Err(sled::Error::Io(std::io::Error::other(
                     "injected insert failure",
                 )));
             }
-            *n -= 1;
+            left => self.inserts_left.store(left - 1, Ordering::Relaxed),
         }
         tree.insert(key, value).map(drop)
     }
@@ -628,32 +635,29 @@ impl Writer {
                 .insert(&t.meta, keys::META_HEAD, &head)
                 .map_err(|e| self.outcome_unknown(&e));
         }
-        // Before the states are written: readers go on seeing the durable
-        // ones until this commit is published.
         let states: Vec<(&String, Vec<u8>)> = group
             .clients
             .iter()
-            .map(|(client, write)| {
-                self.unflushed.begin(client, write.stored_last);
-                (client, write.state.encode())
-            })
+            .map(|(client, write)| (client, write.state.encode()))
             .collect();
         let progress = group.clients_progress.as_ref().map(|p| p.encode());
         let record = redo::Redo::encode(group.head, progress, &states)
             .filter(|r| r.len() <= redo::MAX_BYTES);
-        let Some(record) = record else {
-            return self.write_in_transaction(group, &states, progress);
-        };
-        if !self.redo_marked.get() {
+        if record.is_some() && !self.redo_marked.get() {
             if let Err(e) = redo::begin(&t.meta) {
-                for (client, _) in &states {
-                    self.unflushed.published(client, None);
-                }
                 self.take_back(group);
                 return Err(e);
             }
             self.redo_marked.set(true);
         }
+        // Before the states are written: readers go on seeing the durable
+        // ones until this commit is published.
+        for (client, write) in &group.clients {
+            self.unflushed.begin(client, write.stored_last);
+        }
+        let Some(record) = record else {
+            return self.write_in_transaction(moved.then_some(head), &states, progress);
+        };
         let mut written = self.faults.insert(&t.meta, keys::META_REDO, &record);
         if moved {
             written = written.and_then(|()| self.faults.insert(&t.meta, keys::META_HEAD, &head));
@@ -676,7 +680,7 @@ impl Writer {
     /// cannot be replayed over these states.
     fn write_in_transaction(
         &self,
-        group: &GroupCommit,
+        head: Option<[u8; 8]>,
         states: &[(&String, Vec<u8>)],
         progress: Option<[u8; 16]>,
     ) -> Result<(), StoreError> {
@@ -686,21 +690,15 @@ impl Writer {
                 clients.insert(client.as_bytes(), state.as_slice())?;
             }
             meta.remove(keys::META_REDO)?;
-            if group.head != group.prev_head {
-                meta.insert(keys::META_HEAD, &group.head.0.to_be_bytes())?;
+            if let Some(head) = &head {
+                meta.insert(keys::META_HEAD, head)?;
             }
             if let Some(p) = &progress {
                 meta.insert(keys::META_CLIENTS_PROGRESS, p)?;
             }
             Ok::<_, ConflictableTransactionError<StoreError>>(())
         });
-        marked.map_err(|e| {
-            let cause = match e {
-                sled::transaction::TransactionError::Abort(e) => e.to_string(),
-                sled::transaction::TransactionError::Storage(e) => e.to_string(),
-            };
-            self.outcome_unknown(&cause)
-        })
+        marked.map_err(|e| self.outcome_unknown(&e))
     }
 
     /// After a failure that may or may not have left a commit marked: the
@@ -712,9 +710,9 @@ impl Writer {
         StoreError::OutcomeUnknown
     }
 
-    /// Removes a group's records after its commit mark failed: without the
-    /// mark they are not committed (a crash before this leaves them for
-    /// [`discard_uncommitted`]).
+    /// Removes a group's records when writing it failed before its commit
+    /// mark was tried: without the mark they are not committed (a crash
+    /// before this leaves them for [`discard_uncommitted`]).
     fn take_back(&self, group: &GroupCommit) {
         for doc in &group.changes {
             let _ = self.trees.log.remove(keys::seq_key(doc.seq));
@@ -1178,9 +1176,9 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let (store, faults) = open_with_faults(dir.path());
             store.push(tracked(1, "a")).await.unwrap();
-            *faults.inserts_left.lock().unwrap() = Some(cut);
+            faults.fail_inserts_after(Some(cut));
             let first_try = store.push(tracked(2, "b")).await;
-            *faults.inserts_left.lock().unwrap() = None;
+            faults.fail_inserts_after(None);
             store.close().await;
             drop(store);
             let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
@@ -1210,7 +1208,7 @@ mod tests {
         let (store, faults) = open_with_faults(dir.path());
         store.push(tracked(1, "a")).await.unwrap();
         // Cut after the redo record: the store stops, as at a crash.
-        *faults.inserts_left.lock().unwrap() = Some(2);
+        faults.fail_inserts_after(Some(2));
         assert!(store.push(tracked(2, "b")).await.is_err());
         store.close().await;
         drop(store);
@@ -1258,9 +1256,9 @@ mod tests {
         assert_eq!(report.removed.clients, 1, "c1 is forgotten");
         // A crash: the next commit's mark fails, the store stops and
         // writes nothing more (not even at close).
-        *faults.inserts_left.lock().unwrap() = Some(1);
+        faults.fail_inserts_after(Some(1));
         assert!(store.push(put("b")).await.is_err());
-        *faults.inserts_left.lock().unwrap() = None;
+        faults.fail_inserts_after(None);
         store.close().await;
         drop(store);
         let store = testing::reopen(|| Store::open(dir.path(), options()));
@@ -1313,9 +1311,9 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-            *faults.inserts_left.lock().unwrap() = Some(cut);
+            faults.fail_inserts_after(Some(cut));
             let second = store.replicate(commit(2)).await.unwrap().await.unwrap();
-            *faults.inserts_left.lock().unwrap() = None;
+            faults.fail_inserts_after(None);
             store.close().await;
             drop(store);
             let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
@@ -1373,13 +1371,13 @@ mod tests {
         many.push(("c1".into(), state(5)));
         replicate(commit(0, 0, many)).await.unwrap();
         // A crash: the next group's redo record fails, the store stops.
-        *faults.inserts_left.lock().unwrap() = Some(0);
+        faults.fail_inserts_after(Some(0));
         assert!(
             replicate(commit(0, 0, vec![("c2".into(), state(1))]))
                 .await
                 .is_err()
         );
-        *faults.inserts_left.lock().unwrap() = None;
+        faults.fail_inserts_after(None);
         store.close().await;
         drop(store);
         let store = testing::reopen(|| Store::open(dir.path(), Options::default()));
